@@ -1,0 +1,102 @@
+"""Command line: ``icmlab <command> parameters/X.yaml [--set key=value ...]``.
+
+Commands:
+    run        execute the stage notebooks with papermill into runs/<run_name>/ (--only, --from, --force)
+    setup      check this machine against the recipe
+    download   fetch and lay out data and weights (--dry-run lists what and how big)
+    merge      merge the recipe's JSONs in the model's image-token dialect
+    validate   preflight validation report (and cleaned file with the ``drop`` policy)
+    inspect    dataset statistics and figures (PNG) in the run directory
+    train      train (launches deepspeed/torchrun for several GPUs); also the launcher's worker entry
+    evaluate   baseline vs fine-tuned evaluation and the HTML/PNG report
+
+Every command loads the config the same way as the notebooks (``load_run_config``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from icmlab.config import ConfigError, load_run_config
+
+# Subcommand -> module whose run(cfg) implements it (litgpt-style table; no branching on names).
+STAGE_MODULES = {
+    "setup": "icmlab.envinfo",
+    "download": "icmlab.download",
+    "merge": "icmlab.merge",
+    "validate": "icmlab.validate",
+    "inspect": "icmlab.inspection",
+    "train": "icmlab.train",
+    "evaluate": "icmlab.evaluate",
+}
+
+
+def _overrides(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects key=value (e.g. train.lr=1e-5), got {pair!r}")
+        k, v = pair.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and --help)."""
+    p = argparse.ArgumentParser(prog="icmlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("run", *STAGE_MODULES):
+        sp = sub.add_parser(name)
+        sp.add_argument("params", help="parameters file (parameters/<model>__<dataset>__<strategy>.yaml)")
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.lr=1e-5 (repeatable)")
+        if name == "run":
+            sp.add_argument("--only", nargs="+", metavar="STEP", help="run only these stages")
+            sp.add_argument("--from", dest="start", metavar="STEP", help="start at this stage")
+            sp.add_argument("--force", action="store_true", help="re-run stages even when up to date")
+        if name == "download":
+            sp.add_argument("--dry-run", action="store_true", help="list what would be fetched and how big")
+        if name == "train":
+            # deepspeed's launcher appends --local_rank=N to the worker command line.
+            sp.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``icmlab`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_run_config(args.params, _overrides(args.overrides))
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "run":
+        from icmlab.runner import StageFailed, run_pipeline
+
+        try:
+            result = run_pipeline(cfg, only=args.only, start=args.start, force=args.force)
+        except (StageFailed, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(result.summary())
+        print(f"\nexecuted notebooks: {result.run_dir}")
+        if result.report.exists():
+            print(f"report: {result.report}")
+        return 0
+    module = importlib.import_module(STAGE_MODULES[args.command])
+    if args.command == "download" and args.dry_run:
+        plan = module.plan(cfg)
+        print(module.format_plan(plan))
+        return 0
+    result = module.run(cfg)
+    text = getattr(result, "summary", None) or getattr(result, "table", None)
+    print(text() if callable(text) else result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

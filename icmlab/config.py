@@ -1,0 +1,564 @@
+"""The one typed run configuration (``RunConfig``) shared by notebooks, CLI and tests.
+
+A run is described by one YAML file under ``parameters/`` (model × dataset × strategy). It is loaded
+one way everywhere::
+
+    from icmlab.config import load_run_config
+    cfg = load_run_config("parameters/demo.yaml", {"train.lr": 1e-3})
+
+Loading validates everything that can be checked without touching weights or data: unknown keys
+(with a "did you mean"), wrong types, values outside the allowed set, and impossible combinations.
+All problems are collected and raised together as one :class:`ConfigError` naming the file, the
+dotted key and the allowed values. Relative paths are resolved against the project root (the
+parent of the ``parameters/`` folder holding the file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from icmlab.io import atomic_write_text
+
+ModelFamily = Literal["llava15", "mplug_owl2"]
+Strategy = Literal["mix", "after"]
+# The ICM-Assistant README calls the two strategies MSFT and CSFT (never expanded upstream).
+STRATEGY_ALIASES = {"msft": "mix", "csft": "after"}
+DATASETS = ("icm_instruct", "q_instruct", "custom")
+
+
+class ConfigError(ValueError):
+    """A parameters file (or override) is invalid; the message lists every problem found."""
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass
+class ModelConfig:
+    family: ModelFamily = "llava15"
+    """Model family: ``llava15`` (LLaVA-v1.5, native transformers) or ``mplug_owl2`` (icmlab's port)."""
+    size: Literal["tiny", "7b", "13b"] = "7b"
+    """Nominal size; used for reporting and the real-size config checks."""
+    base: str = "llava-hf/llava-1.5-7b-hf"
+    """Checkpoint to start from (hub id or local dir). For ``after`` an instruction-tuned model;
+    for mPLUG-Owl2 ``mix`` too (its pre-SFT weights were never released)."""
+    base_format: Literal["hf", "original"] = "hf"
+    """``hf``: native layout (llava-hf / icmlab save); ``original``: liuhaotian/MAGAer13 layout, converted on load."""
+    llm: str | None = None
+    """``mix`` with LLaVA: the text LLM (e.g. ``lmsys/vicuna-7b-v1.5``)."""
+    vision_tower: str | None = None
+    """``mix`` with LLaVA: the CLIP vision tower (e.g. ``openai/clip-vit-large-patch14-336``)."""
+    mm_projector: str | None = None
+    """``mix`` with LLaVA: stage-1 projector repo id, dir or ``mm_projector.bin`` path."""
+    revision: str | None = None
+    """Pinned hub revision for every checkpoint of this run (None = main)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype: ``auto`` = bfloat16 when ``train.bf16`` else float32."""
+
+
+@dataclass
+class DataConfig:
+    root: Path = Path("data")
+    """Data root: the upstream ``playground/data`` (images, JSONs); ``--image_folder`` of the recipes."""
+    datasets: list[str] = field(default_factory=lambda: ["icm_instruct"])
+    """Low-level datasets: any of ``icm_instruct``, ``q_instruct``, ``custom``."""
+    custom_json: list[str] = field(default_factory=list)
+    """LLaVA-format JSON files (relative to ``root`` or absolute) used when ``custom`` is listed."""
+    high_level: str | None = "llava_v1_5_mix665k"
+    """High-level set mixed in by the ``mix`` strategy (ignored by ``after``)."""
+    sampling: dict[str, float] = field(default_factory=dict)
+    """Per-source sampling/repetition ratio for merge (e.g. ``{q_instruct: 2.0}``); 1.0 when absent."""
+    image_aspect_ratio: Literal["pad", "square", "resize"] = "pad"
+    """Image preprocessing: ``pad`` (expand2square, upstream v1.5) / ``square`` (resize+crop) / ``resize``."""
+    model_max_length: int = 2048
+    """Sequences (image tokens included) are cut at this length, as upstream."""
+    invalid_records: Literal["stop", "drop"] = "stop"
+    """Validation policy: ``stop`` with the report, or ``drop`` into a rejects file with reasons."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Per-source location override for download: local path, ``file://`` or URL (e.g. gated data)."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters on the LLM instead of full weights (ICM-Assistant ``*_lora.sh``)."""
+    r: int = 128
+    """LoRA rank."""
+    alpha: int = 256
+    """LoRA alpha."""
+    dropout: float = 0.05
+    """LoRA dropout."""
+
+
+@dataclass
+class TrainConfig:
+    strategy: Strategy = "after"
+    """``mix`` (a, MSFT): low-level + high-level data from a pre-trained model; ``after`` (b, CSFT):
+    low-level data only, from an instruction-tuned model. ``msft``/``csft`` are accepted aliases."""
+    epochs: float = 1.0
+    """Number of epochs (``--num_train_epochs``)."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1 = run the epochs)."""
+    per_device_batch_size: int = 16
+    """Micro-batch per GPU (``--per_device_train_batch_size``)."""
+    global_batch_size: int = 128
+    """Kept whatever the GPU count: gradient accumulation = global / (per_device × GPUs × nodes)."""
+    lr: float = 2e-5
+    """Peak learning rate."""
+    projector_lr: float | None = None
+    """Separate lr for the projector / visual abstractor (``mm_projector_lr``, ``visual_abstractor_lr``)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.03
+    """Linear warm-up as a fraction of all steps."""
+    warmup_steps: int = 0
+    """Warm-up steps (overrides ``warmup_ratio`` when > 0)."""
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping."""
+    logging_steps: int = 1
+    """Log every N steps (metrics.jsonl)."""
+    save_steps: int = 50000
+    """Checkpoint every N steps."""
+    save_total_limit: int = 1
+    """Checkpoints kept."""
+    gradient_checkpointing: bool = True
+    """Recompute activations to save memory."""
+    group_by_modality_length: bool = True
+    """Group image and text-only samples into separate megabatches (LLaVA sampler)."""
+    bf16: bool = True
+    """bfloat16 mixed precision (needs an Ampere+ GPU)."""
+    tf32: bool = True
+    """Allow TF32 matmuls on Ampere+."""
+    dataloader_num_workers: int = 4
+    """Data loader worker processes."""
+    freeze_vision: bool = True
+    """Freeze the vision encoder (LLaVA always; mPLUG-Owl2 Q-Instruct trains it: false)."""
+    tune_projector: bool = True
+    """Train the projector / visual abstractor."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA settings."""
+    packing: bool = False
+    """Pack several samples per sequence (variable-length attention); off upstream."""
+    report_to: list[str] = field(default_factory=lambda: ["none"])
+    """Trainer loggers (``wandb``, ``tensorboard``); metrics.jsonl is always written."""
+    resume: bool = True
+    """Continue from the last checkpoint in the run directory when there is one."""
+    push_to_hub: str | None = None
+    """Hub repo id to push the final model to (None = don't)."""
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: list[str] = field(default_factory=lambda: ["qbench_a1"])
+    """Any of ``qbench_a1`` (LLVisionQA multiple choice) and ``moderation`` (ICM yes/no)."""
+    split: Literal["dev", "test"] = "dev"
+    """Q-Bench split (test needs non-public answers)."""
+    batch_size: int = 8
+    """Generation batch (left padding)."""
+    max_new_tokens: int = 16
+    """Greedy decoding length."""
+    limit: int | None = None
+    """Evaluate only the first N items of each set (None = all)."""
+    baseline: bool = True
+    """Also evaluate the starting checkpoint, for the before/after report."""
+    controls: list[str] = field(default_factory=list)
+    """Control runs on the fine-tuned model: ``blank`` (grey images) and/or ``shuffle`` (images permuted)."""
+
+
+@dataclass
+class HardwareConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to run; ``auto`` = CUDA when available."""
+    num_gpus: int = 8
+    """GPUs per node."""
+    num_nodes: int = 1
+    """Nodes (multi-node needs ``hostfile``)."""
+    hostfile: str | None = None
+    """DeepSpeed hostfile for multi-node runs."""
+    deepspeed: Literal["none", "zero2", "zero3", "zero3_offload"] = "zero3"
+    """DeepSpeed ZeRO config (``parameters/deepspeed/<name>.json``)."""
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    """Attention kernel; ``auto`` = flash-attn 2 when installed on CUDA, else sdpa."""
+    launcher: Literal["auto", "inprocess", "deepspeed", "torchrun"] = "auto"
+    """``auto``: in the notebook kernel for one device, ``deepspeed`` subprocess for several."""
+
+
+@dataclass
+class DownloadConfig:
+    concurrency: int = 4
+    """Files downloaded at once."""
+    retries: int = 5
+    """Retries per file with exponential backoff."""
+    verify: bool = True
+    """Check sizes and sha256 where the catalog knows them."""
+    min_free_gb: float = 5.0
+    """Disk space kept free after everything is downloaded and extracted."""
+    endpoint: str | None = None
+    """Hugging Face endpoint (mirror); None = ``HF_ENDPOINT`` or huggingface.co."""
+
+
+@dataclass
+class DemoConfig:
+    enabled: bool = False
+    """Generate the embedded synthetic data and tiny models (the CPU demo)."""
+    seed: int = 0
+    """Seed of the synthetic data and tiny models."""
+    scale: float = 1.0
+    """Multiplier on the synthetic dataset sizes."""
+    source_dir: Path = Path("data/demo-sources")
+    """Where the demo's packed "upstream" archives are generated; download fetches from here."""
+
+
+@dataclass
+class RunConfig:
+    run_name: str = "run"
+    """Name of the run directory ``<runs_root>/<run_name>``."""
+    seed: int = 42
+    """Global seed (data order, sampling, init of new rows)."""
+    runs_root: Path = Path("runs")
+    """Parent of run directories."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    source_file: str | None = None
+    """The parameters file this config came from (set by the loader)."""
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory: executed notebooks, resolved config, metrics, checkpoints, report."""
+        return self.runs_root / self.run_name
+
+    @property
+    def world_size(self) -> int:
+        """Number of training processes (GPUs × nodes; 1 on CPU)."""
+        return 1 if self.hardware.device == "cpu" else self.hardware.num_gpus * self.hardware.num_nodes
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        """Derived so that per_device × world × accumulation = global batch (checked at load)."""
+        return max(1, self.train.global_batch_size // (self.train.per_device_batch_size * self.world_size))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-YAML-able dict of every field (paths as strings)."""
+        return _to_plain(self)
+
+
+# --------------------------------------------------------------------------- loading
+def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load, override and validate a parameters file.
+
+    Args:
+        path: YAML parameters file (absolute, relative to the working directory, or to the project root).
+        overrides: dotted keys to values, e.g. ``{"train.lr": 1e-5, "run_name": "x"}``; string values
+            are parsed as YAML scalars (so ``"1e-5"`` and ``"true"`` work from the CLI).
+
+    Returns:
+        The validated :class:`RunConfig` with absolute paths.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ConfigError: unknown keys, wrong types, disallowed values or impossible combinations; all
+            problems are listed, each with its dotted key.
+    """
+    p = _find_file(Path(path))
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(raw, overrides, source=p, base_dir=project_root_for(p))
+
+
+def config_from_dict(
+    raw: dict[str, Any],
+    overrides: dict[str, Any] | None = None,
+    *,
+    source: Path | str | None = None,
+    base_dir: Path | None = None,
+) -> RunConfig:
+    """Build a validated :class:`RunConfig` from nested dicts (the YAML content, or papermill ``-f`` sections).
+
+    Raises:
+        ConfigError: as :func:`load_run_config`.
+    """
+    where = str(source) if source else "<config>"
+    data = _deepcopy_plain(raw)
+    data.pop("source_file", None)
+    errors: list[str] = []
+    for key, value in (overrides or {}).items():
+        _apply_override(data, key, value, errors)
+    cfg = _build(RunConfig, data, "", errors)
+    if not errors:
+        cfg.source_file = str(source) if source else None
+        _resolve_paths(cfg, base_dir or Path.cwd())
+        errors.extend(validate(cfg))
+    if errors:
+        raise ConfigError(f"{where}: invalid run config:\n  - " + "\n  - ".join(errors))
+    return cfg
+
+
+def load_notebook_config(params_file: str, overrides: dict | None, namespace: dict[str, Any]) -> RunConfig:
+    """The notebooks' one config call.
+
+    ``papermill -f parameters/X.yaml`` injects the file's top-level sections as variables; when any
+    are present in ``namespace`` they are used (with ``params_file`` ignored), otherwise ``params_file``
+    is loaded. Either way the same validation runs.
+    """
+    sections = {f.name for f in fields(RunConfig)} - {"source_file"}
+    injected = {k: namespace[k] for k in sections if k in namespace}
+    if injected:
+        return config_from_dict(injected, overrides, source="papermill -f parameters", base_dir=find_project_root())
+    return load_run_config(params_file, overrides)
+
+
+def save_resolved(cfg: RunConfig, path: Path | None = None) -> Path:
+    """Write the resolved config as YAML (``<run_dir>/config.resolved.yaml`` by default), atomically."""
+    path = path or cfg.run_dir / "config.resolved.yaml"
+    header = f"# resolved from {cfg.source_file}\n" if cfg.source_file else ""
+    return atomic_write_text(path, header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def find_project_root(start: Path | None = None) -> Path:
+    """The nearest ancestor of ``start`` (default cwd) holding a ``parameters/`` folder, else ``start``."""
+    start = (start or Path.cwd()).resolve()
+    for d in (start, *start.parents):
+        if (d / "parameters").is_dir() and (d / "notebooks").is_dir():
+            return d
+    return start
+
+
+def project_root_for(params_path: Path) -> Path:
+    """Relative paths in a parameters file are relative to the folder that holds ``parameters/``."""
+    parent = params_path.resolve().parent
+    return parent.parent if parent.name == "parameters" else parent
+
+
+# --------------------------------------------------------------------------- validation
+def validate(cfg: RunConfig) -> list[str]:
+    """Cross-field checks (types were checked while building). Returns messages naming the keys."""
+    e: list[str] = []
+    m, d, t, h = cfg.model, cfg.data, cfg.train, cfg.hardware
+    if not d.datasets:
+        e.append("data.datasets: empty; list at least one of " + ", ".join(DATASETS))
+    for name in d.datasets:
+        if name not in DATASETS:
+            e.append(f"data.datasets: unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    if "custom" in d.datasets and not d.custom_json:
+        e.append("data.custom_json: required when data.datasets lists 'custom' (LLaVA-format JSON paths)")
+    if d.custom_json and "custom" not in d.datasets:
+        e.append("data.custom_json: set but data.datasets does not list 'custom'")
+    if t.strategy == "mix" and not d.high_level:
+        e.append("data.high_level: the 'mix' strategy needs a high-level set (llava_v1_5_mix665k)")
+    if d.high_level not in (None, "llava_v1_5_mix665k"):
+        e.append(f"data.high_level: unknown set {d.high_level!r}; allowed: llava_v1_5_mix665k or null")
+    if m.family == "llava15" and t.strategy == "mix":
+        for key in ("llm", "vision_tower", "mm_projector"):
+            if not getattr(m, key):
+                e.append(f"model.{key}: required for LLaVA 'mix' (MSFT): the run assembles vicuna + CLIP + "
+                         "the stage-1 projector")
+    if m.family == "llava15" and not t.freeze_vision:
+        e.append("train.freeze_vision: LLaVA-v1.5 recipes always freeze the CLIP tower; set it to true")
+    for src in d.sampling:
+        if src not in (*DATASETS, "llava_v1_5_mix665k"):
+            e.append(f"data.sampling: unknown source {src!r}; allowed: {', '.join((*DATASETS, 'llava_v1_5_mix665k'))}")
+    for src, ratio in d.sampling.items():
+        if ratio <= 0:
+            e.append(f"data.sampling.{src}: ratio must be > 0, got {ratio}")
+    if d.model_max_length < 64:
+        e.append(f"data.model_max_length: {d.model_max_length} is too short for any image prompt (>= 64)")
+    # batch arithmetic: the global batch must split exactly over devices and micro-batches
+    per_step = t.per_device_batch_size * cfg.world_size
+    if t.per_device_batch_size < 1 or t.global_batch_size < 1:
+        e.append("train.per_device_batch_size / train.global_batch_size: must be >= 1")
+    elif t.global_batch_size % per_step:
+        e.append(f"train.global_batch_size: {t.global_batch_size} is not a multiple of per_device_batch_size × "
+                 f"GPUs × nodes = {t.per_device_batch_size} × {cfg.world_size}; change one of them")
+    if t.lr <= 0:
+        e.append(f"train.lr: must be > 0, got {t.lr}")
+    if not 0 <= t.warmup_ratio < 1:
+        e.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if t.epochs <= 0 and t.max_steps <= 0:
+        e.append("train.epochs / train.max_steps: one of them must be positive")
+    for rep in t.report_to:
+        if rep not in ("none", "wandb", "tensorboard"):
+            e.append(f"train.report_to: unknown logger {rep!r}; allowed: none, wandb, tensorboard")
+    if t.lora.enabled and (t.lora.r < 1 or t.lora.alpha < 1):
+        e.append("train.lora.r / train.lora.alpha: must be >= 1")
+    for b in cfg.eval.benchmarks:
+        if b not in ("qbench_a1", "moderation"):
+            e.append(f"eval.benchmarks: unknown benchmark {b!r}; allowed: qbench_a1, moderation")
+    for c in cfg.eval.controls:
+        if c not in ("blank", "shuffle"):
+            e.append(f"eval.controls: unknown control {c!r}; allowed: blank, shuffle")
+    if h.device == "cpu":
+        if h.deepspeed != "none" and h.launcher not in ("auto", "inprocess"):
+            e.append("hardware.launcher: a multi-process launcher needs GPUs; use inprocess on CPU")
+        if h.attn_implementation == "flash_attention_2":
+            e.append("hardware.attn_implementation: flash_attention_2 needs CUDA; use sdpa or eager on CPU")
+        if t.bf16:
+            e.append("train.bf16: bfloat16 training needs an Ampere+ GPU; set train.bf16: false with hardware.device: cpu")
+    if h.num_gpus < 1 or h.num_nodes < 1:
+        e.append("hardware.num_gpus / hardware.num_nodes: must be >= 1")
+    if h.num_nodes > 1 and not h.hostfile:
+        e.append("hardware.hostfile: required for multi-node runs (hardware.num_nodes > 1)")
+    if cfg.download.concurrency < 1:
+        e.append("download.concurrency: must be >= 1")
+    if not cfg.run_name or "/" in cfg.run_name:
+        e.append(f"run_name: {cfg.run_name!r} must be a non-empty folder name without '/'")
+    return e
+
+
+# --------------------------------------------------------------------------- internals
+def _find_file(path: Path) -> Path:
+    if path.is_file():
+        return path.resolve()
+    alt = find_project_root() / path
+    if alt.is_file():
+        return alt.resolve()
+    raise FileNotFoundError(f"parameters file not found: {path} (looked in {Path.cwd()} and {alt.parent})")
+
+
+def _apply_override(data: dict, key: str, value: Any, errors: list[str]) -> None:
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError:
+            pass
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string; the CLI user meant a number
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            errors.append(f"override {key!r}: {part!r} is not a section")
+            return
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        errors.append(f"{prefix.rstrip('.') or '<top>'}: expected a mapping of keys, got {type(raw).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.name != "source_file"}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            errors.append(f"{dotted}: unknown key{hint}; allowed keys here: {', '.join(sorted(known))}")
+            continue
+        kwargs[key] = _coerce(hints[key], value, dotted, errors)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", errors)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key, errors)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if key.endswith("strategy") and isinstance(value, str):
+            value = STRATEGY_ALIASES.get(value.lower(), value)
+        if value not in allowed:
+            errors.append(f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            errors.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            return []
+        (item_tp,) = get_args(tp)
+        return [_coerce(item_tp, v, f"{key}[{i}]", errors) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            return {}
+        _, val_tp = get_args(tp)
+        return {str(k): _coerce(val_tp, v, f"{key}.{k}", errors) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{key}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            errors.append(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            errors.append(f"{key}: expected a path, got {value!r}")
+            return Path(".")
+        return Path(value)
+    return value
+
+
+def _resolve_paths(cfg: RunConfig, base: Path) -> None:
+    def absolute(p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    cfg.runs_root = absolute(cfg.runs_root)
+    cfg.data.root = absolute(cfg.data.root)
+    cfg.demo.source_dir = absolute(cfg.demo.source_dir)
+    # Model locations may be hub ids ("org/name"); only those that look like local paths are made absolute.
+    for key in ("base", "llm", "vision_tower", "mm_projector"):
+        val = getattr(cfg.model, key)
+        if val and (val.startswith((".", "/", "~")) or (base / val).exists() or val.startswith("data/")):
+            setattr(cfg.model, key, str(absolute(Path(val))))
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _deepcopy_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _deepcopy_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_deepcopy_plain(v) for v in obj]
+    return obj

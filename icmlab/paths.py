@@ -1,0 +1,115 @@
+"""Where every stage reads and writes: one layout for data roots and run directories.
+
+Data root (``cfg.data.root``, the recipes' ``playground/data``)::
+
+    icm_llava_train.json  sexy_check_all/            # ICM-Instruct
+    cleaned_labels.json   spaq_koniq/ livefb_liveitw_aigc/   # Q-Instruct
+    llava_v1_5_mix665k.json coco/train2017 gqa/images ocr_vqa/images textvqa/train_images vg/VG_100K vg/VG_100K_2
+    eval/qbench/llvisionqa_dev.json eval/qbench/images_llvisionqa/      # Q-Bench A1
+    eval/icm/...                                                        # ICM validation
+    models/...                                                          # local checkpoints (demo)
+
+Run directory (``cfg.run_dir`` = ``runs/<run_name>``)::
+
+    config.resolved.yaml env.json   NN_stage.ipynb (executed)   .markers/<stage>.json
+    data/train.json (merged) data/train.provenance.jsonl data/validation.json data/train.clean.json data/rejects.jsonl
+    checkpoints/checkpoint-N/   model/ (final, native layout)   metrics.jsonl   eval/   report/
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from icmlab.config import RunConfig
+
+# The file each dataset ships as (names of the upstream releases).
+DATASET_JSON = {
+    "icm_instruct": "icm_llava_train.json",
+    "q_instruct": "cleaned_labels.json",
+    "llava_v1_5_mix665k": "llava_v1_5_mix665k.json",
+}
+
+
+def dataset_json(cfg: RunConfig, name: str) -> Path:
+    """Path of a source dataset's JSON under the data root."""
+    return cfg.data.root / DATASET_JSON[name]
+
+
+def run_data_dir(cfg: RunConfig) -> Path:
+    """Per-run data products (merge and validate outputs)."""
+    return cfg.run_dir / "data"
+
+
+def merged_json(cfg: RunConfig) -> Path:
+    """Output of the merge stage: the training JSON in the model's dialect (LLaVA list format)."""
+    return run_data_dir(cfg) / "train.json"
+
+
+def provenance_jsonl(cfg: RunConfig) -> Path:
+    """Sidecar of the merged JSON: one line per record with its source file and original index."""
+    return run_data_dir(cfg) / "train.provenance.jsonl"
+
+
+def validation_report(cfg: RunConfig) -> Path:
+    """Validation report (JSON) of the merged file."""
+    return run_data_dir(cfg) / "validation.json"
+
+
+def clean_json(cfg: RunConfig) -> Path:
+    """Cleaned training JSON written by validation with the ``drop`` policy."""
+    return run_data_dir(cfg) / "train.clean.json"
+
+
+def rejects_jsonl(cfg: RunConfig) -> Path:
+    """Rejected records with the reason for each (``drop`` policy)."""
+    return run_data_dir(cfg) / "rejects.jsonl"
+
+
+def training_json(cfg: RunConfig) -> Path:
+    """What the train stage reads: the cleaned file when validation wrote one, else the merged file."""
+    return clean_json(cfg) if clean_json(cfg).exists() else merged_json(cfg)
+
+
+def checkpoints_dir(cfg: RunConfig) -> Path:
+    """Trainer checkpoints (``checkpoint-N``), resumed from automatically."""
+    return cfg.run_dir / "checkpoints"
+
+
+def final_model_dir(cfg: RunConfig) -> Path:
+    """The trained model in the family's native layout (llava-hf for LLaVA)."""
+    return cfg.run_dir / "model"
+
+
+def metrics_jsonl(cfg: RunConfig) -> Path:
+    """Training metrics, one JSON object per logging step."""
+    return cfg.run_dir / "metrics.jsonl"
+
+
+def eval_dir(cfg: RunConfig) -> Path:
+    """Raw evaluation outputs (predictions per model/benchmark)."""
+    return cfg.run_dir / "eval"
+
+
+def report_dir(cfg: RunConfig) -> Path:
+    """The HTML/PNG report."""
+    return cfg.run_dir / "report"
+
+
+def markers_dir(cfg: RunConfig) -> Path:
+    """Stage completion markers, written last by the runner."""
+    return cfg.run_dir / ".markers"
+
+
+def qbench_json(cfg: RunConfig, split: str) -> Path:
+    """LLVisionQA JSON of a split."""
+    return cfg.data.root / "eval" / "qbench" / f"llvisionqa_{split}.json"
+
+
+def qbench_images(cfg: RunConfig) -> Path:
+    """LLVisionQA image folder (the spelling the scripts expect, not the docs' typo)."""
+    return cfg.data.root / "eval" / "qbench" / "images_llvisionqa"
+
+
+def icm_eval_dir(cfg: RunConfig) -> Path:
+    """ICM-Instruct validation set (imagefolder ``val/<category>/`` + questions JSON)."""
+    return cfg.data.root / "eval" / "icm"
