@@ -223,19 +223,26 @@ def _batches(model: Any, processor_or_tokenizer: Any, image_processor: Any, prom
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     fmt = _resolve_format(prompt_format)
-    imgs = apply_image_control([load_image(im) for im in images], control, seed)
+    apply_image_control([], control)  # reject an unknown control before any work
+    # images are opened batch by batch (a benchmark's decoded images need not fit in memory);
+    # the shuffled control only changes which source index each question reads
+    source = derangement(len(images), seed) if control == "shuffled" else list(range(len(images)))
     dev, dtype = _model_device_dtype(model, device)
     pad = _pad_id(_tokenizer_of(processor_or_tokenizer))
     for start in range(0, len(prompts), batch_size):
+        stop = start + batch_size
+        imgs = [load_image(images[j]) for j in source[start:stop]]
+        if control == "blank":
+            imgs = apply_image_control(imgs, "blank")
         encoded = [
             encode_sample(processor_or_tokenizer, image_processor, fmt.build(q), im,
                           image_token=fmt.image_token, image_token_id=image_token_id,
                           num_image_tokens=num_image_tokens)
-            for q, im in zip(prompts[start:start + batch_size], imgs[start:start + batch_size])
+            for q, im in zip(prompts[start:stop], imgs)
         ]
         seqs = [e[0] for e in encoded]
         if suffixes is not None:
-            seqs = [s + list(x) for s, x in zip(seqs, suffixes[start:start + batch_size])]
+            seqs = [s + list(x) for s, x in zip(seqs, suffixes[start:stop])]
         ids, mask = left_pad(seqs, pad)
         pixels = torch.stack([e[1] for e in encoded]).to(dev, dtype)
         yield start, {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "pixel_values": pixels}
@@ -334,7 +341,8 @@ def answer_token_plan(tokenizer: Any, prefix: str, choices: Sequence[str]) -> tu
         common.append(seqs[0][len(common)])
     tokens = {c: s[len(common)] for c, s in conts.items()}
     if len(set(tokens.values())) != len(tokens):
-        raise ValueError(f"choices {list(choices)} share a first token; the logit fast path cannot separate them")
+        raise ValueError(f"choices {list(choices)} are not told apart by one token after their common "
+                         "prefix; the logit fast path cannot separate them (use generate_answers)")
     return common, tokens
 
 
@@ -359,7 +367,7 @@ def choice_logits_answer(model: Any, processor_or_tokenizer: Any, image_processo
         One ChoiceResult per prompt.
 
     Raises:
-        ValueError: as ``generate_answers``; also if two choices share a first token.
+        ValueError: as ``generate_answers``; also if one token cannot tell the choices apart.
     """
     if choices and isinstance(choices[0], str):
         per_prompt = [list(choices)] * len(prompts)
@@ -385,8 +393,8 @@ def choice_logits_answer(model: Any, processor_or_tokenizer: Any, image_processo
                                      image_token_id, num_image_tokens, suffixes):
             inputs = dict(batch)
             if accepts_positions:
-                # generate() derives positions from the mask; a bare forward does not, so left-padded
-                # rows would otherwise be shifted by their padding
+                # generate() derives positions from the mask; whether a bare forward does is up to
+                # the model (mPLUG-Owl2 ports may not), and without it left-padded rows shift
                 mask = batch["attention_mask"]
                 inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.inference_mode():

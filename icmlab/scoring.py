@@ -1,8 +1,7 @@
 """Pure scorers for the evaluate stage: Q-Bench A1 (LLVisionQA) multiple choice and Yes/No moderation.
 
-Nothing here touches disk, a model or a global: every function takes plain Python objects (the
-benchmark items as dicts, the model's decoded outputs as strings) and returns numbers or small
-dataclasses, so the same code scores a 7B run on a GPU box and a hand-written case in a unit test.
+No disk, model or global state: items (dicts) and decoded outputs (strings) in, numbers or small
+dataclasses out, so a 7B run on a GPU box and a hand-written unit-test case share one code path.
 
 Q-Bench A1 (Q-Instruct ``eval_scripts/*/eval_qbench_mcq.py``):
 
@@ -36,16 +35,12 @@ from typing import Any, Literal, Sequence
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 QBENCH_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
-# Column keys in the paper's order (upstream-recipes §1.8) and their display names.
-QBENCH_COLUMNS: tuple[str, ...] = (
-    "yes_no", "what", "how", "distortion", "other",
-    "in_context_distortion", "in_context_other", "overall",
-)
+# Column keys in the paper's order (upstream-recipes §1.8) with their display names.
 QBENCH_COLUMN_NAMES: dict[str, str] = {
-    "yes_no": "Yes/No", "what": "What", "how": "How", "distortion": "Distortion",
-    "other": "Other", "in_context_distortion": "I-C Distortion",
-    "in_context_other": "I-C Other", "overall": "Overall",
+    "yes_no": "Yes/No", "what": "What", "how": "How", "distortion": "Distortion", "other": "Other",
+    "in_context_distortion": "I-C Distortion", "in_context_other": "I-C Other", "overall": "Overall",
 }
+QBENCH_COLUMNS: tuple[str, ...] = tuple(QBENCH_COLUMN_NAMES)
 _TYPE_CODES = {0: "yes_no", 1: "what", 2: "how"}
 _CONCERN_CODES = {0: "distortion", 1: "other", 2: "in_context_distortion", 3: "in_context_other"}
 # Spellings seen in LLVisionQA releases and re-packagings (ints in the JSON, words elsewhere).
@@ -243,8 +238,21 @@ def item_columns(item: dict) -> list[str]:
     return cols
 
 
+class _Serializable:
+    """``to_dict``/``from_dict`` for the flat score dataclasses (JSON round trip)."""
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """Inverse of ``to_dict``."""
+        return cls(**d)
+
+
 @dataclass
-class QBenchScores:
+class QBenchScores(_Serializable):
     """Q-Bench A1 accuracies (fractions 0..1; None for a column with no items).
 
     Attributes:
@@ -253,7 +261,10 @@ class QBenchScores:
         counts: items per column.
         strict_correct, substring_correct: correct items per column.
         unparsed: outputs with no strict letter (they are wrong under ``strict``).
-        records: one dict per item (index, columns, correct, parsed, strict_ok, substring_ok, output).
+        chance: per column, expected accuracy of a uniform random guess (mean of 1/#options),
+            the paper's "random guess" row.
+        records: one dict per item (index, columns, n_options, correct, parsed, strict_ok,
+            substring_ok, output).
     """
 
     strict: dict[str, float | None]
@@ -262,16 +273,8 @@ class QBenchScores:
     strict_correct: dict[str, int]
     substring_correct: dict[str, int]
     unparsed: int
+    chance: dict[str, float | None] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "QBenchScores":
-        """Inverse of ``to_dict``."""
-        return cls(**d)
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -296,6 +299,7 @@ def score_qbench(items: Sequence[dict], outputs: Sequence[str]) -> QBenchScores:
     counts = dict.fromkeys(QBENCH_COLUMNS, 0)
     strict_ok = dict.fromkeys(QBENCH_COLUMNS, 0)
     sub_ok = dict.fromkeys(QBENCH_COLUMNS, 0)
+    chance_sum = dict.fromkeys(QBENCH_COLUMNS, 0.0)
     unparsed, records = 0, []
     for i, (item, out) in enumerate(zip(items, outputs)):
         try:
@@ -311,13 +315,17 @@ def score_qbench(items: Sequence[dict], outputs: Sequence[str]) -> QBenchScores:
             counts[col] += 1
             strict_ok[col] += s_ok
             sub_ok[col] += u_ok
-        records.append({"index": i, "columns": cols, "correct": gold, "parsed": parsed,
+            chance_sum[col] += 1 / len(candidates)
+        records.append({"index": i, "columns": cols, "n_options": len(candidates),
+                        "correct": gold, "parsed": parsed,
                         "strict_ok": s_ok, "substring_ok": u_ok, "output": out})
     return QBenchScores(
         strict={c: _ratio(strict_ok[c], counts[c]) for c in QBENCH_COLUMNS},
         substring={c: _ratio(sub_ok[c], counts[c]) for c in QBENCH_COLUMNS},
         counts=counts, strict_correct=strict_ok, substring_correct=sub_ok,
-        unparsed=unparsed, records=records,
+        unparsed=unparsed,
+        chance={c: (chance_sum[c] / counts[c] if counts[c] else None) for c in QBENCH_COLUMNS},
+        records=records,
     )
 
 
@@ -364,7 +372,7 @@ def moderation_label(item: dict) -> Literal["yes", "no"]:
 
 
 @dataclass
-class ModerationScores:
+class ModerationScores(_Serializable):
     """Yes/No moderation metrics; positive class = "yes" (violating).
 
     Attributes:
@@ -393,15 +401,6 @@ class ModerationScores:
         """Rows truth [yes, no], columns prediction [yes, no, unknown]."""
         c = self.confusion
         return [[c["tp"], c["fn"], c["unknown_pos"]], [c["fp"], c["tn"], c["unknown_neg"]]]
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModerationScores":
-        """Inverse of ``to_dict``."""
-        return cls(**d)
 
 
 def score_moderation(items: Sequence[dict], outputs: Sequence[str]) -> ModerationScores:

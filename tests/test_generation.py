@@ -7,6 +7,8 @@ wrapped by a ``LlavaProcessor`` with ``num_additional_image_tokens=1``.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -44,7 +46,9 @@ def tiny():
                               LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
     torch.set_num_threads(1)
-    corpus = [llava_hf_prompt(q) + a for q in QUESTIONS for a in (" Yes.", " No.", " A.", " B.", " C.", " D.")]
+    answers = (" Yes.", " No.", " A.", " B.", " C.", " D.")
+    # the answers are repeated so that BPE merges each into one token, as in the real vocabulary
+    corpus = [llava_hf_prompt(q) + a for q in QUESTIONS for a in answers] + ["".join(answers)] * 40
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -175,7 +179,7 @@ def test_choice_logits_per_prompt_choices_and_errors(tiny, images):
     res = choice_logits_answer(model, processor, None, QUESTIONS, images, per, batch_size=2)
     assert [sorted(r.logits) for r in res] == [sorted(c) for c in per]
     assert all(r.answer in c for r, c in zip(res, per))
-    with pytest.raises(ValueError, match="share a first token"):
+    with pytest.raises(ValueError, match="not told apart"):
         choice_logits_answer(model, processor, None, QUESTIONS[:1], images[:1], ["Yes", "Yes!"])
     # the plan reproduces how a training-style answer " ASSISTANT: Yes." is tokenized
     common, token_of = answer_token_plan(tok, " ASSISTANT:", ["Yes", "No"])
@@ -192,6 +196,10 @@ def test_input_errors(tiny, images, tmp_path):
         generate_answers(model, processor, None, QUESTIONS[:1], [tmp_path / "missing.png"])
     with pytest.raises(ValueError, match="unknown prompt_format"):
         generate_answers(model, processor, None, QUESTIONS[:1], images[:1], prompt_format="qwen")
+    with pytest.raises(ValueError, match="unknown image control"):
+        generate_answers(model, processor, None, QUESTIONS[:1], images[:1], control="noise")
+    with pytest.raises(ValueError, match="batch_size"):
+        generate_answers(model, processor, None, QUESTIONS[:1], images[:1], batch_size=0)
 
 
 def test_image_paths_are_loaded(tiny, images, tmp_path):
@@ -202,6 +210,40 @@ def test_image_paths_are_loaded(tiny, images, tmp_path):
     from_image = generate_answers(model, processor, None, QUESTIONS[:1], [images[0].convert("L").convert("RGB")],
                                   max_new_tokens=4)
     assert from_path == from_image
+
+
+class CharTokenizer:
+    """One token per character (id = code point), BOS = 1: choices " A"/" B" become [" ", "A"]."""
+
+    pad_token_id, eos_token_id, bos_token_id = 3, 2, 1
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = ([self.bos_token_id] if add_special_tokens else []) + [ord(c) for c in text]
+        return SimpleNamespace(input_ids=ids)
+
+
+def test_answer_token_plan_skips_shared_leading_tokens():
+    tok = CharTokenizer()
+    common, token_of = answer_token_plan(tok, " ASSISTANT:", ["A", "B", "C"])
+    assert common == [ord(" ")] and token_of == {"A": ord("A"), "B": ord("B"), "C": ord("C")}
+    common, token_of = answer_token_plan(tok, " ASSISTANT:", ["Yes", "Yellow"])
+    assert common == [ord(c) for c in " Ye"] and token_of == {"Yes": ord("s"), "Yellow": ord("l")}
+    with pytest.raises(ValueError, match="not told apart"):
+        answer_token_plan(tok, " ASSISTANT:", ["Yes", "Yes!"])
+
+
+def test_choice_logits_appends_the_shared_prefix(tiny, images):
+    model, _, _, image_processor, image_token_id = tiny
+    tok = CharTokenizer()
+    kw = dict(image_token_id=image_token_id, num_image_tokens=16)
+    res = choice_logits_answer(model, tok, image_processor, QUESTIONS[:3], images[:3], ["A", "B"],
+                               batch_size=3, **kw)
+    ids, pixels = encode_sample(tok, image_processor, llava_hf_prompt(QUESTIONS[1]), images[1],
+                                image_token="<image>", **kw)
+    with torch.inference_mode():
+        last = model(input_ids=torch.tensor([ids + [ord(" ")]]), pixel_values=pixels[None]).logits[0, -1]
+    assert abs(res[1].logits["A"] - float(last[ord("A")])) < 1e-4
+    assert abs(res[1].logits["B"] - float(last[ord("B")])) < 1e-4
 
 
 @pytest.mark.gpu

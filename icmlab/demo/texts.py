@@ -125,18 +125,33 @@ def mc_prompt(question: str, options: tuple[str, ...] | list[str], instruction: 
     return "\n".join(lines + [instruction])
 
 
+SHAPE_NOUNS: dict[str, str] = {
+    "rectangle": "rectangle", "ellipse": "ellipse", "line": "line",
+    "stripes": "striped patch", "checker": "checkered patch",
+}
+"""How the texts name each shape kind."""
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def shape_phrase(colour: str, kind: str, count: int = 1) -> str:
+    """``"an orange ellipse"``, ``"two striped patches"``-style phrase for ``count`` shapes."""
+    noun = SHAPE_NOUNS[kind]
+    if count == 1:
+        return f"{_article(colour)} {colour} {noun}"
+    words = {2: "two", 3: "three", 4: "four", 5: "five"}
+    plural = noun + ("es" if noun.endswith("h") else "s")
+    return f"{words[count]} {colour} {plural}"
+
+
 def scene_phrase(shapes) -> str:
     """Short English listing of a scene's shapes, e.g. ``"a blue ellipse and two green lines"``."""
     counts: dict[tuple[str, str], int] = {}
     for s in shapes:
         counts[(s.colour, s.kind)] = counts.get((s.colour, s.kind), 0) + 1
-    words = {1: "a", 2: "two", 3: "three", 4: "four", 5: "five"}
-    nouns = {"rectangle": "rectangle", "ellipse": "ellipse", "line": "line",
-             "stripes": "striped patch", "checker": "checkered patch"}
-    parts = []
-    for (colour, kind), n in counts.items():
-        noun = nouns[kind] + ("es" if n > 1 and nouns[kind].endswith("h") else "s" if n > 1 else "")
-        parts.append(f"{words[n]} {colour} {noun}")
+    parts = [shape_phrase(colour, kind, n) for (colour, kind), n in counts.items()]
     if len(parts) == 1:
         return parts[0]
     return ", ".join(parts[:-1]) + " and " + parts[-1]
@@ -161,7 +176,7 @@ def tokenizer_corpus() -> list[str]:
     texts.append(mc_prompt(BRIGHTNESS_QUESTION, BRIGHTNESS_OPTIONS))
     texts.append(mc_prompt(VIOLATION_MC_QUESTION, VIOLATION_MC_OPTIONS))
     texts.append(mc_prompt(LOCATION_MC_QUESTION, LOCATION_MC_OPTIONS))
-    texts += [f"The image shows a {c} {k}." for c in PALETTE for k in SHAPE_KINDS]
+    texts += [f"The image shows {shape_phrase(c, k)}." for c in PALETTE for k in SHAPE_KINDS]
     texts += [f"In the {p} part." for p in SYMBOL_POSITIONS]
     # The single-token answers, each preceded by a space as they follow "ASSISTANT:".
     answers = [f" {x}" for x in LETTERS[:5]] + [" Yes", " No"]

@@ -1,12 +1,17 @@
 """Turn LLaVA-v1.5 weights from their upstream layouts into transformers' native ``LlavaForConditionalGeneration``.
 
-Three sources are supported, all ending in the same in-memory model (transformers 5 names:
+Two sources are supported, both ending in the same in-memory model (transformers 5 names:
 ``model.language_model.*``, ``model.vision_tower.*``, ``model.multi_modal_projector.*``, ``lm_head``):
 
 - an original ``liuhaotian/llava-v1.5-*`` checkpoint (``model_type`` ``llava``/``llava_llama``,
   ``mm_*`` config keys, ``model.mm_projector.{0,2}``) -> :func:`load_original_checkpoint`;
 - the parts of an MSFT ("mix") run: a text-only Vicuna/Llama checkpoint, a CLIP vision checkpoint
-  and a stage-1 ``mm_projector.bin`` -> :func:`assemble_from_parts`;
+  and a stage-1 ``mm_projector.bin`` -> :func:`assemble_from_parts`.
+
+Original names map to native ones by :func:`rename_original_key` (``model.mm_projector.0/2`` ->
+``model.multi_modal_projector.linear_1/2``, ``model.vision_tower.vision_tower.vision_model.*`` ->
+``model.vision_tower.*``, ``model.{embed_tokens,layers,norm}`` -> ``model.language_model.*``,
+``lm_head`` unchanged); :func:`native_to_hub_key` gives the llava-hf on-disk names.
 
 The vocabulary grows the way the llava-hf checkpoints did: ``<image>`` gets id ``V`` (the old
 vocabulary size) and ``<pad>`` id ``V+1``; the embedding and ``lm_head`` matrices are padded to the
@@ -127,7 +132,10 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path))
     # weights_only: a .bin is a pickle; never execute code from a downloaded checkpoint.
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:  # mmap keeps 7B/13B shards out of RAM until used
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # pre-zipfile (legacy) serialization cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -335,7 +343,11 @@ def build_llava_config(
     vision_feature_layer: int = -2,
     select_strategy: str = "default",
 ) -> LlavaConfig:
-    """Build the native config: text = the Llama keys of ``text_cfg``, image token ``old_vocab``, pad ``old_vocab+1``."""
+    """Build the native config.
+
+    Text config = the Llama keys of ``text_cfg`` with ``new_vocab`` rows; ``<image>`` = ``old_vocab``,
+    ``<pad>`` = ``old_vocab + 1``; ``image_seq_length`` = (image / patch)^2 (+1 for ``full``).
+    """
     text = {k: text_cfg[k] for k in _TEXT_KEYS if k in text_cfg and text_cfg[k] is not None}
     text.update(vocab_size=new_vocab, tie_word_embeddings=False)
     patches = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
@@ -364,8 +376,12 @@ def instantiate(
     """
     if dtype is None:
         dtype = next(iter(state_dict.values())).dtype
+    # Hand over the llava-hf on-disk names: from_pretrained then maps them exactly as for a hub
+    # checkpoint and records that mapping, so save_pretrained writes the llava-hf layout again
+    # (native names given here would be saved verbatim, unlike every other LLaVA checkpoint).
+    hub_sd = {native_to_hub_key(k): v for k, v in state_dict.items()}
     model, info = LlavaForConditionalGeneration.from_pretrained(
-        None, config=config, state_dict=state_dict, dtype=dtype, attn_implementation=attn_implementation,
+        None, config=config, state_dict=hub_sd, dtype=dtype, attn_implementation=attn_implementation,
         output_loading_info=True,
     )
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
@@ -457,7 +473,9 @@ def projector_state_dict(sd: dict[str, torch.Tensor], source: str) -> dict[str, 
     for key, tensor in sd.items():
         m = re.search(r"mm_projector\.([02])\.(weight|bias)$", key)
         if m is None:
-            raise ValueError(f"{source}: unexpected tensor {key!r} (a stage-1 mm_projector.bin holds mm_projector.{{0,2}}.*)")
+            raise ValueError(
+                f"{source}: unexpected tensor {key!r} (a stage-1 mm_projector.bin holds mm_projector.{{0,2}}.*)"
+            )
         out[f"linear_{1 if m.group(1) == '0' else 2}.{m.group(2)}"] = tensor
     if len(out) != 4:
         raise ValueError(f"{source}: expected mm_projector.{{0,2}}.{{weight,bias}} (mlp2x_gelu), found {sorted(sd)}")
@@ -480,7 +498,8 @@ def assemble_from_parts(
     Args:
         llm_dir: text-only Llama checkpoint (local dir or hub id, e.g. ``lmsys/vicuna-7b-v1.5``).
         vision_dir: CLIP checkpoint (``openai/clip-vit-large-patch14-336``).
-        mm_projector_path: the stage-1 ``mm_projector.bin`` (read with ``weights_only=True``).
+        mm_projector_path: the stage-1 ``mm_projector.bin`` (read with ``weights_only=True``), or a
+            dir / hub id holding it.
         vision_feature_layer: CLIP hidden state fed to the projector (upstream ``-2``).
         dtype: target dtype (default: the LLM's).
         attn_implementation: attention kernel.
@@ -494,7 +513,9 @@ def assemble_from_parts(
         ValueError: if shapes disagree (projector input vs CLIP width, output vs LLM width).
     """
     ldir, vdir = resolve_source(llm_dir, revision=revision), resolve_source(vision_dir)
-    proj_path = Path(mm_projector_path)
+    proj_path = resolve_source(mm_projector_path)
+    if proj_path.is_dir():  # a pretrain repo/dir such as liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5
+        proj_path = proj_path / "mm_projector.bin"
     if not proj_path.is_file():
         raise FileNotFoundError(f"stage-1 projector {proj_path} not found (mm_projector.bin from the pretrain stage)")
     text_cfg = read_config(ldir)
@@ -512,7 +533,8 @@ def assemble_from_parts(
             f"{(want_out, want_in)} for LLM hidden {want_out} and CLIP hidden {want_in}"
         )
     native = dict(llm)
-    native.update({f"model.vision_tower.{k}": v for k, v in clip_vision_state_dict(read_state_dict(vdir), str(vdir)).items()})
+    tower = clip_vision_state_dict(read_state_dict(vdir), str(vdir))
+    native.update({f"model.vision_tower.{k}": v for k, v in tower.items()})
     native.update({f"model.multi_modal_projector.{k}": v for k, v in projector.items()})
     old_vocab = native["model.language_model.embed_tokens.weight"].shape[0]
     _grow_in_place(native, seed, VOCAB_MULTIPLE)

@@ -70,8 +70,10 @@ class MPLUGOwl2VisionConfig(PreTrainedConfig):
         """Patches per side (``image_size // patch_size``)."""
         return self.image_size // self.patch_size
 
-    def validate_architecture(self) -> None:
-        """Reject shapes the attention cannot split into heads."""
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        # Checked here rather than in `validate_architecture`, whose errors the strict-dataclass
+        # machinery re-raises as a non-ValueError type.
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"vision_config.hidden_size ({self.hidden_size}) must be a multiple of "
@@ -101,8 +103,8 @@ class MPLUGOwl2AbstractorConfig(PreTrainedConfig):
     grid_size: int = 32
     num_learnable_queries: int = 64
 
-    def validate_architecture(self) -> None:
-        """Reject shapes the sin-cos tables or the heads cannot be built for."""
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"abstractor_config.hidden_size ({self.hidden_size}) must be a multiple of "
@@ -157,10 +159,14 @@ class MPLUGOwl2Config(LlamaConfig):
         super().__post_init__(**kwargs)
         if self.image_token_index is None:
             self.image_token_index = self.vocab_size
+        self._check_parts()
 
-    def validate_architecture(self) -> None:
-        """Check that the three parts fit together (sizes the forward pass relies on)."""
-        super().validate_architecture()
+    def _check_parts(self) -> None:
+        """Check that the three parts fit together (sizes the forward pass relies on).
+
+        Raises:
+            ValueError: naming the mismatching fields.
+        """
         vision, abstractor = self.vision_config, self.abstractor_config
         if abstractor.encoder_hidden_size != vision.hidden_size:
             raise ValueError(

@@ -1,0 +1,369 @@
+"""Train stage: fine-tune the run's model on the training JSON with the HF Trainer.
+
+One entry point for the notebook, the CLI and the distributed workers::
+
+    from icmlab.train import run
+    result = run(cfg)                # notebook 05_train / ``icmlab train parameters/X.yaml``
+    python -m icmlab.train runs/demo/config.resolved.yaml [train.max_steps=10 ...]
+
+What it does, in order:
+
+1. Decides how to run (:mod:`icmlab.launch`): in this process on CPU or one GPU; for several GPUs
+   it saves ``config.resolved.yaml`` and starts ``deepspeed``/``torchrun`` with ``icmlab train``,
+   whose workers come back here and train in-process.
+2. Loads the model through the family adapter (``load_for_training``: upstream's trainable parts,
+   LoRA when enabled, attention kernel), the records of ``paths.training_json(cfg)`` and the lazy
+   :class:`icmlab.dataset.SupervisedDataset`.
+3. Builds ``TrainingArguments`` from the config (:func:`build_training_args`), keeping the global
+   batch at ``train.global_batch_size`` whatever the device count (gradient accumulation derived).
+4. Trains with :class:`icmlab.trainer.IcmTrainer`, resuming from the newest complete checkpoint in
+   ``<run_dir>/checkpoints`` with its weights really restored. SIGTERM saves a checkpoint and stops.
+5. Saves the final model with the adapter's ``save_bundle`` into ``<run_dir>/model`` (llava-hf
+   layout for LLaVA) and optionally pushes it to the hub. Metrics go to ``<run_dir>/metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from icmlab import paths
+from icmlab.config import RunConfig, find_project_root, load_run_config, save_resolved
+from icmlab.io import read_json, read_jsonl
+from icmlab.launch import build_launch_command, is_launched_worker, launch_mode, run_launched
+from icmlab.models import get_family
+
+log = logging.getLogger("icmlab.train")
+
+#: ZeRO configs shipped with icmlab (``hardware.deepspeed`` names one of them).
+DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "parameters" / "deepspeed"
+
+
+@dataclass
+class TrainResult:
+    """What the train stage produced.
+
+    Attributes:
+        run_dir: the run directory.
+        model_dir: the final model (None when training was interrupted).
+        metrics_path: ``metrics.jsonl``.
+        global_step: optimizer steps done in total.
+        final_loss: last logged training loss.
+        resumed_from: the checkpoint training continued from, if any.
+        interrupted: SIGTERM stopped training after saving a checkpoint (rerun to resume).
+        mode: ``inprocess``, ``deepspeed`` or ``torchrun``.
+    """
+
+    run_dir: Path
+    model_dir: Path | None
+    metrics_path: Path
+    global_step: int
+    final_loss: float | None
+    resumed_from: Path | None = None
+    interrupted: bool = False
+    mode: str = "inprocess"
+
+    def summary(self) -> str:
+        """A few lines for the terminal or the notebook."""
+        state = "interrupted (checkpoint saved; rerun to resume)" if self.interrupted else "done"
+        loss = f"{self.final_loss:.4f}" if self.final_loss is not None else "n/a"
+        lines = [f"train {state}: {self.global_step} steps, final loss {loss} ({self.mode})"]
+        if self.resumed_from:
+            lines.append(f"resumed from {self.resumed_from}")
+        lines.append(f"model:   {self.model_dir}")
+        lines.append(f"metrics: {self.metrics_path}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- configuration
+def resolve_device(cfg: RunConfig) -> RunConfig:
+    """Return ``cfg`` with ``hardware.device`` decided (``auto`` → cuda when available, else cpu).
+
+    Raises:
+        ValueError: ``cuda`` requested without a GPU, or bf16 on CPU (naming the key to change).
+    """
+    h = cfg.hardware
+    device = h.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("hardware.device: cuda but no CUDA GPU is visible; use device: cpu (or auto)")
+    if device == "cpu" and cfg.train.bf16:
+        raise ValueError("train.bf16: bfloat16 training needs an Ampere+ GPU; set train.bf16: false on CPU")
+    return dataclasses.replace(cfg, hardware=dataclasses.replace(h, device=device))
+
+
+def deepspeed_config_path(cfg: RunConfig) -> str | None:
+    """``parameters/deepspeed/<hardware.deepspeed>.json``, or None.
+
+    ``zero3_offload.json`` is upstream's minus its optimizer/scheduler blocks: IcmTrainer creates
+    DeepSpeedCPUAdam itself, so the projector lr groups and the configured schedule still apply.
+
+    Raises:
+        FileNotFoundError: the named config is missing.
+    """
+    name = cfg.hardware.deepspeed
+    if name == "none":
+        return None
+    path = DEEPSPEED_DIR / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"hardware.deepspeed: {name} → {path} does not exist")
+    return str(path)
+
+
+def batch_message(cfg: RunConfig) -> str:
+    """``"global batch 128 = 16 per device × 8 GPUs × 1 accumulation"``."""
+    t, world = cfg.train, cfg.world_size
+    unit = ("GPU" if world == 1 else "GPUs") if cfg.hardware.device != "cpu" else "CPU process"
+    return (f"global batch {t.global_batch_size} = {t.per_device_batch_size} per device × {world} {unit} × "
+            f"{cfg.gradient_accumulation_steps} accumulation")
+
+
+def build_training_args(cfg: RunConfig) -> Any:
+    """``TrainingArguments`` of a run (device already resolved by :func:`resolve_device`).
+
+    Returns:
+        The arguments: output under ``<run_dir>/checkpoints``, upstream's schedule and precision,
+        ``remove_unused_columns=False`` (samples carry images), token counting for tokens/s.
+    """
+    from transformers import TrainingArguments
+
+    t, h = cfg.train, cfg.hardware
+    cuda = h.device == "cuda"
+    report = [r for r in t.report_to if r != "none"] or "none"
+    return TrainingArguments(
+        output_dir=str(paths.checkpoints_dir(cfg)),
+        run_name=cfg.run_name,
+        # ---- batch and length
+        per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        # ---- optimiser and schedule
+        learning_rate=t.lr,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio,  # < 1 = ratio
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        max_grad_norm=t.max_grad_norm,
+        # ---- precision and memory
+        bf16=t.bf16,
+        tf32=t.tf32 if cuda else None,  # TF32 is a CUDA switch; None leaves CPU alone
+        activation_checkpointing=t.gradient_checkpointing,
+        # Non-reentrant checkpointing works with frozen embeddings (LoRA) without enable_input_require_grads.
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        deepspeed=deepspeed_config_path(cfg),
+        use_cpu=not cuda,
+        # ---- logging and saving
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=report,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,  # our ProgressBarCallback replaces the Trainer's bar
+        # ---- data
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataloader_num_workers=t.dataloader_num_workers,
+        remove_unused_columns=False,
+    )
+
+
+def projector_parameters(model: torch.nn.Module, prefixes: Sequence[str]) -> list[torch.nn.Parameter]:
+    """Parameters under the family's projector submodules, also inside a PEFT wrapper."""
+    out = []
+    for name, p in model.named_parameters():
+        bare = name.removeprefix("base_model.model.")  # peft.PeftModel prefix
+        if any(bare == q or bare.startswith(q + ".") for q in prefixes):
+            out.append(p)
+    return out
+
+
+# --------------------------------------------------------------------------- the stage
+def run(cfg: RunConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
+    """Train the run's model; see the module docstring.
+
+    Args:
+        cfg: the run config.
+        callbacks: extra ``TrainerCallback`` objects (e.g. a notebook's live plot).
+
+    Returns:
+        The :class:`TrainResult`.
+
+    Raises:
+        FileNotFoundError: the training JSON is missing (run merge/validate first).
+        ValueError: an impossible hardware/precision combination (names the key).
+        RuntimeError: a launched multi-process job failed.
+    """
+    cfg = resolve_device(cfg)
+    mode = launch_mode(cfg)
+    if mode != "inprocess":
+        return _run_launched(cfg, mode)
+    return _train_inprocess(cfg, callbacks)
+
+
+def _run_launched(cfg: RunConfig, mode: str) -> TrainResult:
+    config_path = save_resolved(cfg)
+    log.info(batch_message(cfg))
+    run_launched(build_launch_command(cfg, config_path, mode), cwd=find_project_root())
+    return _result_from_disk(cfg, mode)
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _train_inprocess(cfg: RunConfig, callbacks: Sequence[Any]) -> TrainResult:
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from icmlab.dataset import SupervisedDataset, TrainingCollator
+    from icmlab.train_callbacks import GracefulStopCallback, MetricsJsonlCallback, ProgressBarCallback
+    from icmlab.trainer import IcmTrainer, find_resume_checkpoint
+
+    if is_launched_worker() and int(os.environ["WORLD_SIZE"]) != cfg.world_size:
+        raise ValueError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but hardware says {cfg.world_size} "
+                         "(num_gpus × num_nodes); the global batch arithmetic would be wrong")
+    if cfg.hardware.deepspeed != "none" and not is_launched_worker():
+        # A single in-process DeepSpeed engine still needs a (one-member) process group.
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511"), ("RANK", "0"),
+                           ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+            os.environ.setdefault(key, value)
+    data_file = paths.training_json(cfg)
+    if not data_file.is_file():
+        raise FileNotFoundError(f"training data {data_file} not found; run the merge (and validate) stage first")
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    if _is_main_process() and not is_launched_worker():
+        save_resolved(cfg)
+    set_seed(cfg.seed)
+    log.info(batch_message(cfg))
+
+    family = get_family(cfg.model.family)
+    args = build_training_args(cfg)  # before the model: ZeRO-3 must know about itself at load time
+    bundle = family.load_for_training(cfg)
+    records = read_json(data_file)
+    dataset = SupervisedDataset.from_bundle(records, bundle, cfg)
+    log.info("%d training samples from %s", len(dataset), data_file)
+
+    stop = GracefulStopCallback()
+    trainer = IcmTrainer(
+        model=bundle.model, args=args, train_dataset=dataset,
+        data_collator=TrainingCollator(bundle.tokenizer.pad_token_id), processing_class=bundle.tokenizer,
+        callbacks=[MetricsJsonlCallback(paths.metrics_jsonl(cfg), cfg.train.global_batch_size),
+                   ProgressBarCallback(), stop, *callbacks],
+        projector_parameters=projector_parameters(bundle.model, family.MODULE_GROUPS["projector"]),
+        projector_lr=cfg.train.projector_lr,
+        modality_lengths=dataset.modality_lengths,
+        group_by_modality_length=cfg.train.group_by_modality_length,
+        dummy_pixel_values=dataset.dummy_pixel_values(),
+        vision_module=family.MODULE_GROUPS["vision_encoder"][0],
+    )
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+
+    resume = _prepare_resume(cfg) if cfg.train.resume else None
+    if resume:
+        log.info("resuming from %s", resume)
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stop.stopped_at is not None:
+        log.warning("stopped by SIGTERM at step %d; checkpoint saved, rerun to resume", stop.stopped_at)
+        return _result_from_disk(cfg, "inprocess", resumed_from=resume, interrupted=True,
+                                 step=trainer.state.global_step)
+
+    model_dir = _save_final(trainer, bundle, family, cfg)
+    if cfg.train.push_to_hub and _is_main_process():
+        push_to_hub(model_dir, cfg.train.push_to_hub, cfg.model.revision)
+    result = _result_from_disk(cfg, "inprocess", resumed_from=resume, step=trainer.state.global_step)
+    result.model_dir = model_dir
+    log.info("train loss %.4f over %d steps", output.training_loss, output.global_step)
+    return result
+
+
+def _prepare_resume(cfg: RunConfig) -> Path | None:
+    """The checkpoint to resume from; incomplete ones (killed mid-save) are removed first."""
+    from icmlab.trainer import find_resume_checkpoint
+
+    ckdir = paths.checkpoints_dir(cfg)
+    resume = find_resume_checkpoint(ckdir)
+    if _is_main_process() and ckdir.is_dir():
+        for d in ckdir.glob("checkpoint-*"):
+            if d.is_dir() and d != resume and not (d / "trainer_state.json").exists():
+                log.warning("removing incomplete checkpoint %s (the process was killed while saving it)", d)
+                shutil.rmtree(d)
+    return resume
+
+
+def _save_final(trainer: Any, bundle: Any, family: Any, cfg: RunConfig) -> Path:
+    """Write the final model with the family's ``save_bundle`` (rank 0; ZeRO-3 gathers the weights first)."""
+    out = paths.final_model_dir(cfg)
+    bundle.model = trainer.model
+    bundle.model.config.use_cache = True  # inference default for the saved model
+    ds_cfg = getattr(trainer.args, "hf_deepspeed_config", None)
+    if ds_cfg is not None and ds_cfg.is_zero3():
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(bundle.model.parameters()), modifier_rank=None):
+            if _is_main_process():
+                family.save_bundle(bundle, out)
+    elif _is_main_process():
+        family.save_bundle(bundle, out)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return out
+
+
+def push_to_hub(model_dir: Path, repo_id: str, revision: str | None = None) -> str:
+    """Upload the final model folder to a hub model repo (created private if missing).
+
+    Returns:
+        The commit URL.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, private=True, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(model_dir), commit_message="icmlab train stage")
+    log.info("pushed %s to %s", model_dir, repo_id)
+    return str(getattr(info, "commit_url", info))
+
+
+def _result_from_disk(cfg: RunConfig, mode: str, *, resumed_from: Path | None = None,
+                      interrupted: bool = False, step: int | None = None) -> TrainResult:
+    metrics = paths.metrics_jsonl(cfg)
+    rows = read_jsonl(metrics) if metrics.exists() else []
+    model_dir = paths.final_model_dir(cfg)
+    last_loss = next((r["loss"] for r in reversed(rows) if r.get("loss") is not None), None)
+    return TrainResult(
+        run_dir=cfg.run_dir, model_dir=model_dir if model_dir.exists() and not interrupted else None,
+        metrics_path=metrics, global_step=step if step is not None else (rows[-1]["step"] if rows else 0),
+        final_loss=last_loss if last_loss is None or math.isfinite(last_loss) else None,
+        resumed_from=resumed_from, interrupted=interrupted, mode=mode,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m icmlab.train CONFIG [key=value ...]``: exit 0 when done, 143 when stopped by SIGTERM."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(main.__doc__)
+        return 0 if argv else 2
+    overrides = dict(a.split("=", 1) for a in argv[1:])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    result = run(load_run_config(argv[0], overrides))
+    print(result.summary(), flush=True)
+    return 143 if result.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

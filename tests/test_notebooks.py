@@ -1,0 +1,43 @@
+"""Notebook structure: one per stage, thin, parameterized, committed without outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import papermill as pm
+import pytest
+
+from icmlab.runner import STAGES, notebook_for
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def test_one_notebook_per_stage_in_order():
+    assert [p.name for p in NOTEBOOKS] == [notebook_for(s, ROOT).name for s in STAGES]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_shape(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    # committed without outputs
+    assert all(not c.outputs and c.execution_count is None for c in code)
+    # parameters cell: literal demo defaults, documented for --help-notebook
+    params = pm.inspect_notebook(str(path))
+    assert set(params) == {"params_file", "overrides"}
+    assert params["params_file"]["default"] == '"parameters/demo.yaml"'
+    assert params["overrides"]["default"] == "{}"
+    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and code.index(tagged[0]) == 0
+    # the next cell loads and prints the resolved config through the one loader
+    assert "load_notebook_config(params_file, overrides, globals())" in code[1].source
+    assert "show_config(cfg)" in code[1].source
+    # thin: no definitions, short cells
+    for c in code:
+        lines = c.source.splitlines()
+        assert not any(l.startswith(("def ", "class ", "async def ", "lambda")) for l in lines), c.source
+        assert len(lines) <= 12, f"cell too long; move logic into icmlab:\n{c.source}"

@@ -1,0 +1,276 @@
+"""Train stage on tiny LLaVA models (CPU, seconds): both strategies, lr groups, batch arithmetic, sampler, launch.
+
+The smoke runs go through ``icmlab.train.run`` exactly as the notebook and CLI do, then check the
+weights the stage saved against the weights it started from: trained groups changed, the frozen
+vision tower is bit-identical, and the saved model reloads with plain transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoProcessor, CLIPVisionModel, LlavaForConditionalGeneration
+
+import tiny_train_setup as T
+from icmlab import paths
+from icmlab.config import config_from_dict
+from icmlab.io import read_jsonl
+from icmlab.launch import build_launch_command, launch_mode
+from icmlab.train import batch_message, build_training_args, deepspeed_config_path, resolve_device, run
+from icmlab.trainer import modality_length_grouped_indices
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict:
+    """The tiny llava-hf checkpoint, the MSFT parts and a data root (built once)."""
+    d = tmp_path_factory.mktemp("tiny")
+    return {"dir": d, "hf": T.build_llava_hf(d / "base"), "parts": T.build_mix_parts(d / "parts"),
+            "records": T.build_records(d / "data")}
+
+
+def _setup(tiny: dict, tmp_path: Path, model: str = "hf", **train) -> object:
+    tmp_path.joinpath("data").symlink_to(tiny["dir"] / "data")
+    cfg = T.make_config(tmp_path, tiny[model], **train)
+    T.write_training_json(cfg, tiny["records"])
+    return cfg
+
+
+def _split(state: dict) -> dict[str, dict]:
+    groups = {"vision": {}, "projector": {}, "llm": {}}
+    for k, v in state.items():
+        key = "vision" if k.startswith("model.vision_tower.") else "projector" if "multi_modal_projector" in k else "llm"
+        groups[key][k] = v
+    return groups
+
+
+def _assert_trained(before: dict, after: dict) -> None:
+    b, a = _split(before), _split(after)
+    for k, v in b["vision"].items():
+        assert torch.equal(v, a["vision"][k]), f"frozen {k} changed"
+    for group in ("projector", "llm"):
+        changed = [k for k, v in b[group].items() if not torch.equal(v, a[group][k])]
+        # every trained weight matrix moves (rows of unused vocabulary may stay)
+        matrices = [k for k, v in b[group].items() if v.ndim == 2 and "embed_tokens" not in k and "lm_head" not in k]
+        assert set(matrices) <= set(changed), f"{group}: unchanged {sorted(set(matrices) - set(changed))[:3]}"
+
+
+def test_smoke_after_strategy(tiny, tmp_path):
+    cfg = _setup(tiny, tmp_path, max_steps=3, save_steps=2)
+    result = run(cfg)
+    assert result.global_step == 3 and not result.interrupted and result.model_dir == paths.final_model_dir(cfg)
+    before = LlavaForConditionalGeneration.from_pretrained(tiny["hf"]).state_dict()
+    model = LlavaForConditionalGeneration.from_pretrained(result.model_dir)  # plain transformers reload
+    AutoProcessor.from_pretrained(result.model_dir)
+    _assert_trained(before, model.state_dict())
+    # run directory: resolved config, metrics with the documented fields, checkpoint, final model
+    assert (cfg.run_dir / "config.resolved.yaml").is_file()
+    rows = read_jsonl(paths.metrics_jsonl(cfg))
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "eta_s", "elapsed_s"):
+        assert rows[-1][key] is not None, key
+    assert rows[0]["lr"] == pytest.approx(1e-3)
+    assert (paths.checkpoints_dir(cfg) / "checkpoint-2" / "trainer_state.json").is_file()
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in result.model_dir.iterdir()}
+    assert "3 steps" in result.summary()
+
+
+def test_smoke_mix_strategy(tiny, tmp_path):
+    cfg = _setup(tiny, tmp_path, model="parts", max_steps=2)
+    result = run(cfg)
+    after = LlavaForConditionalGeneration.from_pretrained(result.model_dir).state_dict()
+    # frozen CLIP tower == the tower the run was assembled from, bit for bit
+    clip = CLIPVisionModel.from_pretrained(tiny["parts"]["vision_tower"]).state_dict()
+    for k, v in clip.items():
+        if not k.endswith("position_ids"):
+            assert torch.equal(after[f"model.vision_tower.{k}"], v), k
+    proj = torch.load(tiny["parts"]["mm_projector"], weights_only=True)
+    assert not torch.equal(after["model.multi_modal_projector.linear_1.weight"], proj["model.mm_projector.0.weight"])
+    vicuna = load_file(Path(tiny["parts"]["llm"]) / "model.safetensors")
+    changed = [k for k, v in vicuna.items() if k.endswith("proj.weight")
+               and not torch.equal(after[k.replace("model.", "model.language_model.", 1)], v)]
+    assert changed and len(changed) == sum(k.endswith("proj.weight") for k in vicuna), "LLM layers must train"
+
+
+def test_projector_lr_really_applies(tiny, tmp_path):
+    """One AdamW step moves each weight by about lr (|m̂/√v̂| = 1 on the first step): 5e-3 vs 1e-3."""
+    cfg = _setup(tiny, tmp_path, max_steps=1, projector_lr=5e-3, lr=1e-3, max_grad_norm=0.0,
+                 group_by_modality_length=False)
+    result = run(cfg)
+    before = _split(LlavaForConditionalGeneration.from_pretrained(tiny["hf"]).state_dict())
+    after = _split(LlavaForConditionalGeneration.from_pretrained(result.model_dir).state_dict())
+
+    def step_size(group: str, name: str) -> float:
+        delta = (after[group][name] - before[group][name]).abs()
+        return float(delta[delta > 0].median())
+
+    assert step_size("projector", "model.multi_modal_projector.linear_1.weight") == pytest.approx(5e-3, rel=0.05)
+    assert step_size("llm", "model.language_model.layers.0.mlp.up_proj.weight") == pytest.approx(1e-3, rel=0.05)
+
+
+def test_optimizer_groups_with_lora(tiny, tmp_path):
+    """LoRA: projector (PEFT modules_to_save copy) at projector_lr, adapters at lr, base weights frozen."""
+    from icmlab.models import get_family
+    from icmlab.train import projector_parameters
+    from icmlab.trainer import IcmTrainer
+
+    cfg = _setup(tiny, tmp_path, lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}, projector_lr=2e-5,
+                 lr=2e-4)
+    fam = get_family("llava15")
+    bundle = fam.load_for_training(cfg)
+    proj = projector_parameters(bundle.model, fam.MODULE_GROUPS["projector"])
+    trainer = IcmTrainer(model=bundle.model, args=build_training_args(resolve_device(cfg)),
+                         projector_parameters=proj, projector_lr=2e-5)
+    opt = trainer.create_optimizer()
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    trainable = {n: p for n, p in bundle.model.named_parameters() if p.requires_grad}
+    assert trainable and set(lrs) == {id(p) for p in trainable.values()}
+    for name, p in trainable.items():
+        want = 2e-5 if "multi_modal_projector" in name else 2e-4
+        assert lrs[id(p)] == want, name
+        assert "lora_" in name or "multi_modal_projector.modules_to_save" in name, name
+
+
+def test_text_only_batch_runs_the_vision_tower(tiny, tmp_path):
+    """A micro-batch without images still runs tower + projector (ZeRO-3 safety) and adds exactly 0 to the loss."""
+    from icmlab.dataset import SupervisedDataset, TrainingCollator
+    from icmlab.models import get_family
+    from icmlab.trainer import IcmTrainer
+
+    cfg = _setup(tiny, tmp_path)
+    fam = get_family("llava15")
+    bundle = fam.load_for_training(cfg)
+    ds = SupervisedDataset.from_bundle(tiny["records"], bundle, cfg)
+    text = [i for i, r in enumerate(tiny["records"]) if "image" not in r][:2]
+    assert all(ds[i]["pixel_values"] is None for i in text) and ds.modality_lengths[text[0]] < 0
+    batch = TrainingCollator(bundle.tokenizer.pad_token_id)([ds[i] for i in text])
+    assert "pixel_values" not in batch
+    calls = []
+    bundle.model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    trainer = IcmTrainer(model=bundle.model, args=build_training_args(resolve_device(cfg)),
+                         dummy_pixel_values=ds.dummy_pixel_values(), vision_module="model.vision_tower")
+    bundle.model.train()
+    loss = trainer.compute_loss(bundle.model, dict(batch))
+    plain = bundle.model(**batch).loss
+    assert calls and torch.equal(loss.detach(), plain.detach())
+    loss.backward()
+    grad = bundle.model.model.multi_modal_projector.linear_1.weight.grad
+    assert grad is not None and torch.count_nonzero(grad) == 0
+
+
+# ------------------------------------------------------------------ batch arithmetic and arguments
+def _hw_cfg(num_gpus: int, num_nodes: int = 1, device: str = "cuda", per_device: int = 16, global_batch: int = 128):
+    return config_from_dict({
+        "train": {"per_device_batch_size": per_device, "global_batch_size": global_batch, "bf16": device == "cuda"},
+        "hardware": {"device": device, "num_gpus": num_gpus, "num_nodes": num_nodes,
+                     "hostfile": "hosts" if num_nodes > 1 else None, "deepspeed": "zero3"}})
+
+
+@pytest.mark.parametrize("gpus,nodes,accum", [(8, 1, 1), (4, 1, 2), (2, 1, 4), (1, 1, 8), (4, 2, 1)])
+def test_gradient_accumulation_keeps_global_batch(gpus, nodes, accum):
+    cfg = _hw_cfg(gpus, nodes)
+    assert cfg.gradient_accumulation_steps == accum
+    assert cfg.train.per_device_batch_size * cfg.world_size * cfg.gradient_accumulation_steps == 128
+    unit = "GPU" if gpus * nodes == 1 else "GPUs"
+    assert batch_message(cfg) == f"global batch 128 = 16 per device × {gpus * nodes} {unit} × {accum} accumulation"
+
+
+def test_training_arguments_from_config(tiny, tmp_path):
+    cfg = resolve_device(_setup(tiny, tmp_path, per_device_batch_size=2, global_batch_size=8, lr=3e-5,
+                                lr_scheduler="cosine", warmup_ratio=0.03, weight_decay=0.1, adam_beta2=0.95))
+    args = build_training_args(cfg)
+    assert args.gradient_accumulation_steps == 4 and args.per_device_train_batch_size == 2
+    assert (args.learning_rate, args.weight_decay, args.adam_beta2) == (3e-5, 0.1, 0.95)
+    assert args.lr_scheduler_type == "cosine" and args.warmup_steps == pytest.approx(0.03)
+    assert args.remove_unused_columns is False and args.use_cpu and args.deepspeed is None
+    assert Path(args.output_dir) == paths.checkpoints_dir(cfg) and args.seed == 7
+
+
+def test_bf16_on_cpu_is_rejected_with_the_key(tiny, tmp_path):
+    cfg = _setup(tiny, tmp_path)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, bf16=True))
+    with pytest.raises(ValueError, match="train.bf16"):
+        run(cfg)
+
+
+def test_deepspeed_configs_leave_trainer_values_auto():
+    for name, stage in (("zero2", 2), ("zero3", 3), ("zero3_offload", 3)):
+        cfg = config_from_dict({"hardware": {"deepspeed": name}})
+        data = json.loads(Path(deepspeed_config_path(cfg)).read_text())
+        assert data["zero_optimization"]["stage"] == stage
+        for key in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps"):
+            assert data[key] == "auto", (name, key)
+        assert data["bf16"]["enabled"] == "auto" and "scheduler" not in data and "optimizer" not in data
+    offload = json.loads(Path(deepspeed_config_path(config_from_dict({"hardware": {"deepspeed": "zero3_offload"}}))).read_text())
+    assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert deepspeed_config_path(config_from_dict({"hardware": {"deepspeed": "none"}})) is None
+
+
+# ------------------------------------------------------------------ sampler
+def _megabatches(order, size):
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def test_modality_grouped_order():
+    lengths = [5, -3, 7, -2, 9, 4, -8, 6, 3, -1, 2, 8, -4, 5]  # 9 with image, 5 text-only
+    order = modality_length_grouped_indices(lengths, batch_size=2, world_size=2, generator=torch.Generator().manual_seed(0))
+    assert sorted(order) == list(range(len(lengths)))
+    n_full = 9 // 4 + 5 // 4
+    for mb in _megabatches(order[: 4 * n_full], 4):
+        assert len({lengths[i] > 0 for i in mb}) == 1, "a full megabatch mixes modalities"
+        assert abs(lengths[mb[0]]) == max(abs(lengths[i]) for i in mb)  # longest first
+    tail = order[4 * n_full:]  # the two modalities' leftovers, last (as upstream)
+    assert sorted(lengths[i] > 0 for i in tail) == [False, True]
+    assert modality_length_grouped_indices(lengths, 2, 2, torch.Generator().manual_seed(0)) == order  # replayable
+    assert modality_length_grouped_indices(lengths, 2, 2, torch.Generator().manual_seed(1)) != order
+
+
+def test_single_modality_falls_back_to_length_grouping_and_zero_is_rejected():
+    lengths = [3, 9, 1, 7, 5, 2, 8, 4]
+    order = modality_length_grouped_indices(lengths, 2, 2, torch.Generator().manual_seed(1))
+    assert sorted(order) == list(range(8))
+    for mb in _megabatches(order, 4):
+        assert lengths[mb[0]] == max(lengths[i] for i in mb)
+        # the two rank batches of a megabatch hold similar total lengths (longest paired with shortest)
+        a, b = sum(lengths[i] for i in mb[:2]), sum(lengths[i] for i in mb[2:])
+        assert abs(a - b) <= max(lengths[i] for i in mb) - min(lengths[i] for i in mb)
+    with pytest.raises(ValueError, match="sample 1"):
+        modality_length_grouped_indices([3, 0, 2], 1, 1, torch.Generator())
+
+
+# ------------------------------------------------------------------ launch
+def test_launch_decisions_and_commands(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert launch_mode(config_from_dict({"hardware": {"device": "cpu", "deepspeed": "none"}, "train": {"bf16": False}})) == "inprocess"
+    assert launch_mode(_hw_cfg(1)) == "inprocess"
+    cfg = _hw_cfg(8)
+    cmd = build_launch_command(cfg, tmp_path / "config.resolved.yaml")
+    assert launch_mode(cfg) == "deepspeed" and cmd[-4:] == ["--module", "icmlab", "train", str(tmp_path / "config.resolved.yaml")]
+    assert cmd[cmd.index("--num_gpus") + 1] == "8" and "--no_local_rank" in cmd and "--hostfile" not in cmd
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node1 slots=4\nnode2 slots=4\n")
+    multi = _hw_cfg(4, 2)
+    multi.hardware.hostfile = str(hosts)
+    cmd = build_launch_command(multi, tmp_path / "c.yaml")
+    assert cmd[cmd.index("--hostfile") + 1] == str(hosts) and cmd[cmd.index("--num_nodes") + 1] == "2"
+    tr = _hw_cfg(2)
+    tr.hardware.launcher = "torchrun"
+    cmd = build_launch_command(tr, tmp_path / "c.yaml")
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and cmd[cmd.index("--nproc-per-node") + 1] == "2"
+    tr.hardware.num_nodes = 2
+    with pytest.raises(ValueError, match="torchrun"):
+        launch_mode(tr)
+    one = _hw_cfg(2)
+    one.hardware.launcher = "inprocess"
+    with pytest.raises(ValueError, match="hardware.launcher"):
+        launch_mode(one)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert launch_mode(cfg) == "inprocess"  # a launched worker trains, it never launches again

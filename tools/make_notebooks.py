@@ -1,0 +1,82 @@
+"""Regenerate notebooks/NN_<stage>.ipynb (without outputs) from the cell specs below.
+
+Run: ``python tools/make_notebooks.py``. The notebooks are thin: a title, a ``parameters`` cell with
+literal defaults that run the demo, one config cell, then one call per step into ``icmlab`` followed
+by display cells. Edit the specs here, not the .ipynb files, so all notebooks keep the same shape.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PARAMETERS = '''params_file: str = "parameters/demo.yaml"  # run definition: a file under parameters/
+overrides: dict = {}  # dotted keys over the file, e.g. {"train.lr": 1e-5}'''
+
+CONFIG = '''from icmlab.config import load_notebook_config
+from icmlab.display import show_config, show_html
+
+cfg = load_notebook_config(params_file, overrides, globals())
+show_config(cfg)'''
+
+HOW = ("\n\nRun it top to bottom (defaults = the CPU demo), or headlessly: "
+       "`icmlab run {params} --only {stage}` / `papermill notebooks/{name} out.ipynb -p params_file {params}`.")
+
+SPECS: dict[str, tuple[str, list[str]]] = {}
+
+
+def spec(stage: str, title: str, purpose: str, cells: list[str]) -> None:
+    """Register a notebook: markdown title + purpose, then code cells (strings starting with '#md' are markdown)."""
+    SPECS[stage] = (f"# {title}\n\n{purpose}", cells)
+
+
+spec("setup", "00 · Setup: environment check",
+     "Checks this machine against the chosen recipe: Python and package versions, GPUs, CUDA, bf16, "
+     "flash-attn, DeepSpeed and free disk at the data root, and says what is missing.",
+     ['''from icmlab import envinfo
+
+setup = envinfo.run(cfg)
+print(setup.table())''',
+      '''if setup.problems:
+    print("Missing for this recipe:")
+    for row in setup.problems:
+        print(f"  - {row.item}: {row.note or row.value}")
+else:
+    print("Everything this recipe needs is here.")'''])
+
+
+def build(stage: str) -> nbformat.NotebookNode:
+    """Build one notebook from its spec."""
+    from icmlab.runner import STAGES
+
+    head, cells = SPECS[stage]
+    name = f"{STAGES.index(stage):02d}_{stage}.ipynb"
+    nb = new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    nb.cells.append(new_markdown_cell(head + HOW.format(params="parameters/demo.yaml", stage=stage, name=name)))
+    nb.cells.append(new_code_cell(PARAMETERS, metadata={"tags": ["parameters"]}))
+    nb.cells.append(new_code_cell(CONFIG))
+    for c in cells:
+        nb.cells.append(new_markdown_cell(c[3:].strip()) if c.startswith("#md") else new_code_cell(c))
+    for i, c in enumerate(nb.cells):  # stable ids keep diffs small
+        c["id"] = f"{stage}-{i:02d}"
+    return nb
+
+
+def main() -> None:
+    """Write every registered notebook."""
+    from icmlab.runner import STAGES
+
+    for stage in SPECS:
+        path = ROOT / "notebooks" / f"{STAGES.index(stage):02d}_{stage}.ipynb"
+        nbformat.write(build(stage), path)
+        print("wrote", path.relative_to(ROOT))
+
+
+if __name__ == "__main__":
+    main()
