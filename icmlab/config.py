@@ -174,7 +174,7 @@ class EvalConfig:
     baseline: bool = True
     """Also evaluate the starting checkpoint, for the before/after report."""
     controls: list[str] = field(default_factory=list)
-    """Control runs on the fine-tuned model: ``blank`` (grey images) and/or ``shuffle`` (images permuted)."""
+    """Control runs on the fine-tuned model: ``blank`` (grey images) and/or ``shuffled`` (images permuted between questions)."""
 
 
 @dataclass
@@ -405,8 +405,8 @@ def validate(cfg: RunConfig) -> list[str]:
         if b not in ("qbench_a1", "moderation"):
             e.append(f"eval.benchmarks: unknown benchmark {b!r}; allowed: qbench_a1, moderation")
     for c in cfg.eval.controls:
-        if c not in ("blank", "shuffle"):
-            e.append(f"eval.controls: unknown control {c!r}; allowed: blank, shuffle")
+        if c not in ("blank", "shuffled"):
+            e.append(f"eval.controls: unknown control {c!r}; allowed: blank, shuffled")
     if h.device == "cpu":
         if h.deepspeed != "none" and h.launcher not in ("auto", "inprocess"):
             e.append("hardware.launcher: a multi-process launcher needs GPUs; use inprocess on CPU")

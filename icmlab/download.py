@@ -154,3 +154,406 @@ class DownloadResult:
         """Notebook report: outcomes and layout tables."""
         rows = [[o.name, o.action, fmt_size(o.transferred), f"{o.seconds:.1f}s", o.message] for o in self.outcomes]
         return _html_table(["source", "action", "moved", "time", "message"], rows) + layout_html(self.layout)
+
+
+# --------------------------------------------------------------------------- entry points
+def plan(cfg: RunConfig) -> list[PlannedItem]:
+    """The dry run: every source the recipe needs, its size, target and state; nothing is fetched.
+
+    Args:
+        cfg: the run config.
+
+    Returns:
+        One :class:`PlannedItem` per source (then one per local model path), in catalog order.
+
+    Raises:
+        ValueError: ``data.sources`` names an unknown or model source (see :func:`needed_sources`).
+    """
+    catalog = load_catalog(demo=cfg.demo.enabled)
+    needs, locals_ = needed_sources(cfg, catalog)
+    if cfg.demo.enabled:
+        _demo_locations(cfg, needs, build=False)
+    items = [_plan_item(cfg, n) for n in needs]
+    for lm in locals_:
+        items.append(PlannedItem(lm.key, "local checkpoint", "model", str(lm.path), None, False, str(lm.path),
+                                 "local" if lm.path.exists() else "MISSING", [lm.key]))
+    return items
+
+
+def run(cfg: RunConfig, *, progress: bool = True) -> DownloadResult:
+    """Fetch, verify and lay out every source the recipe needs; then check the layout.
+
+    Args:
+        cfg: the run config (``data.root``, ``data.sources``, ``download.*``, ``demo.*``).
+        progress: tqdm progress bars.
+
+    Returns:
+        A :class:`DownloadResult` (outcomes, layout table, OCR-VQA report).
+
+    Raises:
+        InsufficientDiskSpace: before starting, when the remaining work does not fit.
+        DownloadError: after trying every source, when some failed (messages say what to do: log in,
+            request access, fix the URL, point ``data.sources`` at a local copy); ``.result`` is set.
+        ValueError: bad ``data.sources`` entries.
+    """
+    t0 = time.monotonic()
+    root = cfg.data.root
+    catalog = load_catalog(demo=cfg.demo.enabled)
+    needs, locals_ = needed_sources(cfg, catalog)
+    if cfg.demo.enabled:
+        _demo_locations(cfg, needs, build=True)
+    items = {it.name: it for it in (_plan_item(cfg, n) for n in needs)}
+    preflight_disk(cfg, list(items.values()))
+    todo = [n.source for n in needs if items[n.source.name].status != "done"]
+    outcomes = [ItemOutcome(n.source.name, "already done") for n in needs if items[n.source.name].status == "done"]
+    root.mkdir(parents=True, exist_ok=True)
+    ctx = _Ctx(cfg, catalog, progress)
+    with ThreadPoolExecutor(max_workers=cfg.download.concurrency) as pool, \
+            tqdm(total=len(todo), desc="sources", unit="src", disable=not progress or not todo) as bar:
+        futures = {pool.submit(_run_one, ctx, src): src.name for src in todo}
+        for fut in as_completed(futures):
+            outcome = fut.result()
+            log.info("%s: %s (%s, %.1fs)%s", outcome.name, outcome.action, fmt_size(outcome.transferred),
+                     outcome.seconds, f": {outcome.message}" if outcome.message else "")
+            outcomes.append(outcome)
+            bar.update(1)
+    order = {n.source.name: i for i, n in enumerate(needs)}
+    outcomes.sort(key=lambda o: order.get(o.name, 0))
+    ocr = _ocr_vqa_report(cfg, needs)
+    result = DownloadResult(root, outcomes, check_layout(cfg, needs, locals_), time.monotonic() - t0, ocr)
+    failed = [o for o in outcomes if o.action == "failed"]
+    if failed:
+        raise DownloadError(f"{len(failed)} of {len(outcomes)} sources failed:\n" +
+                            "\n".join(f"- {o.message}" for o in failed), result)
+    return result
+
+
+def preflight_disk(cfg: RunConfig, items: list[PlannedItem]) -> None:
+    """Check that the remaining downloads and extractions fit, per filesystem, with ``download.min_free_gb`` spare.
+
+    Raises:
+        InsufficientDiskSpace: naming each short filesystem, what it needs and the largest items.
+    """
+    from huggingface_hub import constants
+
+    need: dict[int, list] = {}
+    for it in items:
+        for where, nbytes in ((Path(constants.HF_HUB_CACHE) if it.to_cache else cfg.data.root, it.todo_bytes),
+                              (cfg.data.root, it.extract_bytes)):
+            if nbytes:
+                anchor = _existing_ancestor(where)
+                entry = need.setdefault(os.stat(anchor).st_dev, [anchor, 0, []])
+                entry[1] += nbytes
+                entry[2].append((nbytes, it.name))
+    spare = int(cfg.download.min_free_gb * 1e9)
+    problems = []
+    for anchor, nbytes, parts in need.values():
+        free = shutil.disk_usage(anchor).free
+        if free - nbytes < spare:
+            big = ", ".join(f"{n} {fmt_size(b)}" for b, n in sorted(parts, reverse=True)[:4])
+            problems.append(f"{anchor}: needs {fmt_size(nbytes)} + {fmt_size(spare)} spare, {fmt_size(free)} free "
+                            f"(largest: {big})")
+    unknown = [it.name for it in items if it.status != "done" and it.size is None]
+    if problems:
+        raise InsufficientDiskSpace(
+            "not enough disk space for the download step:\n  " + "\n  ".join(problems) +
+            ("\n  (not counted, size unknown: " + ", ".join(unknown) + ")" if unknown else "") +
+            "\nFree space, set data.root (data) or HF_HOME (hub cache) to a larger disk, or lower download.min_free_gb.")
+
+
+# --------------------------------------------------------------------------- state
+def _marker(cfg: RunConfig, name: str) -> Path:
+    return cfg.data.root / STATE / "done" / f"{name.replace('/', '__').replace(':', '_')}.json"
+
+
+def _fingerprint(src: Source) -> str:
+    """What makes a completed source still valid: its origin and how it was laid out."""
+    return json.dumps({"origin": src.origin, "sha256": src.sha256, "size": src.size, "kind": src.kind,
+                       "target": src.target, "archive": src.archive, "strip": src.strip, "convert": src.convert,
+                       "allow": list(src.allow)}, sort_keys=True)
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _done(cfg: RunConfig, src: Source) -> dict | None:
+    rec = _read(_marker(cfg, src.name))
+    if not rec or rec.get("fingerprint") != _fingerprint(src):
+        return None
+    if src.target and not (cfg.data.root / src.target).exists():
+        return None  # the tree was deleted since
+    if rec.get("path") and not Path(rec["path"]).exists():
+        return None  # the hub cache was cleared since
+    return rec
+
+
+def _existing_ancestor(p: Path) -> Path:
+    p = Path(p).resolve()
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def _downloads(cfg: RunConfig, src: Source, url: str) -> Path:
+    name = Path(url.split("?")[0].rstrip("/")).name or src.name
+    return cfg.data.root / STATE / "downloads" / src.name / name
+
+
+def _hf_cached(src: Source, filename: str | None = None) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    got = try_to_load_from_cache(src.hf_repo, filename or src.hf_file or "config.json", revision=src.revision,
+                                 repo_type=src.hf_type)
+    return Path(got) if isinstance(got, str) else None
+
+
+def _plan_item(cfg: RunConfig, need: Need) -> PlannedItem:
+    src = need.source
+    size = src.display_size
+    unpack = src.kind in ("archive", "tree") or (src.kind == "file" and not src.location)
+    extract = (size or 0) * (2 if src.convert else 1) if unpack else 0
+    target = src.target if src.target else "HF cache"
+    item = PlannedItem(src.name, src.title, src.kind, src.origin, size, src.size is not None, target, "to fetch",
+                       list(need.reasons), bool(src.gated), size or 0, extract, bool(src.hf_repo) and not src.location)
+    if _done(cfg, src):
+        item.status, item.todo_bytes, item.extract_bytes = "done", 0, 0
+    elif src.location:
+        lp = local_path(src.location)
+        item.todo_bytes = 0 if lp else item.todo_bytes
+        if lp is not None:
+            item.status = ("local " + ("folder" if lp.is_dir() else "file")) if lp.exists() else f"MISSING: {lp}"
+    elif src.artifact or src.checkpoint:
+        item.status, item.todo_bytes = "generated on first run", 0
+    elif src.url:
+        dest = _downloads(cfg, src, src.url)
+        part = dest.with_name(dest.name + ".part")
+        if dest.exists():
+            item.status, item.todo_bytes = "downloaded, to extract", 0
+        elif part.exists():
+            have = part.stat().st_size
+            item.status, item.todo_bytes = f"partial: {fmt_size(have)}", max(0, (size or 0) - have)
+    elif src.hf_repo:
+        cached = _hf_cached(src)
+        if cached is not None and src.kind != "model":
+            item.status, item.todo_bytes = "in HF cache", 0
+        elif cached is not None:
+            have = sum(p.stat().st_size for p in cached.parent.rglob("*") if p.is_file())
+            item.status, item.todo_bytes = "partly in HF cache", max(0, (size or 0) - have)
+    return item
+
+
+# --------------------------------------------------------------------------- doing one source
+@dataclass
+class _Ctx:
+    cfg: RunConfig
+    catalog: Catalog
+    progress: bool
+
+    @property
+    def root(self) -> Path:
+        return self.cfg.data.root
+
+    @property
+    def endpoint(self) -> str | None:
+        return self.cfg.download.endpoint
+
+
+def _run_one(ctx: _Ctx, src: Source) -> ItemOutcome:
+    """Process one source; failures become an outcome with an actionable message (others go on)."""
+    t0 = time.monotonic()
+    try:
+        moved, record = _process(ctx, src)
+    except AuthError as e:
+        hint = f" {' '.join(src.gated.split())}" if src.gated else ""
+        return ItemOutcome(src.name, "failed", 0, time.monotonic() - t0,
+                           f"{src.name}: {e}{hint} If you already have the file, set data.sources.{src.name}: "
+                           f"/path/to/{Path(src.hf_file or src.url or src.name).name} (or --set "
+                           f"data.sources.{src.name}=...).")
+    except (FetchError, ArchiveError, OSError, ValueError) as e:
+        return ItemOutcome(src.name, "failed", 0, time.monotonic() - t0, f"{src.name}: {e}")
+    record |= {"fingerprint": _fingerprint(src), "origin": src.origin,
+               "completed": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    atomic_write_json(_marker(ctx.cfg, src.name), record)  # written last: the source is complete
+    return ItemOutcome(src.name, "fetched", moved, time.monotonic() - t0)
+
+
+def _process(ctx: _Ctx, src: Source) -> tuple[int, dict]:
+    """Fetch + verify + place one source. Returns (bytes moved, marker record)."""
+    prev = _read(_marker(ctx.cfg, src.name))
+    overwrite = bool(prev) and prev.get("fingerprint") != _fingerprint(src)  # the source changed: rewrite
+    target = ctx.root / src.target if src.target else None
+    if src.kind == "file":
+        moved, path = _get_file(ctx, src, target)
+        return moved, {"path": str(path), "size": path.stat().st_size}
+    if src.kind in ("archive", "tree") and not (src.kind == "tree" and not src.location and src.hf_repo):
+        loc = local_path(src.location) if src.location else None
+        if src.kind == "tree" and loc is not None and loc.is_dir():
+            n = _copy_tree(loc, target, overwrite, link=True)
+            return 0, {"counts": _counts(src, {e.path: n for e in src.expect[:1]})}
+        archive, moved, ours = _get_archive(ctx, src)
+        counts = _unpack(ctx, src, archive, overwrite)
+        if ours:
+            archive.unlink()  # a verified, extracted download of ours: the marker stands for it now
+        return moved, {"counts": counts, "archive": str(archive)}
+    if src.kind == "tree":  # a hub dataset folder placed under the data root
+        snap = _hf_call(ctx, src, lambda repo, rev: fetch_hf_snapshot(
+            repo, repo_type=src.hf_type, revision=rev, endpoint=ctx.endpoint, allow_patterns=list(src.allow) or None,
+            max_workers=ctx.cfg.download.concurrency, prefer_safetensors=False))
+        files = _copy_tree(snap, target, overwrite, link=True)
+        counts = {e.path: _count_files(ctx.root / e.path) for e in src.expect}
+        return 0, {"counts": counts, "files": files}
+    if src.checkpoint:  # demo checkpoint: copy under the data root (copies: training may write next to them)
+        loc = Path(src.location or "")
+        if not loc.exists():
+            raise FileNotFoundError(f"{src.name}: demo checkpoint {loc} was not generated")
+        if loc.is_dir():
+            _copy_tree(loc, target, overwrite, link=False)
+        else:
+            _place(loc, target, link=False)
+        return 0, {"path": str(target)}
+    if src.kind == "model_file":
+        r = _hf_call(ctx, src, lambda repo, rev: fetch_hf_file(repo, src.hf_file, repo_type=src.hf_type, revision=rev,
+                                                                 endpoint=ctx.endpoint, size=src.size,
+                                                                 sha256=src.sha256, verify=ctx.cfg.download.verify))
+        return r.size, {"path": str(r.path)}
+    snap = _hf_call(ctx, src, lambda repo, rev: fetch_hf_snapshot(
+        repo, repo_type=src.hf_type, revision=rev, endpoint=ctx.endpoint, ignore_patterns=list(ctx.catalog.model_ignore),
+        allow_patterns=list(src.allow) or None, max_workers=ctx.cfg.download.concurrency))
+    return 0, {"path": str(snap)}
+
+
+def _hf_call(ctx: _Ctx, src: Source, call):
+    """Try the source's hub repository, then its known other names (renamed repos) when not found."""
+    err: NotFoundError | None = None
+    for i, repo in enumerate((src.hf_repo, *src.alt_repos)):
+        try:
+            return call(repo, src.revision if i == 0 else None)
+        except NotFoundError as e:
+            err = err or e
+    assert err is not None
+    raise err
+
+
+def _fetch_kw(ctx: _Ctx, src: Source) -> dict:
+    return {"size": src.size, "sha256": src.sha256 if ctx.cfg.download.verify else None,
+            "retries": ctx.cfg.download.retries, "progress": ctx.progress, "what": src.name}
+
+
+def _get_file(ctx: _Ctx, src: Source, dest: Path) -> tuple[int, Path]:
+    """A single data file to ``dest`` (same checks whether it comes from a URL, a local copy or the hub)."""
+    if src.location or src.url:
+        loc = src.location or src.url
+        lp = local_path(loc)
+        if lp is not None and not lp.is_file():
+            raise FileNotFoundError(f"data.sources.{src.name}: {lp} is not a file")
+        r = fetch_url(loc, dest, **_fetch_kw(ctx, src))
+        return r.transferred, dest
+    cached_before = _hf_cached(src) is not None
+    r = _hf_call(ctx, src, lambda repo, rev: fetch_hf_file(repo, src.hf_file, repo_type=src.hf_type, revision=rev,
+                                                            endpoint=ctx.endpoint, size=src.size, sha256=src.sha256,
+                                                            verify=ctx.cfg.download.verify))
+    _place(r.path, dest, link=True)
+    return (0 if cached_before else r.size), dest
+
+
+def _get_archive(ctx: _Ctx, src: Source) -> tuple[Path, int, bool]:
+    """The verified archive: (path, bytes moved, whether it is our download to delete after extraction)."""
+    loc = src.location or src.url
+    if loc:
+        lp = local_path(loc)
+        if lp is None:
+            dest = _downloads(ctx.cfg, src, loc)
+            r = fetch_url(loc, dest, **_fetch_kw(ctx, src))
+            return dest, r.transferred, True
+        if not lp.is_file():
+            raise FileNotFoundError(f"data.sources.{src.name}: {lp} is not a file (expected the {src.archive} archive)")
+        with open(lp, "rb") as f:
+            if looks_like_html(f.read(2048)):
+                raise HTMLInsteadOfData(html_message(_canonical_url(src), f"the {src.archive} archive")
+                                        + f" (the local file {lp} is that page)")
+        verify_file(lp, src.size, src.sha256 if ctx.cfg.download.verify else None, what=f"{src.name} ({lp})")
+        return lp, 0, False
+    cached_before = _hf_cached(src) is not None
+    r = _hf_call(ctx, src, lambda repo, rev: fetch_hf_file(repo, src.hf_file, repo_type=src.hf_type, revision=rev,
+                                                            endpoint=ctx.endpoint, size=src.size, sha256=src.sha256,
+                                                            verify=ctx.cfg.download.verify))
+    return r.path, (0 if cached_before else r.size), False
+
+
+def _canonical_url(src: Source) -> str:
+    if src.url:
+        return src.url
+    prefix = "datasets/" if src.hf_type == "dataset" else ""
+    return f"https://huggingface.co/{prefix}{src.hf_repo}/resolve/{src.revision or 'main'}/{src.hf_file}"
+
+
+def _unpack(ctx: _Ctx, src: Source, archive: Path, overwrite: bool) -> dict[str, int]:
+    """Extract into the target tree (OCR-VQA: via a staging folder and the .jpg conversion)."""
+    target = ctx.root / (src.target or ".")
+    if src.convert == "ocr_vqa_jpg":
+        staging = ctx.root / STATE / "staging" / src.name
+        extract_archive(archive, staging, strip_components=src.strip, progress=ctx.progress, desc=src.name)
+        rep = convert_images_to_jpg(staging, target, move=True, overwrite=overwrite, progress=ctx.progress)
+        atomic_write_json(ocr_report_path(ctx.cfg), rep.summary() | {"archive": str(archive)})
+        shutil.rmtree(staging)
+        return _counts(src, {src.target: rep.jpeg + rep.converted + rep.kept})
+    res = extract_archive(archive, target, strip_components=src.strip, overwrite=overwrite, progress=ctx.progress,
+                          desc=src.name)
+    prefix = "" if src.target in (None, ".") else src.target.rstrip("/") + "/"
+    return _counts(src, {e.path: sum(1 for f in res.files if (prefix + f).startswith(e.path.rstrip("/") + "/"))
+                         for e in src.expect})
+
+
+def _counts(src: Source, counts: dict) -> dict[str, int]:
+    return {k: v for k, v in counts.items() if any(e.path == k for e in src.expect)}
+
+
+def _place(src: Path, dest: Path, *, link: bool) -> None:
+    """Put ``src``'s content at ``dest`` atomically (hard link when allowed and possible, else copy)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.icmlab-part")
+    tmp.unlink(missing_ok=True)
+    real = Path(os.path.realpath(src))
+    try:
+        if not link:
+            raise OSError
+        os.link(real, tmp)
+    except OSError:
+        shutil.copyfile(real, tmp)
+    os.replace(tmp, dest)
+
+
+def _copy_tree(src: Path, dest: Path, overwrite: bool, *, link: bool) -> int:
+    """Place every non-hidden file of ``src`` under ``dest`` (same relative paths). Returns the file count."""
+    n = 0
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        if p.is_dir() or any(part.startswith(".") for part in rel.parts):
+            continue
+        d = dest / rel
+        if overwrite or not (d.is_file() and d.stat().st_size == p.stat().st_size):
+            _place(p, d, link=link)
+        n += 1
+    return n
+
+
+def _count_files(folder: Path) -> int:
+    """Non-hidden files under ``folder`` (recursive; fast scandir walk)."""
+    n, stack = 0, [folder]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():
+                stack.append(Path(e.path))
+            else:
+                n += 1
+    return n

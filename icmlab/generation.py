@@ -43,7 +43,20 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from PIL import Image
 
-Control = Literal["none", "blank", "shuffled"]
+Control = Literal["none", "blank", "shuffled", "shuffle"]
+_CONTROL_ALIASES = {"none": "none", "blank": "blank", "shuffled": "shuffled", "shuffle": "shuffled"}
+
+
+def normalize_control(control: str) -> str:
+    """``"none"``, ``"blank"`` or ``"shuffled"`` (``"shuffle"``, as ``cfg.eval.controls`` spells it, is
+    accepted).
+
+    Raises:
+        ValueError: on anything else.
+    """
+    if control not in _CONTROL_ALIASES:
+        raise ValueError(f"unknown image control {control!r}; use 'none', 'blank' or 'shuffled'")
+    return _CONTROL_ALIASES[control]
 
 
 # --------------------------------------------------------------------------- prompt formats
@@ -54,10 +67,16 @@ class PromptFormat:
     Attributes:
         build: question text -> full prompt text containing ``image_token`` once.
         image_token: the image tag the prompt uses (``<image>`` / ``<|image|>``).
+        encode: optional question text -> prompt ids (image placeholders already expanded). When
+            set it replaces ``build`` + tokenization, so evaluation can reuse the exact encoder the
+            training data went through, e.g. ``lambda q: icmlab.preprocess.encode_prompt(q, tok,
+            template="llava_v1", dialect="llava15", image_token_id=..., num_image_tokens=...).input_ids``.
+            ``build`` still names the template tail (``... ASSISTANT:``) for the logit fast path.
     """
 
     build: Callable[[str], str]
     image_token: str
+    encode: Callable[[str], Sequence[int]] | None = None
 
 
 def llava_hf_prompt(question: str) -> str:
@@ -121,7 +140,7 @@ def apply_image_control(images: Sequence[Image.Image], control: Control = "none"
     Args:
         images: RGB images, one per question.
         control: ``"none"`` (unchanged), ``"blank"`` (uniform grey of the same size) or
-            ``"shuffled"`` (question i gets image ``derangement(n, seed)[i]``).
+            ``"shuffled"``/``"shuffle"`` (question i gets image ``derangement(n, seed)[i]``).
         seed: seed of the shuffle.
         grey: grey level of the blank images.
 
@@ -131,13 +150,12 @@ def apply_image_control(images: Sequence[Image.Image], control: Control = "none"
     Raises:
         ValueError: on an unknown control.
     """
-    if control == "none":
-        return list(images)
+    control = normalize_control(control)
     if control == "blank":
         return [Image.new("RGB", im.size, (grey, grey, grey)) for im in images]
     if control == "shuffled":
         return [images[j] for j in derangement(len(images), seed)]
-    raise ValueError(f"unknown image control {control!r}; use 'none', 'blank' or 'shuffled'")
+    return list(images)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -178,8 +196,21 @@ def encode_sample(processor_or_tokenizer: Any, image_processor: Any, text: str, 
     before, after = text.split(image_token)
     ids = list(tok(before).input_ids) + [image_token_id] * num_image_tokens
     ids += list(tok(after, add_special_tokens=False).input_ids)
-    pixels = image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-    return ids, pixels
+    return ids, pixel_values(tok, image_processor, image)
+
+
+def pixel_values(processor_or_tokenizer: Any, image_processor: Any, image: Image.Image) -> torch.Tensor:
+    """``[C, H, W]`` pixels from ``image_processor``, else from the processor's own image processor.
+
+    Raises:
+        ValueError: if neither is available.
+    """
+    proc = image_processor
+    if proc is None and _is_processor(processor_or_tokenizer):
+        proc = processor_or_tokenizer.image_processor
+    if proc is None:
+        raise ValueError("no image processor: pass image_processor (ModelBundle.image_processor)")
+    return proc(images=image, return_tensors="pt")["pixel_values"][0]
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,7 +254,7 @@ def _batches(model: Any, processor_or_tokenizer: Any, image_processor: Any, prom
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     fmt = _resolve_format(prompt_format)
-    apply_image_control([], control)  # reject an unknown control before any work
+    control = normalize_control(control)
     # images are opened batch by batch (a benchmark's decoded images need not fit in memory);
     # the shuffled control only changes which source index each question reads
     source = derangement(len(images), seed) if control == "shuffled" else list(range(len(images)))
@@ -234,12 +265,16 @@ def _batches(model: Any, processor_or_tokenizer: Any, image_processor: Any, prom
         imgs = [load_image(images[j]) for j in source[start:stop]]
         if control == "blank":
             imgs = apply_image_control(imgs, "blank")
-        encoded = [
-            encode_sample(processor_or_tokenizer, image_processor, fmt.build(q), im,
-                          image_token=fmt.image_token, image_token_id=image_token_id,
-                          num_image_tokens=num_image_tokens)
-            for q, im in zip(prompts[start:stop], imgs)
-        ]
+        if fmt.encode is not None:
+            encoded = [(list(fmt.encode(q)), pixel_values(processor_or_tokenizer, image_processor, im))
+                       for q, im in zip(prompts[start:stop], imgs)]
+        else:
+            encoded = [
+                encode_sample(processor_or_tokenizer, image_processor, fmt.build(q), im,
+                              image_token=fmt.image_token, image_token_id=image_token_id,
+                              num_image_tokens=num_image_tokens)
+                for q, im in zip(prompts[start:stop], imgs)
+            ]
         seqs = [e[0] for e in encoded]
         if suffixes is not None:
             seqs = [s + list(x) for s, x in zip(seqs, suffixes[start:stop])]

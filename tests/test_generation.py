@@ -128,6 +128,26 @@ def test_bare_tokenizer_path_matches_processor(tiny, images):
         encode_sample(processor, None, "no tag here", images[0], image_token="<image>")
 
 
+def test_encode_hook_replaces_template_and_tokenization(tiny, images):
+    model, processor, tok, image_processor, image_token_id = tiny
+    grey = Image.new("RGB", (32, 32))
+
+    def encode(q):  # stands in for icmlab.preprocess.encode_prompt (the training-side encoder)
+        return processor(images=[grey], text=llava_hf_prompt(q), return_tensors="pt")["input_ids"][0].tolist()
+
+    hooked = PromptFormat(build=llava_hf_prompt, image_token="<image>", encode=encode)
+    plain = generate_answers(model, processor, None, QUESTIONS, images, batch_size=2, max_new_tokens=5)
+    assert generate_answers(model, processor, None, QUESTIONS, images, batch_size=2, max_new_tokens=5,
+                            prompt_format=hooked) == plain
+    assert generate_answers(model, tok, image_processor, QUESTIONS, images, batch_size=3, max_new_tokens=5,
+                            prompt_format=hooked) == plain
+    a = choice_logits_answer(model, tok, image_processor, QUESTIONS, images, ["A", "B"], prompt_format=hooked)
+    b = choice_logits_answer(model, processor, None, QUESTIONS, images, ["A", "B"])
+    assert [r.answer for r in a] == [r.answer for r in b]
+    with pytest.raises(ValueError, match="no image processor"):
+        generate_answers(model, tok, None, QUESTIONS[:1], images[:1], prompt_format=hooked)
+
+
 def test_derangement_and_controls(images):
     perm = derangement(7, seed=3)
     assert sorted(perm) == list(range(7)) and all(p != i for i, p in enumerate(perm))
@@ -138,6 +158,7 @@ def test_derangement_and_controls(images):
     shuffled = apply_image_control(images, "shuffled", seed=1)
     assert [id(s) for s in shuffled] == [id(images[j]) for j in derangement(len(images), 1)]
     assert apply_image_control(images, "none") == images
+    assert apply_image_control(images, "shuffle", seed=1) == shuffled  # cfg.eval.controls spelling
     with pytest.raises(ValueError, match="unknown image control"):
         apply_image_control(images, "noise")
 
