@@ -18,6 +18,7 @@ source (local path, ``file://`` or URL, optional ``#sha256=<hex>``).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -313,3 +314,115 @@ def _demo_model_at(catalog: Catalog, root: Path, path: Path) -> Source | None:
         if s.checkpoint and s.target and (root / s.target).resolve() == path.resolve():
             return s
     return None
+
+
+# --------------------------------------------------------------------------- layout check
+@dataclass
+class LayoutRow:
+    """One expected folder/file/checkpoint of the recipe and what is on disk.
+
+    Attributes:
+        source: catalog source (or config key) it belongs to.
+        path: relative to the data root, ``HF cache: <repo>``, or an absolute local path.
+        status: ``ok``, ``missing``, ``empty``, ``fewer files``, ``HTML page``, ``not downloaded``.
+        found / expected: file counts for folders (expected from the catalog, else from the archive).
+        approx: the expected count is indicative (fewer files is not flagged).
+        note: explanation shown in the table.
+    """
+
+    source: str
+    path: str
+    status: str
+    found: int | None = None
+    expected: int | None = None
+    approx: bool = False
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Present, and not short of files when the expected count is exact."""
+        return self.status == "ok"
+
+
+def count_files(folder: Path) -> int:
+    """Non-hidden files under ``folder``, recursively (a scandir walk: ~0.1 s per 100k files)."""
+    n, stack = 0, [str(folder)]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():
+                stack.append(e.path)
+            else:
+                n += 1
+    return n
+
+
+def check_layout(root: Path, needs: list[Need], locals_: list[LocalModel], records: dict[str, dict],
+                 notes: dict[str, str] | None = None, extra_files: list[Path] | None = None) -> list[LayoutRow]:
+    """Compare every expected path of the needed sources with the disk.
+
+    Args:
+        root: the data root.
+        needs, locals_: from :func:`needed_sources`.
+        records: source name → its completion record (``counts`` per expected path, ``path`` for
+            checkpoints); sources without one are reported from the disk alone.
+        notes: extra note per source (e.g. the OCR-VQA report).
+        extra_files: other files the recipe reads (``data.custom_json``), checked for presence.
+
+    Returns:
+        One :class:`LayoutRow` per expected path, then local checkpoints and extra files.
+    """
+    rows: list[LayoutRow] = []
+    notes = notes or {}
+    for need in needs:
+        src, rec = need.source, records.get(need.source.name) or {}
+        if src.kind in ("model", "model_file") and not src.target:
+            rows.append(_hub_row(src, rec))
+            continue
+        expects = src.expect or (Expect(src.target),) if src.target else src.expect
+        for e in expects:
+            rows.append(_path_row(root, src.name, e, (rec.get("counts") or {}).get(e.path), notes.get(src.name, "")))
+    for lm in locals_:
+        rows.append(LayoutRow(lm.key, str(lm.path), "ok" if lm.path.exists() else "missing", note="local checkpoint"))
+    for f in extra_files or []:
+        rows.append(LayoutRow("data.custom_json", str(f), "ok" if f.is_file() else "missing"))
+    return rows
+
+
+def _path_row(root: Path, name: str, e: Expect, archive_count: int | None, extra: str) -> LayoutRow:
+    p = root / e.path
+    expected = e.files if e.files is not None else archive_count
+    note = "; ".join(x for x in (e.note, extra) if x)
+    if not p.exists():
+        return LayoutRow(name, e.path, "missing", None, expected, e.approx, note)
+    if p.is_file():
+        with open(p, "rb") as f:
+            head = f.read(2048)
+        if head.lstrip()[:1] == b"<" and b"html" in head.lower():
+            return LayoutRow(name, e.path, "HTML page", None, None, False,
+                             "an HTML page saved instead of the data (a '/blob/' link?); delete it and run again")
+        return LayoutRow(name, e.path, "ok", None, None, False, note)
+    found = count_files(p)
+    status = "ok"
+    if found == 0:
+        status = "empty"
+    elif expected is not None and not e.approx and found < expected:
+        status = "fewer files"
+    return LayoutRow(name, e.path, status, found, expected, e.approx, note)
+
+
+def _hub_row(src: Source, rec: dict) -> LayoutRow:
+    from huggingface_hub import try_to_load_from_cache
+
+    label = f"HF cache: {src.hf_repo}" + (f"/{src.hf_file}" if src.hf_file else "")
+    got = try_to_load_from_cache(src.hf_repo, src.hf_file or "config.json", revision=src.revision,
+                                 repo_type=src.hf_type)
+    present = isinstance(got, str) or bool(rec.get("path") and Path(rec["path"]).exists())
+    note = "complete" if rec else ("partly cached: run the download step" if present else "")
+    return LayoutRow(src.name, label, "ok" if present and rec else ("not downloaded" if not present else "partial"),
+                     note=note)

@@ -32,11 +32,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 
-from icmlab.catalog import DATA_KINDS, Catalog, Expect, LocalModel, Need, Source, load_catalog, needed_sources
+from icmlab.catalog import (Catalog, LayoutRow, LocalModel, Need, Source, count_files, load_catalog,
+                            needed_sources)
+from icmlab.catalog import check_layout as _check_layout
 from icmlab.config import RunConfig
 from icmlab.extract import ArchiveError, convert_images_to_jpg, extract_archive
-from icmlab.fetch import (AuthError, FetchError, HTMLInsteadOfData, NotFoundError, fetch_hf_file, fetch_hf_snapshot,
-                          fetch_url, html_message, local_path, looks_like_html, verify_file)
+from icmlab.fetch import (AuthError, FetchError, HTMLInsteadOfData, NotFoundError, copy_tree, fetch_hf_file,
+                          fetch_hf_snapshot, fetch_url, html_message, local_path, looks_like_html, place_file,
+                          verify_file)
 from icmlab.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -84,24 +87,6 @@ class PlannedItem:
     todo_bytes: int = 0
     extract_bytes: int = 0
     to_cache: bool = False
-
-
-@dataclass
-class LayoutRow:
-    """One expected folder/file/checkpoint and what is on disk."""
-
-    source: str
-    path: str
-    status: str
-    found: int | None = None
-    expected: int | None = None
-    approx: bool = False
-    note: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """Present (and not short of files when the expected count is exact)."""
-        return self.status == "ok"
 
 
 @dataclass
@@ -392,7 +377,7 @@ def _process(ctx: _Ctx, src: Source) -> tuple[int, dict]:
     if src.kind in ("archive", "tree") and not (src.kind == "tree" and not src.location and src.hf_repo):
         loc = local_path(src.location) if src.location else None
         if src.kind == "tree" and loc is not None and loc.is_dir():
-            n = _copy_tree(loc, target, overwrite, link=True)
+            n = copy_tree(loc, target, overwrite=overwrite, link=True)
             return 0, {"counts": _counts(src, {e.path: n for e in src.expect[:1]})}
         archive, moved, ours = _get_archive(ctx, src)
         counts = _unpack(ctx, src, archive, overwrite)
@@ -403,17 +388,17 @@ def _process(ctx: _Ctx, src: Source) -> tuple[int, dict]:
         snap = _hf_call(ctx, src, lambda repo, rev: fetch_hf_snapshot(
             repo, repo_type=src.hf_type, revision=rev, endpoint=ctx.endpoint, allow_patterns=list(src.allow) or None,
             max_workers=ctx.cfg.download.concurrency, prefer_safetensors=False))
-        files = _copy_tree(snap, target, overwrite, link=True)
-        counts = {e.path: _count_files(ctx.root / e.path) for e in src.expect}
+        files = copy_tree(snap, target, overwrite=overwrite, link=True)
+        counts = {e.path: count_files(ctx.root / e.path) for e in src.expect}
         return 0, {"counts": counts, "files": files}
     if src.checkpoint:  # demo checkpoint: copy under the data root (copies: training may write next to them)
         loc = Path(src.location or "")
         if not loc.exists():
             raise FileNotFoundError(f"{src.name}: demo checkpoint {loc} was not generated")
         if loc.is_dir():
-            _copy_tree(loc, target, overwrite, link=False)
+            copy_tree(loc, target, overwrite=overwrite, link=False)
         else:
-            _place(loc, target, link=False)
+            place_file(loc, target, link=False)
         return 0, {"path": str(target)}
     if src.kind == "model_file":
         r = _hf_call(ctx, src, lambda repo, rev: fetch_hf_file(repo, src.hf_file, repo_type=src.hf_type, revision=rev,
@@ -456,7 +441,7 @@ def _get_file(ctx: _Ctx, src: Source, dest: Path) -> tuple[int, Path]:
     r = _hf_call(ctx, src, lambda repo, rev: fetch_hf_file(repo, src.hf_file, repo_type=src.hf_type, revision=rev,
                                                             endpoint=ctx.endpoint, size=src.size, sha256=src.sha256,
                                                             verify=ctx.cfg.download.verify))
-    _place(r.path, dest, link=True)
+    place_file(r.path, dest, link=True)
     return (0 if cached_before else r.size), dest
 
 
@@ -512,48 +497,163 @@ def _counts(src: Source, counts: dict) -> dict[str, int]:
     return {k: v for k, v in counts.items() if any(e.path == k for e in src.expect)}
 
 
-def _place(src: Path, dest: Path, *, link: bool) -> None:
-    """Put ``src``'s content at ``dest`` atomically (hard link when allowed and possible, else copy)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.icmlab-part")
-    tmp.unlink(missing_ok=True)
-    real = Path(os.path.realpath(src))
-    try:
-        if not link:
-            raise OSError
-        os.link(real, tmp)
-    except OSError:
-        shutil.copyfile(real, tmp)
-    os.replace(tmp, dest)
+# --------------------------------------------------------------------------- demo, OCR-VQA, layout
+def _demo_locations(cfg: RunConfig, needs: list[Need], *, build: bool) -> None:
+    """Point demo sources at the generated local mirror (``file://``, size and sha256 from its manifest).
+
+    With ``build`` the mirror and the tiny checkpoints are generated first (idempotent, reused when
+    their manifests match); without it (dry run) only an existing mirror is used.
+    """
+    src_dir = cfg.demo.source_dir
+    wanted_ck = any(n.source.checkpoint for n in needs)
+    ckpts: dict[str, Path] = {}
+    if build:
+        from icmlab.demo import build_demo_sources, build_tiny_checkpoints
+
+        build_demo_sources(src_dir, seed=cfg.demo.seed, scale=cfg.demo.scale)
+        if wanted_ck:
+            ckpts = build_tiny_checkpoints(src_dir / "checkpoints", seed=cfg.demo.seed)
+    manifest = _read(src_dir / "demo_manifest.json") or {}
+    if (manifest.get("seed"), manifest.get("scale")) != (cfg.demo.seed, cfg.demo.scale):
+        manifest = {}
+    for need in needs:
+        s = need.source
+        if s.artifact and not s.location and s.artifact in manifest.get("artifacts", {}):
+            entry = manifest["artifacts"][s.artifact]
+            need.source = replace(s, location=(src_dir / entry["path"]).as_uri(), size=entry["size"],
+                                  sha256=entry["sha256"])
+        elif s.checkpoint and s.checkpoint in ckpts:
+            need.source = replace(s, location=str(ckpts[s.checkpoint]))
 
 
-def _copy_tree(src: Path, dest: Path, overwrite: bool, *, link: bool) -> int:
-    """Place every non-hidden file of ``src`` under ``dest`` (same relative paths). Returns the file count."""
-    n = 0
-    for p in sorted(src.rglob("*")):
-        rel = p.relative_to(src)
-        if p.is_dir() or any(part.startswith(".") for part in rel.parts):
-            continue
-        d = dest / rel
-        if overwrite or not (d.is_file() and d.stat().st_size == p.stat().st_size):
-            _place(p, d, link=link)
-        n += 1
-    return n
+def ocr_report_path(cfg: RunConfig) -> Path:
+    """The OCR-VQA conversion report (dead and missing images), beside ``ocr_vqa/images``."""
+    return cfg.data.root / "ocr_vqa" / "ocr_vqa_report.json"
 
 
-def _count_files(folder: Path) -> int:
-    """Non-hidden files under ``folder`` (recursive; fast scandir walk)."""
-    n, stack = 0, [folder]
-    while stack:
-        try:
-            entries = list(os.scandir(stack.pop()))
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for e in entries:
-            if e.name.startswith("."):
-                continue
-            if e.is_dir():
-                stack.append(Path(e.path))
-            else:
-                n += 1
-    return n
+def _ocr_vqa_report(cfg: RunConfig, needs: list[Need]) -> dict | None:
+    """Add to the OCR-VQA report the images the mix JSON references that are not on disk (listed, not fatal)."""
+    import re
+
+    path = ocr_report_path(cfg)
+    rep = _read(path)
+    mix = cfg.data.root / "llava_v1_5_mix665k.json"
+    if rep is None or not any(n.source.name == "ocr_vqa_images" for n in needs):
+        return None
+    if mix.is_file():
+        stamp = [mix.stat().st_size, mix.stat().st_mtime_ns, count_files(cfg.data.root / "ocr_vqa" / "images")]
+        if rep.get("missing_checked") != stamp:
+            import mmap
+
+            # A regex over the mapped bytes: the 1 GB JSON is never parsed into Python objects here.
+            with open(mix, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                refs = {m.group(1).decode() for m in re.finditer(rb'"image"\s*:\s*"(ocr_vqa/[^"]+)"', mm)}
+            rep["missing_referenced"] = sorted(r for r in refs if not (cfg.data.root / r).is_file())
+            rep["referenced"] = len(refs)
+            rep["missing_checked"] = stamp
+            atomic_write_json(path, rep)
+    rep["report"] = str(path)
+    return rep
+
+
+def check_layout(cfg: RunConfig, needs: list[Need] | None = None,
+                 locals_: list[LocalModel] | None = None) -> list[LayoutRow]:
+    """The layout table of the recipe: every expected folder/file/checkpoint, present or missing, with counts.
+
+    Args:
+        cfg: the run config.
+        needs, locals_: from :func:`icmlab.catalog.needed_sources` (computed when omitted).
+
+    Returns:
+        The :class:`LayoutRow` list (see :func:`format_layout` / :func:`layout_html`).
+    """
+    if needs is None:
+        needs, locals_ = needed_sources(cfg, load_catalog(demo=cfg.demo.enabled))
+    records = {n.source.name: _read(_marker(cfg, n.source.name)) or {} for n in needs}
+    notes = {}
+    ocr = _read(ocr_report_path(cfg))
+    if ocr:
+        notes["ocr_vqa_images"] = (f"{ocr.get('converted', 0)} re-encoded to JPEG, {ocr.get('dead', 0)} undecodable, "
+                                   f"{len(ocr.get('missing_referenced', []))} referenced but missing "
+                                   f"(ocr_vqa/ocr_vqa_report.json)")
+    custom = [Path(p) if Path(p).is_absolute() else cfg.data.root / p for p in cfg.data.custom_json]
+    return _check_layout(cfg.data.root, needs, locals_ or [], records, notes, custom)
+
+
+# --------------------------------------------------------------------------- tables
+def fmt_size(n: int | None, exact: bool = True) -> str:
+    """Human size: ``1.2 GB``; ``≈`` when approximate; ``?`` when unknown."""
+    if n is None:
+        return "?"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            text = f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            return text if exact else "≈" + text
+        n /= 1000
+    return "?"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [min(60, max(len(r[i]) for r in cells)) for i in range(len(header))]
+    fit = lambda c, w: c if len(c) <= w else c[: w - 1] + "…"  # noqa: E731
+    out = ["  ".join(fit(c, w).ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return out
+
+
+def _plan_rows(items: list[PlannedItem]) -> tuple[list[str], list[list]]:
+    header = ["source", "what", "from", "size", "to", "status", "why"]
+    rows = [[it.name, it.title, it.origin, fmt_size(it.size, it.exact), it.target,
+             it.status + (" (gated)" if it.gated and it.status != "done" else ""), "; ".join(it.reasons)]
+            for it in items]
+    return header, rows
+
+
+def _totals(items: list[PlannedItem]) -> str:
+    todo = [it for it in items if it.status not in ("done", "local", "MISSING")]
+    known = sum(it.size or 0 for it in todo)
+    unknown = [it.name for it in todo if it.size is None]
+    return (f"{len(items)} sources, {len(todo)} to do, ≈{fmt_size(known)} to fetch"
+            + (f" (+ unknown size: {', '.join(unknown)})" if unknown else ""))
+
+
+def format_plan(items: list[PlannedItem]) -> str:
+    """The dry-run table for the terminal."""
+    header, rows = _plan_rows(items)
+    return "\n".join(_table(header, rows) + ["", _totals(items)])
+
+
+def format_layout(rows: list[LayoutRow]) -> str:
+    """The layout table for the terminal."""
+    body = [[r.source, r.path, r.status, "" if r.found is None else r.found,
+             "" if r.expected is None else ("≈" if r.approx else "") + str(r.expected), r.note] for r in rows]
+    return "\n".join(_table(["source", "path", "status", "files", "expected", "note"], body))
+
+
+def _html_table(header: list[str], rows: list[list], status_col: int | None = None) -> str:
+    import html
+
+    def cell(i: int, c) -> str:
+        text = html.escape("" if c is None else str(c))
+        if i == status_col:
+            ok = text in ("ok", "done", "fetched", "already done")
+            return f'<td style="color:{"#1a7f37" if ok else "#b42318"};font-weight:600">{text}</td>'
+        return f"<td>{text}</td>"
+
+    head = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cell(i, c) for i, c in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def plan_html(items: list[PlannedItem]) -> str:
+    """The dry-run table as HTML (notebook)."""
+    header, rows = _plan_rows(items)
+    return _html_table(header, rows, status_col=5) + f"<p>{_totals(items)}</p>"
+
+
+def layout_html(rows: list[LayoutRow]) -> str:
+    """The layout table as HTML (notebook)."""
+    body = [[r.source, r.path, r.status, r.found, ("≈" if r.approx else "") + str(r.expected)
+             if r.expected is not None else "", r.note] for r in rows]
+    return _html_table(["source", "path", "status", "files", "expected", "note"], body, status_col=2)

@@ -303,8 +303,8 @@ class ConvertReport:
                 "duplicates": self.duplicates, "formats": self.formats}
 
 
-def convert_images_to_jpg(src: Path, dst: Path, *, move: bool = False, quality: int = 95, workers: int | None = None,
-                          progress: bool = True) -> ConvertReport:
+def convert_images_to_jpg(src: Path, dst: Path, *, move: bool = False, overwrite: bool = False, quality: int = 95,
+                          workers: int | None = None, progress: bool = True) -> ConvertReport:
     """Save every image under ``src`` (any depth, any format) as real JPEG ``dst/<stem>.jpg``.
 
     The LLaVA mix665k JSON names every OCR-VQA image ``<id>.jpg`` while the downloads are often
@@ -316,6 +316,7 @@ def convert_images_to_jpg(src: Path, dst: Path, *, move: bool = False, quality: 
         src: folder of source images (e.g. the extracted archive).
         dst: output folder (``ocr_vqa/images``).
         move: move JPEG files instead of copying (``src`` is a staging folder we own).
+        overwrite: redo outputs that exist (the source archive changed); by default they are kept (resume).
         quality: JPEG quality for re-encoded images.
         workers: decoding threads (default: up to 4).
         progress: show a tqdm bar.
@@ -338,7 +339,7 @@ def convert_images_to_jpg(src: Path, dst: Path, *, move: bool = False, quality: 
     def one(item: tuple[str, Path]) -> tuple[str, str | None, str]:
         stem, p = item
         out = dst / f"{stem}.jpg"
-        if out.is_file() and out.stat().st_size > 0:
+        if not overwrite and out.is_file() and out.stat().st_size > 0:
             return "kept", None, ""
         if p.stat().st_size == 0:
             return "dead", "empty file", ""

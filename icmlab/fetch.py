@@ -27,6 +27,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import socket
 import time
 import urllib.error
@@ -541,3 +542,43 @@ def fetch_hf_snapshot(
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
         raise _hf_error(e, repo_id, repo_type, repo_id) from e
     return Path(path)
+
+
+# --------------------------------------------------------------------------- local placement
+def place_file(src: Path, dest: Path, *, link: bool) -> None:
+    """Put ``src``'s content at ``dest`` atomically: a hard link when ``link`` and possible, else a copy.
+
+    Links save space for data files taken from the hub cache (nothing rewrites them in place);
+    checkpoints are copied, since training code may write next to them.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.icmlab-part")
+    tmp.unlink(missing_ok=True)
+    real = Path(os.path.realpath(src))
+    try:
+        if not link:
+            raise OSError("copy requested")
+        os.link(real, tmp)
+    except OSError:
+        shutil.copyfile(real, tmp)
+    os.replace(tmp, dest)
+
+
+def copy_tree(src: Path, dest: Path, *, overwrite: bool = False, link: bool = False) -> int:
+    """Place every non-hidden file under ``src`` at the same relative path under ``dest``.
+
+    Files already present with the same size are kept unless ``overwrite`` (resumable).
+
+    Returns:
+        The number of files in the tree.
+    """
+    n = 0
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        if p.is_dir() or any(part.startswith(".") for part in rel.parts):
+            continue
+        d = dest / rel
+        if overwrite or not (d.is_file() and d.stat().st_size == p.stat().st_size):
+            place_file(p, d, link=link)
+        n += 1
+    return n

@@ -206,11 +206,25 @@ def run(cfg: RunConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
         ValueError: an impossible hardware/precision combination (names the key).
         RuntimeError: a launched multi-process job failed.
     """
+    _ensure_visible_logging()
     cfg = resolve_device(cfg)
     mode = launch_mode(cfg)
     if mode != "inprocess":
         return _run_launched(cfg, mode)
     return _train_inprocess(cfg, callbacks)
+
+
+def _ensure_visible_logging() -> None:
+    """Show the stage's INFO lines (batch arithmetic, resume point) in a notebook or bare script.
+
+    Nothing is changed when the application configured logging itself (root or ``icmlab`` handlers).
+    """
+    pkg = logging.getLogger("icmlab")
+    if not pkg.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        pkg.addHandler(handler)
+        pkg.setLevel(logging.INFO)
 
 
 def _run_launched(cfg: RunConfig, mode: str) -> TrainResult:

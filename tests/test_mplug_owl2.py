@@ -366,3 +366,69 @@ def test_sdpa_matches_eager(native_batch, outputs):
         out = sdpa(**native_batch)
     valid = native_batch["attention_mask"].bool()
     assert (out.logits[valid] - outputs.logits[valid]).abs().max().item() <= TOL
+
+
+# --------------------------------------------------------------------------- family adapter
+TOKENIZER = Path(__file__).parent / "fixtures" / "llama2-tokenizer"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tmp_path_factory) -> Path:
+    """A tiny random mPLUG-Owl2 with the real LLaMA-2 tokenizer, saved in icmlab's layout."""
+    from transformers import AutoTokenizer
+
+    from icmlab.models import ModelBundle
+
+    torch.manual_seed(0)
+    cfg = owl.build_tiny_config(vocab_size=32000, image_token_index=32000, image_size=64, hidden_size=32)
+    model = owl.MPLUGOwl2ForCausalLM(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    tokenizer.pad_token = tokenizer.unk_token
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    bundle = ModelBundle(model, tokenizer, processor, cfg.image_token_index, cfg.num_image_tokens, owl.FAMILY)
+    return owl.save_bundle(bundle, tmp_path_factory.mktemp("bundle") / "model")
+
+
+def _run_config(base: Path, **train):
+    from types import SimpleNamespace as NS
+
+    train = {"freeze_vision": True, "tune_projector": True, "bf16": False, "lora": NS(enabled=False), **train}
+    return NS(model=NS(base=str(base), base_format="hf", revision=None, dtype="auto"), train=NS(**train),
+              hardware=NS(attn_implementation="eager"), data=NS(model_max_length=256))
+
+
+def test_adapter_round_trip(tiny_bundle_dir):
+    assert {"config.json", "model.safetensors", "tokenizer.json", "icmlab_bundle.json"} <= {
+        p.name for p in tiny_bundle_dir.iterdir()
+    }
+    bundle = owl.load_for_inference(tiny_bundle_dir, dtype="fp32", attn_implementation="eager")
+    assert bundle.family == "mplug_owl2" and bundle.num_image_tokens == 9 and bundle.image_token_id == 32000
+    assert bundle.tokenizer.padding_side == "left" and bundle.tokenizer.pad_token_id == 0
+    assert bundle.image_processor.crop_size["height"] == 64
+    assert not bundle.model.training
+
+
+def test_adapter_training_groups(tiny_bundle_dir):
+    bundle = owl.load_for_training(_run_config(tiny_bundle_dir))
+    assert bundle.tokenizer.padding_side == "right" and bundle.model.config.use_cache is False
+    trainable = {n for n, p in bundle.model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("model.vision_model.") for n in trainable)
+    assert "model.visual_abstractor.visual_fc.weight" in trainable and "lm_head.weight" in trainable
+    # Q-Instruct's mPLUG-Owl2 recipe trains the vision tower too.
+    qi = owl.load_for_training(_run_config(tiny_bundle_dir, freeze_vision=False))
+    assert all(p.requires_grad for p in qi.model.parameters())
+    with pytest.raises(ValueError, match="base_format"):
+        cfg = _run_config(tiny_bundle_dir)
+        cfg.model.base_format = "original"
+        owl.load_for_training(cfg)
+
+
+def test_adapter_lora_targets_llm_only(tiny_bundle_dir):
+    from types import SimpleNamespace as NS
+
+    bundle = owl.load_for_training(_run_config(tiny_bundle_dir, lora=NS(enabled=True, r=4, alpha=8, dropout=0.0)))
+    names = [n for n, _ in bundle.model.named_parameters() if "lora_A" in n]
+    assert any(".k_proj.multiway.1.lora_A" in n for n in names) and any(".mlp.down_proj.lora_A" in n for n in names)
+    assert not any("vision_model" in n or "visual_abstractor" in n or "lm_head" in n for n in names)

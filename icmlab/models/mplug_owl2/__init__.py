@@ -10,11 +10,15 @@ Public API::
     model = owl.load_original("/ckpt/mplug-owl2-llama2-7b", dtype=torch.bfloat16)  # original .bin/.safetensors
     model.save_pretrained(out_dir)                       # safetensors, our config layout
     model = owl.MPLUGOwl2ForCausalLM.from_pretrained(out_dir)
-    ids = owl.expand_image_tokens(ids_with_marker, marker=-200, config=model.config)
-    out = model(input_ids=ids, pixel_values=px, attention_mask=mask, labels=labels)
-    gen = model.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=32)
+    cfg = model.config                                   # original-form ids (-200 per image) -> ours:
+    batch = owl.expand_image_tokens(ids, num_image_tokens=cfg.num_image_tokens,
+                                    image_token_index=cfg.image_token_index, attention_mask=mask)
+    out = model(**batch, pixel_values=px, labels=labels)  # px: one image per image run, batch order
+    gen = model.generate(**batch, pixel_values=px, max_new_tokens=32, do_sample=False)
     tiny = owl.MPLUGOwl2ForCausalLM(owl.build_tiny_config(vocab_size=300, image_token_index=299))
 
+The family-adapter API of :mod:`icmlab.models` (``DIALECT``, ``MODULE_GROUPS``,
+``load_for_training``, ``load_for_inference``, ``save_bundle``, ...) lives in :mod:`.adapter`;
 ``MODULE_GROUPS`` names the submodules the shared trainer freezes or trains per group.
 """
 
@@ -24,6 +28,19 @@ from typing import Any
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .adapter import (
+    DEFAULT_TRAINABLE,
+    DIALECT,
+    FAMILY,
+    LORA_TARGETS,
+    MODULE_GROUPS,
+    apply_lora,
+    apply_trainable,
+    load_for_inference,
+    load_for_training,
+    optimizer_param_groups,
+    save_bundle,
+)
 from .configuration import MPLUGOwl2AbstractorConfig, MPLUGOwl2Config, MPLUGOwl2VisionConfig
 from .convert import expand_image_tokens, load_original, read_original_state_dict
 from .modeling import (
@@ -32,17 +49,6 @@ from .modeling import (
     MPLUGOwl2Model,
     MPLUGOwl2PreTrainedModel,
 )
-
-#: The image token of mPLUG-Owl2's conversation JSON.
-DIALECT = "<|image|>"
-
-#: Submodule names (for ``model.get_submodule``) of each trainable group of ``MPLUGOwl2ForCausalLM``.
-#: ``projector`` is the visual abstractor, which holds ``visual_fc`` and ``vit_eos`` too.
-MODULE_GROUPS: dict[str, list[str]] = {
-    "vision_encoder": ["model.vision_model"],
-    "projector": ["model.visual_abstractor"],
-    "llm": ["model.embed_tokens", "model.layers", "model.norm", "lm_head"],
-}
 
 AutoConfig.register(MPLUGOwl2Config.model_type, MPLUGOwl2Config, exist_ok=True)
 AutoConfig.register(MPLUGOwl2VisionConfig.model_type, MPLUGOwl2VisionConfig, exist_ok=True)
@@ -122,8 +128,17 @@ def build_tiny_config(
 
 
 __all__ = [
+    "DEFAULT_TRAINABLE",
     "DIALECT",
+    "FAMILY",
+    "LORA_TARGETS",
     "MODULE_GROUPS",
+    "apply_lora",
+    "apply_trainable",
+    "load_for_inference",
+    "load_for_training",
+    "optimizer_param_groups",
+    "save_bundle",
     "MPLUGOwl2AbstractorConfig",
     "MPLUGOwl2CausalLMOutputWithPast",
     "MPLUGOwl2Config",
