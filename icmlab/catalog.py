@@ -295,7 +295,7 @@ def _model_needs(cfg: RunConfig, catalog: Catalog, add, locals_: list[LocalModel
             path = Path(value).expanduser()
             demo_src = _demo_model_at(catalog, cfg.data.root, path)
             if demo_src is not None:
-                add(demo_src.name, reason)
+                add(demo_src.name, reason, demo_src)
             else:
                 locals_.append(LocalModel(key, path))
             continue
@@ -310,9 +310,16 @@ def _model_needs(cfg: RunConfig, catalog: Catalog, add, locals_: list[LocalModel
 
 
 def _demo_model_at(catalog: Catalog, root: Path, path: Path) -> Source | None:
+    """The demo checkpoint a local model path asks for: its catalog target under the data root, or a
+    path ending like it (``data.root`` overridden alone): then it is placed where the config reads it."""
     for s in catalog.sources.values():
-        if s.checkpoint and s.target and (root / s.target).resolve() == path.resolve():
+        if not (s.checkpoint and s.target):
+            continue
+        if (root / s.target).resolve() == path.resolve():
             return s
+        tail = Path(s.target).parts[1:] if Path(s.target).parts[0] == "models" else Path(s.target).parts
+        if path.parts[-len(tail):] == tail:
+            return dataclasses.replace(s, target=str(path.resolve()))
     return None
 
 

@@ -173,6 +173,11 @@ class EvalConfig:
     """Evaluate only the first N items of each set (None = all)."""
     baseline: bool = True
     """Also evaluate the starting checkpoint, for the before/after report."""
+    template: Literal["auto", "vicuna_v1", "llava_v1", "llava_hf", "mplug_owl2"] = "auto"
+    """Inference chat template; ``auto`` = upstream's eval modes (``llava_v1`` for LLaVA, ``mplug_owl2``)."""
+    qbench_style: Literal["auto", "llava", "mplug", "options_first"] = "auto"
+    """Q-Bench prompt layout: upstream LLaVA script (instruction before options), mPLUG script, or
+    question/options/instruction as the Q-Instruct multiple-choice training records; ``auto`` = per family."""
     controls: list[str] = field(default_factory=list)
     """Control runs on the fine-tuned model: ``blank`` (grey images) and/or ``shuffled`` (images permuted between questions)."""
 

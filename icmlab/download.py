@@ -25,12 +25,11 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from tqdm.auto import tqdm
-
 
 from icmlab.catalog import (Catalog, LayoutRow, LocalModel, Need, Source, count_files, load_catalog,
                             needed_sources)
@@ -395,9 +394,10 @@ def _process(ctx: _Ctx, src: Source) -> tuple[int, dict]:
         loc = Path(src.location or "")
         if not loc.exists():
             raise FileNotFoundError(f"{src.name}: demo checkpoint {loc} was not generated")
-        if loc.is_dir():
-            copy_tree(loc, target, overwrite=overwrite, link=False)
-        else:
+        # a projector file comes with the files beside it (config.json), as in the real projector repos
+        src_dir, dest_dir = (loc, target) if loc.is_dir() else (loc.parent, target.parent)
+        copy_tree(src_dir, dest_dir, overwrite=overwrite, link=False)
+        if not loc.is_dir() and loc.name != target.name:
             place_file(loc, target, link=False)
         return 0, {"path": str(target)}
     if src.kind == "model_file":

@@ -7,13 +7,16 @@ What it does (``jq -s 'add'`` semantics, done the careful way):
 - optionally samples or repeats each source (``cfg.data.sampling``, seeded by ``cfg.seed``);
 - rewrites the image token of EVERY record into the model's dialect (``<image>`` for LLaVA,
   ``<|image|>`` for mPLUG-Owl2, the "after"/CSFT file included, which upstream forgets);
-- writes ``<run_dir>/data/train.json`` (a plain LLaVA list, one record per line, loadable by the
-  original repos unchanged), a provenance sidecar ``train.provenance.jsonl`` (source, file, index,
+- writes ``<run_dir>/data/train.json`` (a plain LLaVA list whose records are the input records'
+  bytes, verbatim unless converted, loadable by the original repos unchanged), a provenance sidecar ``train.provenance.jsonl`` (source, file, index,
   copy of each output record, line for line) and a summary ``merge.json`` with duplicate ids;
 - never touches its inputs; every output is written atomically.
 
-The files are streamed: records are parsed chunk by chunk with orjson (see
-:func:`iter_record_chunks`), so memory stays at a few chunks whatever the file size.
+The files are streamed and not parsed: a vectorised byte scan (:func:`iter_blocks`) finds the
+exact record boundaries and ids, records are copied as bytes, and only records that carry the
+other dialect's token are parsed and re-serialised. Memory stays at a few chunks whatever the file
+size. The scan checks the array's structure (balanced braces outside strings, one comma between
+records, nothing after the closing bracket); the validate stage parses every record.
 
 Usage::
 
@@ -34,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import orjson
 
 from icmlab import paths
@@ -47,57 +51,99 @@ DEFAULT_CHUNK_BYTES = 8 << 20
 MAX_DUPLICATE_EXAMPLES = 20
 HIGH_LEVEL = "llava_v1_5_mix665k"
 
-# A top-level record boundary candidate: "}" "," "{" followed by a key. Turn objects inside
-# "conversations" start with "from"/"value", so candidates with those keys are skipped; every
-# candidate is then verified by parsing everything before it (see _parse_prefix).
-_BOUNDARY = re.compile(rb'\}[ \t\r\n]*,[ \t\r\n]*\{[ \t\r\n]*"([^"\\]{0,64})"')
-_TURN_KEYS = {b"from", b"value"}
 _WS = b" \t\r\n"
-_SEARCH_WINDOW = 1 << 18
+_QUOTE, _BSLASH, _LBRACE, _RBRACE, _COLON, _COMMA = 34, 92, 123, 125, 58, 44
+_WS_CODES = np.frombuffer(_WS, np.uint8)
+_SCALAR = re.compile(rb"[^,}\]\s]+")
 
 
-# --------------------------------------------------------------------------- streaming reader
+# --------------------------------------------------------------------------- streaming scanner
 class _SplitFailed(Exception):
-    """The fast chunk splitter could not find a verified boundary; the caller falls back."""
+    """The byte scanner met a layout it does not handle; the caller falls back to a full parse."""
 
 
-def iter_record_chunks(path: str | os.PathLike, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[list[Any]]:
-    """Yield the elements of a top-level JSON array, a list of consecutive elements at a time.
+@dataclass
+class RecordBlock:
+    """Consecutive records of a JSON array, as bytes with their offsets (no Python objects built).
 
-    The file is read ``chunk_bytes`` at a time. Each chunk is cut at a record boundary that is
-    *verified* by parsing the whole prefix with orjson, so the split is exact; when no boundary
-    can be verified (unusual layouts, invalid JSON) the file is parsed whole instead, which either
-    yields the same records or raises the precise error.
+    Attributes:
+        buf: bytes holding the records.
+        starts: offset of each record's ``{`` in ``buf``.
+        ends: offset just past each record's ``}``.
+        ids: per record, the ``id`` as a hashable key (str content as bytes, other JSON values
+            prefixed with ``b"\\xff"``), or None when the record has no top-level ``id``.
+        first: index of the first record in the file.
+    """
+
+    buf: bytes
+    starts: np.ndarray
+    ends: np.ndarray
+    ids: list
+    first: int
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def record(self, i: int) -> bytes:
+        """JSON text of record ``i`` of the block."""
+        return self.buf[self.starts[i] : self.ends[i]]
+
+    def records(self) -> list[Any]:
+        """Parse the block into Python objects (one orjson call)."""
+        return orjson.loads(b"[" + self.buf[self.starts[0] : self.ends[-1]] + b"]") if len(self) else []
+
+
+def iter_blocks(path: str | os.PathLike, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[RecordBlock]:
+    """Stream a top-level JSON array of objects as :class:`RecordBlock` s, exactly and fast.
+
+    A vectorised byte scan (numpy) finds unescaped quotes, the braces outside strings and their
+    depth, so record boundaries and top-level ``id`` values are exact without parsing the records.
+    Files that are not a plain array of objects, or that are structurally broken, are parsed whole
+    with orjson instead, which yields the same records or raises the precise error.
 
     Args:
-        path: JSON file whose top level is a list.
-        chunk_bytes: bytes read per step (memory stays at a few chunks).
+        path: JSON file.
+        chunk_bytes: bytes read per step.
 
     Yields:
-        Lists of elements in file order (their concatenation is the whole array).
+        Blocks in file order.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is not JSON (byte offset given), is an HTML page, or is not a list.
+        ValueError: not JSON (with the byte offset), an HTML page, or not a list.
     """
     path = Path(path)
     done = 0
     try:
-        for chunk in _split_chunks(path, chunk_bytes):
-            done += len(chunk)
-            yield chunk
+        for block in _scan_file(path, chunk_bytes):
+            done += len(block)
+            yield block
     except _SplitFailed:
         log.debug("%s: falling back to a whole-file parse after %d records", path, done)
         data = read_json(path)
         if not isinstance(data, list):
             raise ValueError(_not_list_message(path, data)) from None
-        for i in range(done, len(data), 50_000):
-            yield data[i : i + 50_000]
+        for i in range(done, len(data), 20_000):
+            texts = [orjson.dumps(r) for r in data[i : i + 20_000]]
+            ends = np.cumsum([len(t) + 1 for t in texts]) - 1
+            starts = ends - np.array([len(t) for t in texts])
+            ids = [_id_key(r.get("id")) if isinstance(r, dict) else None for r in data[i : i + 20_000]]
+            yield RecordBlock(b",".join(texts) + b",", starts, ends, ids, i)
+
+
+def iter_record_chunks(path: str | os.PathLike, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[list[Any]]:
+    """Yield the elements of a top-level JSON array as lists of parsed records, in file order.
+
+    Raises:
+        ValueError: as :func:`iter_blocks`.
+    """
+    for block in iter_blocks(path, chunk_bytes):
+        yield block.records()
 
 
 def count_records(path: str | os.PathLike) -> int:
-    """Number of elements of a top-level JSON array (streamed)."""
-    return sum(len(c) for c in iter_record_chunks(path))
+    """Number of elements of a top-level JSON array (streamed, nothing parsed)."""
+    return sum(len(b) for b in iter_blocks(path))
 
 
 def _not_list_message(path: Path, data: Any) -> str:
@@ -105,52 +151,98 @@ def _not_list_message(path: Path, data: Any) -> str:
             "a LLaVA training file is a JSON array of {id, image, conversations} objects")
 
 
-def _split_chunks(path: Path, chunk_bytes: int) -> Iterator[list[Any]]:
+def _scan_file(path: Path, chunk_bytes: int) -> Iterator[RecordBlock]:
     with open(path, "rb") as f:
         buf = f.read(chunk_bytes)
-        i = 0
-        while i < len(buf) and buf[i] in _WS:
-            i += 1
-        if i >= len(buf) or buf[i] != ord("["):
-            raise _SplitFailed  # not a list (or empty / HTML / BOM): the fallback raises the exact error
-        buf = buf[i + 1 :]
+        head = buf.lstrip(_WS)
+        if not head.startswith(b"["):
+            raise _SplitFailed  # not a list, empty, HTML, BOM: the fallback raises the exact error
+        buf, lead, first = head[1:], b"", 0  # lead: what may precede the first record ("" or ",")
         while True:
             more = f.read(chunk_bytes)
-            if not more:
-                if not buf.strip(_WS).startswith(b"]"):
-                    try:
-                        yield orjson.loads(b"[" + buf)
-                    except orjson.JSONDecodeError:
-                        raise _SplitFailed from None
-                elif buf.strip(_WS) != b"]":
-                    raise _SplitFailed  # something after the closing bracket
-                return
             buf += more
-            cut = _parse_prefix(buf)
-            if cut is None:
-                if len(buf) > 64 * chunk_bytes:
-                    raise _SplitFailed  # a single huge record or an odd layout: parse whole
-                continue
-            records, end = cut
-            yield records
-            buf = buf[end:]
+            block, end = _scan_buffer(buf, lead, first, final=not more)
+            if block is not None:
+                yield block
+                first += len(block)
+                buf, lead = buf[end:], b","
+            if not more:
+                if buf.strip(_WS) != b"]":
+                    raise _SplitFailed  # truncated file or trailing garbage
+                return
 
 
-def _parse_prefix(buf: bytes) -> tuple[list[Any], int] | None:
-    """Parse ``buf`` up to its last verified record boundary: ``(records, index after the comma)``."""
-    for window in (_SEARCH_WINDOW, len(buf)):
-        lo = max(0, len(buf) - window)
-        matches = [m for m in _BOUNDARY.finditer(buf, lo) if m.group(1) not in _TURN_KEYS]
-        for m in reversed(matches[-4:]):
-            try:
-                records = orjson.loads(b"[" + buf[: m.start() + 1] + b"]")
-            except orjson.JSONDecodeError:
-                continue
-            comma = buf.index(b",", m.start())
-            return records, comma + 1
-        if lo == 0:
+def _unescaped_quotes(a: np.ndarray) -> np.ndarray:
+    q = np.flatnonzero(a == _QUOTE)
+    qq = q[q > 0]
+    cand = qq[a[qq - 1] == _BSLASH]
+    if cand.size:  # a quote is escaped when an odd run of backslashes precedes it
+        run, alive = np.ones(cand.size, np.int64), np.ones(cand.size, bool)
+        while alive.any():
+            pos = cand - run - 1
+            alive &= pos >= 0
+            alive[alive] = a[pos[alive]] == _BSLASH
+            run += alive
+        q = q[~np.isin(q, cand[(run & 1) == 1], assume_unique=True)]
+    return q
+
+
+def _scan_buffer(buf: bytes, lead: bytes, first: int, final: bool) -> tuple[RecordBlock | None, int]:
+    """Find the complete records of ``buf`` (which starts outside any string, between records)."""
+    a = np.frombuffer(buf, np.uint8)
+    q = _unescaped_quotes(a)
+    br = np.flatnonzero((a == _LBRACE) | (a == _RBRACE))
+    br = br[(np.searchsorted(q, br) & 1) == 0]  # odd number of quotes before: inside a string
+    opening = a[br] == _LBRACE
+    depth = np.cumsum(np.where(opening, 1, -1))
+    if depth.size and depth.min() < 0:
+        raise _SplitFailed
+    ends = br[~opening & (depth == 0)] + 1
+    if not ends.size:
+        if final and br.size:
+            raise _SplitFailed  # an unterminated record
+        return None, 0
+    starts = br[opening & (depth == 1)][: ends.size]
+    stop = int(ends[-1])
+    # Between records only whitespace and exactly one comma are allowed (else: not an array of objects).
+    if buf[: starts[0]].strip(_WS) != lead or np.any(starts[1:] <= ends[:-1]):
+        raise _SplitFailed
+    if ends.size > 1:
+        lens = starts[1:] - ends[:-1]
+        offs = np.repeat(ends[:-1] - np.cumsum(np.r_[0, lens[:-1]]), lens) + np.arange(lens.sum())
+        gap = a[offs]
+        comma = gap == _COMMA
+        if not np.all(comma | np.isin(gap, _WS_CODES)) or np.any(np.add.reduceat(comma, np.r_[0, np.cumsum(lens[:-1])]) != 1):
+            raise _SplitFailed
+    return RecordBlock(buf, starts, ends, _find_ids(buf, a, q[q < stop], br, depth, starts), first), stop
+
+
+def _find_ids(buf: bytes, a: np.ndarray, q: np.ndarray, br: np.ndarray, depth: np.ndarray, starts: np.ndarray) -> list:
+    """Top-level ``"id"`` value of every record: keys are strings followed by ``:`` at brace depth 1."""
+    ids: list = [None] * len(starts)
+    op, cl = q[0::2], q[1::2]
+    k = np.flatnonzero((cl - op == 3) & (a[op + 1] == ord("i")) & (a[op + 2] == ord("d")))
+    if not k.size:
+        return ids
+    colon = cl[k] + 1
+    for _ in range(8):  # skip whitespace between the key and the colon
+        w = np.isin(a[np.minimum(colon, len(a) - 1)], _WS_CODES)
+        if not w.any():
             break
-    return None
+        colon = colon + w
+    bi = np.searchsorted(br, op[k])
+    keep = (a[np.minimum(colon, len(a) - 1)] == _COLON) & (np.where(bi > 0, depth[np.maximum(bi - 1, 0)], 0) == 1)
+    k, colon = k[keep], colon[keep]
+    rec = np.searchsorted(starts, op[k], side="right") - 1
+    nxt = np.minimum(k + 1, len(op) - 1)
+    for r, c, j, vo, vc in zip(rec.tolist(), colon.tolist(), k.tolist(), op[nxt].tolist(), cl[nxt].tolist()):
+        if j + 1 < len(op) and not buf[c + 1 : vo].strip(_WS):
+            raw = buf[vo + 1 : vc]
+            ids[r] = orjson.loads(buf[vo : vc + 1]).encode() if b"\\" in raw else raw
+        else:
+            m = _SCALAR.match(buf, c + 1 + len(buf[c + 1 : c + 64]) - len(buf[c + 1 : c + 64].lstrip(_WS)))
+            ids[r] = b"\xff" + m.group(0) if m else None
+    return ids
 
 
 # --------------------------------------------------------------------------- pure transforms
@@ -310,56 +402,51 @@ def merge_files(
     for out in (output, provenance):
         if Path(out).resolve() in inputs:
             raise ValueError(f"merge: output {out} is also an input; outputs must go to a new file (run_dir/data)")
+    others = [t.encode() for t in DIALECTS.values() if t != image_token]
+    # A token may hide behind a JSON escape of "<" (\u003c); such records are converted too.
+    needs_parse = re.compile(b"|".join([re.escape(o) for o in others] + [rb"\\u003[cC]"]))
     seen: dict[Any, int] = {}  # id -> (source number << 40 | index) of its first occurrence
     dups: list[tuple[Any, int, int]] = []
-    n_dups = 0
-    stats: list[dict] = []
-    written = 0
+    n_dups, written, stats = 0, 0, []
     with atomic_path(output) as tmp_out, atomic_path(provenance) as tmp_prov:
         with open(tmp_out, "wb") as fo, open(tmp_prov, "wb") as fp:
             fo.write(b"[")
             for si, src in enumerate(sources):
                 rel = _relative(src.path, root)
-                rng = random.Random(f"{seed}/{src.name}/{rel}")
                 n_in = count_records(src.path) if src.ratio != 1.0 else -1
-                copies, extra = sampling_plan(n_in, src.ratio, rng) if n_in >= 0 else (1, [])
-                passes = [(c, None) for c in range(copies)] + ([(copies, set(extra))] if extra else [])
-                st = {"name": src.name, "path": str(src.path), "file": rel, "ratio": src.ratio,
-                      "records_in": n_in, "records_out": 0, "tokens_converted": 0, "copies": copies,
-                      "sampled": len(extra)}
+                copies, extra = (sampling_plan(n_in, src.ratio, random.Random(f"{seed}/{src.name}/{rel}"))
+                                 if n_in >= 0 else (1, []))
+                passes = [(c, None) for c in range(copies)] + ([(copies, np.array(extra, np.int64))] if extra else [])
+                st = {"name": src.name, "path": str(src.path), "file": rel, "ratio": src.ratio, "records_in": n_in,
+                      "records_out": 0, "tokens_converted": 0, "copies": copies, "sampled": len(extra)}
                 for copy, keep in passes:
-                    first_pass = copy == 0  # ids of repeated copies are intentional repeats
-                    index = 0
-                    for chunk in iter_record_chunks(src.path, chunk_bytes):
-                        base = index
-                        index += len(chunk)
+                    n_seen = 0
+                    for block in iter_blocks(src.path, chunk_bytes):
+                        n_seen = block.first + len(block)
+                        idx = np.arange(len(block))
                         if keep is not None:
-                            picked = [(base + j, r) for j, r in enumerate(chunk) if base + j in keep]
-                        else:
-                            picked = list(enumerate(chunk, base))
-                        if not picked:
+                            idx = np.flatnonzero(np.isin(block.first + idx, keep))
+                        if not idx.size:
                             continue
-                        out_recs = []
-                        for i, rec in picked:
-                            rec, n = convert_dialect(rec, image_token)
-                            st["tokens_converted"] += n
-                            out_recs.append(rec)
-                            if first_pass and isinstance(rec, dict):
-                                key = _id_key(rec.get("id"))
-                                if key is not None:
-                                    loc = seen.setdefault(key, (si << 40) | i)
-                                    if loc != ((si << 40) | i):
+                        text, converted = _emit(block, idx, needs_parse, image_token)
+                        fo.write((b",\n" if written else b"\n") + text)
+                        st["tokens_converted"] += converted
+                        if copy == 0:  # later copies repeat the same records on purpose: not duplicates
+                            for j in idx.tolist():
+                                key = block.ids[j]
+                                if key:
+                                    loc = (si << 40) | (block.first + j)
+                                    if seen.setdefault(key, loc) != loc:
                                         n_dups += 1
                                         if len(dups) < MAX_DUPLICATE_EXAMPLES:
-                                            dups.append((rec.get("id"), loc, (si << 40) | i))
-                        fo.write((b",\n" if written else b"\n") + b",\n".join(map(orjson.dumps, out_recs)))
+                                            dups.append((key, seen[key], loc))
                         prefix = (b'{"source":' + orjson.dumps(src.name) + b',"file":' + orjson.dumps(rel)
                                   + b',"copy":%d,"index":' % copy)
-                        fp.write(b"".join(prefix + b"%d}\n" % i for i, _ in picked))
-                        written += len(out_recs)
-                        st["records_out"] += len(out_recs)
+                        fp.write(b"".join([prefix + b"%d}\n" % i for i in (block.first + idx).tolist()]))
+                        written += idx.size
+                        st["records_out"] += idx.size
                     if st["records_in"] < 0:
-                        st["records_in"] = index
+                        st["records_in"] = n_seen
                 stats.append(st)
             fo.write(b"\n]\n")
             for fh in (fo, fp):
@@ -374,7 +461,7 @@ def merge_files(
         output=Path(output), provenance=Path(provenance), summary_file=Path(output).parent / "merge.json",
         image_token=image_token, num_records=written, sources=stats,
         tokens_converted=sum(s["tokens_converted"] for s in stats), duplicate_ids=n_dups,
-        duplicate_examples=[{"id": i, "first": where(a), "again": where(b)} for i, a, b in dups],
+        duplicate_examples=[{"id": _key_value(k), "first": where(a), "again": where(b)} for k, a, b in dups],
         seconds=time.perf_counter() - t0,
     )
 
@@ -407,9 +494,28 @@ def _relative(path: Path, root: Path | None) -> str:
     return str(Path(path).resolve())
 
 
-def _id_key(rid: Any) -> Any:
+def _emit(block: RecordBlock, idx: np.ndarray, needs_parse: re.Pattern, token: str) -> tuple[bytes, int]:
+    """JSON text of the block's records ``idx`` (sorted): verbatim bytes, except records holding
+    the other dialect's token, which are parsed, converted and re-serialised. Returns (text, tokens converted)."""
+    buf, starts, ends = block.buf, block.starts, block.ends
+    hits = [m.start() for m in needs_parse.finditer(buf, int(starts[idx[0]]), int(ends[idx[-1]]))]
+    fix = {}
+    for r in sorted(set((np.searchsorted(starts, hits, side="right") - 1).tolist())) if hits else []:
+        rec, n = convert_dialect(orjson.loads(block.record(r)), token)
+        fix[r] = (orjson.dumps(rec), n)
+    if len(idx) == len(block) and not fix:  # the common case: copy the whole run verbatim
+        return buf[starts[0] : ends[-1]], 0
+    parts = [fix[r][0] if r in fix else buf[starts[r] : ends[r]] for r in idx.tolist()]
+    return b",\n".join(parts), sum(fix[r][1] for r in idx.tolist() if r in fix)
+
+
+def _key_value(key: bytes) -> Any:
+    """The JSON value of an id key (for reports)."""
+    return orjson.loads(key[1:]) if key[:1] == b"\xff" else key.decode("utf-8", "replace")
+
+
+def _id_key(rid: Any) -> bytes | None:
+    """Hashable key of an id value, in the scanner's form (string content as UTF-8, others b"\xff" + JSON)."""
     if rid is None or rid == "":
         return None
-    if isinstance(rid, (str, int, float, bool)):
-        return (type(rid).__name__, rid) if not isinstance(rid, str) else rid
-    return orjson.dumps(rid, option=orjson.OPT_SORT_KEYS)
+    return rid.encode() if isinstance(rid, str) else b"\xff" + orjson.dumps(rid, option=orjson.OPT_SORT_KEYS)

@@ -53,7 +53,7 @@ _CONCERN_WORDS = {
 
 
 # --------------------------------------------------------------------------- Q-Bench: prompt
-def qbench_prompt(item: dict, style: Literal["llava", "mplug"] = "llava") -> str:
+def qbench_prompt(item: dict, style: Literal["llava", "mplug", "options_first"] = "llava") -> str:
     """Build the Q-Bench A1 question text exactly as the Q-Instruct eval scripts do.
 
     ``"llava"`` (default, ``eval_scripts/llava_v1.5``)::
@@ -64,6 +64,8 @@ def qbench_prompt(item: dict, style: Literal["llava", "mplug"] = "llava") -> str
     adds no newline between them) and the instruction follows::
 
         {question}A. …\\nB. …\\n\\nAnswer with the option's letter from the given choices directly.\\n
+
+    ``"options_first"``: ``{question}\\nA. …\\nB. …\\nAnswer with …`` (Q-Instruct's training records).
 
     The result is the user turn's text only; the model family's chat template and image token are
     added by ``icmlab.generation``.
@@ -84,7 +86,9 @@ def qbench_prompt(item: dict, style: Literal["llava", "mplug"] = "llava") -> str
         return f"{question}\n{QBENCH_INSTRUCTION}\n{options}"
     if style == "mplug":
         return f"{question}{options}\n{QBENCH_INSTRUCTION}\n"
-    raise ValueError(f"qbench_prompt: unknown style {style!r}; use 'llava' or 'mplug'")
+    if style == "options_first":  # the layout of Q-Instruct's multiple-choice training records
+        return f"{question}\n{options}{QBENCH_INSTRUCTION}"
+    raise ValueError(f"qbench_prompt: unknown style {style!r}; use 'llava', 'mplug' or 'options_first'")
 
 
 def _question_and_candidates(item: dict) -> tuple[str, list[str]]:

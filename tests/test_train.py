@@ -98,6 +98,27 @@ def test_smoke_mix_strategy(tiny, tmp_path):
     assert changed and len(changed) == sum(k.endswith("proj.weight") for k in vicuna), "LLM layers must train"
 
 
+@pytest.mark.parametrize("freeze_vision,tune_projector", [(False, True), (True, False)])
+def test_smoke_mplug_owl2_trainable_groups(tiny, tmp_path, freeze_vision, tune_projector):
+    """mPLUG-Owl2: vision tower trained (Q-Instruct recipe) or frozen, abstractor per tune_projector."""
+    from icmlab.models.mplug_owl2 import MPLUGOwl2ForCausalLM
+
+    base = T.build_mplug_owl2(tmp_path / "owl")
+    tmp_path.joinpath("data").symlink_to(tiny["dir"] / "data")
+    cfg = T.make_config(tmp_path, base, family="mplug_owl2", max_steps=2, freeze_vision=freeze_vision,
+                        tune_projector=tune_projector)
+    T.write_training_json(cfg, T.to_mplug_dialect(tiny["records"]))
+    result = run(cfg)
+    before = MPLUGOwl2ForCausalLM.from_pretrained(base).state_dict()
+    after = MPLUGOwl2ForCausalLM.from_pretrained(result.model_dir).state_dict()
+    trains = {"model.vision_model.": not freeze_vision, "model.visual_abstractor.": tune_projector,
+              "model.layers.": True}
+    for prefix, trained in trains.items():
+        keys = [k for k in before if k.startswith(prefix) and before[k].ndim == 2]
+        changed = [k for k in keys if not torch.equal(before[k], after[k])]
+        assert keys and (changed == keys if trained else not changed), (prefix, trained, len(changed), len(keys))
+
+
 def test_projector_lr_really_applies(tiny, tmp_path):
     """One AdamW step moves each weight by about lr (|m̂/√v̂| = 1 on the first step): 5e-3 vs 1e-3."""
     cfg = _setup(tiny, tmp_path, max_steps=1, projector_lr=5e-3, lr=1e-3, max_grad_norm=0.0,

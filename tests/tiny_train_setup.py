@@ -88,6 +88,25 @@ def build_llava_hf(out: Path, seed: int = 0) -> Path:
     return out
 
 
+def build_mplug_owl2(out: Path, seed: int = 0) -> Path:
+    """A tiny mPLUG-Owl2 checkpoint in icmlab's layout (32 px, patch 8, 8 queries → 9 image tokens)."""
+    from icmlab.models import mplug_owl2 as owl
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    cfg = owl.build_tiny_config(vocab_size=len(tok), image_token_index=len(tok), image_size=32, patch_size=8)
+    owl.MPLUGOwl2ForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    build_image_processor(32).save_pretrained(out)
+    return out
+
+
+def to_mplug_dialect(records: list[dict]) -> list[dict]:
+    """The records with ``<image>`` replaced by mPLUG-Owl2's ``<|image|>`` (what merge does for that family)."""
+    return [{**r, "conversations": [{**c, "value": c["value"].replace("<image>", "<|image|>")}
+                                    for c in r["conversations"]]} for r in records]
+
+
 def build_mix_parts(out: Path, seed: int = 0) -> dict[str, Path]:
     """Vicuna-like LLM + CLIP tower + stage-1 projector, laid out as upstream ships them (``strategy: mix``)."""
     torch.manual_seed(seed)
@@ -130,9 +149,10 @@ def build_records(root: Path, n_image: int = 24, n_text: int = 8, seed: int = 0)
 def make_config(tmp: Path, model_dir: Path | dict[str, Path], *, run_name: str = "tiny", **train: Any) -> RunConfig:
     """A CPU RunConfig over the tiny model; ``train`` overrides ``cfg.train`` keys (e.g. ``max_steps=3``)."""
     mix = isinstance(model_dir, dict)
-    model = ({"family": "llava15", "size": "tiny", "dtype": "float32",
+    family = train.pop("family", "llava15")
+    model = ({"family": family, "size": "tiny", "dtype": "float32",
               **{k: str(v) for k, v in model_dir.items()}} if mix else
-             {"family": "llava15", "size": "tiny", "base": str(model_dir), "base_format": "hf", "dtype": "float32"})
+             {"family": family, "size": "tiny", "base": str(model_dir), "base_format": "hf", "dtype": "float32"})
     t = {"strategy": "mix" if mix else "after", "max_steps": 3, "per_device_batch_size": 4, "global_batch_size": 8,
          "lr": 1e-3, "warmup_steps": 0, "warmup_ratio": 0.0, "lr_scheduler": "constant", "logging_steps": 1,
          "save_steps": 1000, "save_total_limit": 2, "gradient_checkpointing": False, "bf16": False, "tf32": False,

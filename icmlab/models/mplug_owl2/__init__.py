@@ -61,13 +61,13 @@ def build_tiny_config(
     image_token_index: int,
     image_size: int = 64,
     *,
-    patch_size: int = 16,
+    patch_size: int = 8,
     hidden_size: int = 64,
     num_hidden_layers: int = 2,
     num_attention_heads: int = 4,
     intermediate_size: int = 128,
     vision_hidden_size: int = 32,
-    num_learnable_queries: int = 8,
+    num_learnable_queries: int = 16,
     initializer_range: float = 0.1,
     **overrides: Any,
 ) -> MPLUGOwl2Config:
@@ -77,7 +77,7 @@ def build_tiny_config(
         vocab_size: text vocabulary (embedding rows), e.g. ``len(tokenizer)``.
         image_token_index: placeholder id (may equal ``vocab_size``: then it is never embedded).
         image_size: square input size; must be a multiple of ``patch_size``.
-        patch_size: ViT patch size (16 gives a 4x4 grid at 64 px).
+        patch_size: ViT patch size (8 gives an 8x8 grid at 64 px: small marks stay visible).
         hidden_size, num_hidden_layers, num_attention_heads, intermediate_size: the LLM.
         vision_hidden_size: width of the ViT and the abstractor.
         num_learnable_queries: abstractor queries (``num_image_tokens`` is this + 1).
