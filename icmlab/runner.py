@@ -116,11 +116,25 @@ def _marker(cfg: RunConfig, stage: str) -> Path:
     return paths.markers_dir(cfg) / f"{stage}.json"
 
 
+def _failing_cell(output: Path) -> str | None:
+    """Locate the cell that raised in an executed notebook: its execution count and first line."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(output, as_version=4)
+    except Exception:  # the notebook may not have been written at all
+        return None
+    for cell in nb.cells:
+        if cell.cell_type == "code" and any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
+            first = next((line for line in cell.source.splitlines() if line.strip()), "")
+            return f"cell [{cell.execution_count}] ({first.strip()[:60]!r})"
+    return None
+
+
 def _failure_message(stage: str, notebook: Path, output: Path, err: Exception) -> str:
-    cell = getattr(err, "exec_count", None)
     ename = getattr(err, "ename", type(err).__name__)
     evalue = getattr(err, "evalue", str(err))
-    where = f"cell [{cell}]" if cell is not None else "a cell"
+    where = _failing_cell(output) or "a cell"
     return (f"stage '{stage}' failed in {notebook.name}, {where}: {ename}: {evalue}\n"
             f"  executed notebook kept for diagnosis: {output}")
 
@@ -132,6 +146,7 @@ def run_pipeline(
     start: str | None = None,
     force: bool = False,
     kernel_name: str | None = None,
+    root: Path | None = None,
 ) -> PipelineResult:
     """Execute the stage notebooks for ``cfg`` into its run directory.
 
@@ -141,6 +156,7 @@ def run_pipeline(
         start: start at this stage (``--from``); earlier stages are not considered.
         force: run even when a stage's marker and fingerprint say it is done.
         kernel_name: Jupyter kernel to use (default: the kernel of this Python).
+        root: project root holding ``notebooks/`` (default: found from the working directory).
 
     Returns:
         A :class:`PipelineResult` listing each stage's outcome.
@@ -150,7 +166,7 @@ def run_pipeline(
     """
     import papermill as pm
 
-    root = find_project_root()
+    root = root or find_project_root()
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = save_resolved(cfg)
