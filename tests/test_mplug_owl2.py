@@ -310,7 +310,7 @@ def _tiny_sample(cfg, seed: int = 0) -> dict[str, torch.Tensor]:
 def test_tiny_config_trains_all_parts():
     torch.manual_seed(0)
     cfg = owl.build_tiny_config(vocab_size=50, image_token_index=50, image_size=64)
-    assert cfg.num_image_tokens == 9 and cfg.initializer_range == 0.1
+    assert cfg.num_image_tokens == 17 and cfg.initializer_range == 0.1  # 16 queries + end token
     tiny = owl.MPLUGOwl2ForCausalLM(cfg).train()
     batch = _tiny_sample(cfg)
     out = tiny(**batch)
@@ -404,7 +404,7 @@ def test_adapter_round_trip(tiny_bundle_dir):
         p.name for p in tiny_bundle_dir.iterdir()
     }
     bundle = owl.load_for_inference(tiny_bundle_dir, dtype="fp32", attn_implementation="eager")
-    assert bundle.family == "mplug_owl2" and bundle.num_image_tokens == 9 and bundle.image_token_id == 32000
+    assert bundle.family == "mplug_owl2" and bundle.num_image_tokens == 17 and bundle.image_token_id == 32000
     assert bundle.tokenizer.padding_side == "left" and bundle.tokenizer.pad_token_id == 0
     assert bundle.image_processor.crop_size["height"] == 64
     assert not bundle.model.training

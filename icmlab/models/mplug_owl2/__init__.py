@@ -81,7 +81,9 @@ def build_tiny_config(
         hidden_size, num_hidden_layers, num_attention_heads, intermediate_size: the LLM.
         vision_hidden_size: width of the ViT and the abstractor.
         num_learnable_queries: abstractor queries (``num_image_tokens`` is this + 1).
-        initializer_range: init std; 0.1 learns quickly at this size.
+        initializer_range: init std of every part. 0.1 avoids the long plateau of 0.02 at these
+            widths (measured: a blur yes/no task leaves chance after ~300 steps and reaches 93% at
+            ~700, AdamW lr 2e-3, batch 32; a brightness task is learnt in 50 steps).
         **overrides: any other :class:`MPLUGOwl2Config` field (e.g. ``max_position_embeddings``).
 
     Returns:
