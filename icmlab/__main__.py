@@ -92,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         plan = module.plan(cfg)
         print(module.format_plan(plan))
         return 0
-    result = module.run(cfg)
+    try:
+        result = module.run(cfg)
+    except (OSError, RuntimeError, ValueError) as e:  # user-facing failures: message, no traceback
+        logging.getLogger("icmlab").debug("stage failed", exc_info=True)
+        print(f"error: {args.command}: {e}", file=sys.stderr)
+        return 1
     text = getattr(result, "summary", None) or getattr(result, "table", None)
     print(text() if callable(text) else result)
     return 0

@@ -543,8 +543,12 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
     cfg.data.root = absolute(cfg.data.root)
     cfg.demo.source_dir = absolute(cfg.demo.source_dir)
     # Model locations may be hub ids ("org/name"); only those that look like local paths are made absolute.
+    # "{data_root}/..." places a local checkpoint under the data root (it follows a data.root override).
     for key in ("base", "llm", "vision_tower", "mm_projector"):
         val = getattr(cfg.model, key)
+        if val and "{data_root}" in val:
+            val = val.replace("{data_root}", str(cfg.data.root))
+            setattr(cfg.model, key, val)
         if val and (val.startswith((".", "/", "~")) or (base / val).exists() or val.startswith("data/")):
             setattr(cfg.model, key, str(absolute(Path(val))))
 

@@ -19,26 +19,29 @@ exactly the same path via ``file://`` locations.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from icmlab.catalog import (Catalog, LayoutRow, LocalModel, Need, Source, count_files, load_catalog,
-                            needed_sources)
+from icmlab.catalog import (Catalog, LayoutRow, LocalModel, Need, Source, count_files, fmt_size, format_layout,
+                            html_table, layout_html, load_catalog, needed_sources, text_table)
 from icmlab.catalog import check_layout as _check_layout
 from icmlab.config import RunConfig
-from icmlab.extract import ArchiveError, convert_images_to_jpg, extract_archive
-from icmlab.fetch import (AuthError, FetchError, HTMLInsteadOfData, NotFoundError, copy_tree, fetch_hf_file,
-                          fetch_hf_snapshot, fetch_url, html_message, local_path, looks_like_html, place_file,
-                          verify_file)
+from icmlab.extract import (ArchiveError, convert_images_to_jpg, copy_tree, extract_archive, missing_references,
+                            place_file)
+from icmlab.fetch import (AuthError, FetchError, HTMLInsteadOfData, NotFoundError, fetch_hf_file, fetch_hf_snapshot,
+                          fetch_url, html_message, local_path, looks_like_html, verify_file)
 from icmlab.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -122,12 +125,14 @@ class DownloadResult:
     def summary(self) -> str:
         """Terminal report: outcomes, layout table, totals."""
         lines = [f"data root: {self.data_root}", ""]
-        lines += _table(["source", "action", "moved", "time", "message"],
+        lines += text_table(["source", "action", "moved", "time", "message"],
                         [[o.name, o.action, fmt_size(o.transferred), f"{o.seconds:.1f}s", o.message.splitlines()[0]
                           if o.message else ""] for o in self.outcomes])
         lines += ["", format_layout(self.layout), "",
                   f"{len(self.outcomes)} sources, {fmt_size(self.transferred)} moved in {self.seconds:.1f}s; "
                   f"layout {'complete' if all(r.ok for r in self.layout) else 'INCOMPLETE'}"]
+        if not all(r.ok for r in self.layout):
+            lines.append(f"to redo a source, delete {self.data_root / STATE / 'done'}/<source>.json and run again")
         if self.ocr_vqa:
             lines.append(f"OCR-VQA: {self.ocr_vqa.get('dead', 0)} undecodable, "
                          f"{len(self.ocr_vqa.get('missing_referenced', []))} referenced but missing "
@@ -137,7 +142,7 @@ class DownloadResult:
     def html(self) -> str:
         """Notebook report: outcomes and layout tables."""
         rows = [[o.name, o.action, fmt_size(o.transferred), f"{o.seconds:.1f}s", o.message] for o in self.outcomes]
-        return _html_table(["source", "action", "moved", "time", "message"], rows) + layout_html(self.layout)
+        return html_table(["source", "action", "moved", "time", "message"], rows) + layout_html(self.layout)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -184,23 +189,35 @@ def run(cfg: RunConfig, *, progress: bool = True) -> DownloadResult:
     root = cfg.data.root
     catalog = load_catalog(demo=cfg.demo.enabled)
     needs, locals_ = needed_sources(cfg, catalog)
-    if cfg.demo.enabled:
-        _demo_locations(cfg, needs, build=True)
+    if cfg.demo.enabled:  # generate the demo mirror only when something is left to fetch from it
+        _demo_locations(cfg, needs, build=False)
+        if not all(_done(cfg, n.source) for n in needs if n.source.artifact or n.source.checkpoint):
+            needs, locals_ = needed_sources(cfg, catalog)
+            _demo_locations(cfg, needs, build=True)
     items = {it.name: it for it in (_plan_item(cfg, n) for n in needs)}
     preflight_disk(cfg, list(items.values()))
     todo = [n.source for n in needs if items[n.source.name].status != "done"]
     outcomes = [ItemOutcome(n.source.name, "already done") for n in needs if items[n.source.name].status == "done"]
-    root.mkdir(parents=True, exist_ok=True)
-    ctx = _Ctx(cfg, catalog, progress)
-    with ThreadPoolExecutor(max_workers=cfg.download.concurrency) as pool, \
-            tqdm(total=len(todo), desc="sources", unit="src", disable=not progress or not todo) as bar:
-        futures = {pool.submit(_run_one, ctx, src): src.name for src in todo}
-        for fut in as_completed(futures):
-            outcome = fut.result()
-            log.info("%s: %s (%s, %.1fs)%s", outcome.name, outcome.action, fmt_size(outcome.transferred),
-                     outcome.seconds, f": {outcome.message}" if outcome.message else "")
-            outcomes.append(outcome)
-            bar.update(1)
+    (root / STATE).mkdir(parents=True, exist_ok=True)
+    ctx = _Ctx(cfg, catalog, progress, threading.Event())
+    try:  # one download step per data root at a time (a notebook and a CLI run would race)
+        lock = FileLock(str(root / STATE / "lock")).acquire(timeout=0)
+    except Timeout:
+        raise RuntimeError(f"another download step is running on {root} (lock {root / STATE / 'lock'})") from None
+    with lock, tqdm(total=len(todo), desc="sources", unit="src", disable=not progress or not todo) as bar:
+        pool = ThreadPoolExecutor(max_workers=cfg.download.concurrency)
+        try:
+            for fut in as_completed([pool.submit(_run_one, ctx, src) for src in todo]):
+                outcome = fut.result()
+                log.info("%s: %s (%s, %.1fs)%s", outcome.name, outcome.action, fmt_size(outcome.transferred),
+                         outcome.seconds, f": {outcome.message}" if outcome.message else "")
+                outcomes.append(outcome)
+                bar.update(1)
+        except KeyboardInterrupt:
+            ctx.cancel.set()  # running transfers stop at their next chunk; partial files resume next time
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     order = {n.source.name: i for i, n in enumerate(needs)}
     outcomes.sort(key=lambda o: order.get(o.name, 0))
     ocr = _ocr_vqa_report(cfg, needs)
@@ -242,7 +259,8 @@ def preflight_disk(cfg: RunConfig, items: list[PlannedItem]) -> None:
         raise InsufficientDiskSpace(
             "not enough disk space for the download step:\n  " + "\n  ".join(problems) +
             ("\n  (not counted, size unknown: " + ", ".join(unknown) + ")" if unknown else "") +
-            "\nFree space, set data.root (data) or HF_HOME (hub cache) to a larger disk, or lower download.min_free_gb.")
+            "\nFree space, set data.root (data) or HF_HOME (hub cache) to a larger disk, or lower "
+            "download.min_free_gb.")
 
 
 # --------------------------------------------------------------------------- state
@@ -300,7 +318,7 @@ def _plan_item(cfg: RunConfig, need: Need) -> PlannedItem:
     size = src.display_size
     unpack = src.kind in ("archive", "tree") or (src.kind == "file" and not src.location)
     extract = (size or 0) * (2 if src.convert else 1) if unpack else 0
-    target = src.target if src.target else "HF cache"
+    target = {None: "HF cache", ".": "(data root)"}.get(src.target, src.target)
     item = PlannedItem(src.name, src.title, src.kind, src.origin, size, src.size is not None, target, "to fetch",
                        list(need.reasons), bool(src.gated), size or 0, extract, bool(src.hf_repo) and not src.location)
     if _done(cfg, src):
@@ -336,6 +354,7 @@ class _Ctx:
     cfg: RunConfig
     catalog: Catalog
     progress: bool
+    cancel: threading.Event
 
     @property
     def root(self) -> Path:
@@ -366,107 +385,101 @@ def _run_one(ctx: _Ctx, src: Source) -> ItemOutcome:
 
 
 def _process(ctx: _Ctx, src: Source) -> tuple[int, dict]:
-    """Fetch + verify + place one source. Returns (bytes moved, marker record)."""
+    """Fetch + verify + place one source. Returns (bytes moved, completion record)."""
     prev = _read(_marker(ctx.cfg, src.name))
     overwrite = bool(prev) and prev.get("fingerprint") != _fingerprint(src)  # the source changed: rewrite
-    target = ctx.root / src.target if src.target else None
-    if src.kind == "file":
-        moved, path = _get_file(ctx, src, target)
-        return moved, {"path": str(path), "size": path.stat().st_size}
-    if src.kind in ("archive", "tree") and not (src.kind == "tree" and not src.location and src.hf_repo):
-        loc = local_path(src.location) if src.location else None
-        if src.kind == "tree" and loc is not None and loc.is_dir():
-            n = copy_tree(loc, target, overwrite=overwrite, link=True)
-            return 0, {"counts": _counts(src, {e.path: n for e in src.expect[:1]})}
-        archive, moved, ours = _get_archive(ctx, src)
-        counts = _unpack(ctx, src, archive, overwrite)
-        if ours:
-            archive.unlink()  # a verified, extracted download of ours: the marker stands for it now
-        return moved, {"counts": counts, "archive": str(archive)}
-    if src.kind == "tree":  # a hub dataset folder placed under the data root
-        snap = _hf_call(ctx, src, lambda repo, rev: fetch_hf_snapshot(
-            repo, repo_type=src.hf_type, revision=rev, endpoint=ctx.endpoint, allow_patterns=list(src.allow) or None,
-            max_workers=ctx.cfg.download.concurrency, prefer_safetensors=False))
-        files = copy_tree(snap, target, overwrite=overwrite, link=True)
-        counts = {e.path: count_files(ctx.root / e.path) for e in src.expect}
-        return 0, {"counts": counts, "files": files}
-    if src.checkpoint:  # demo checkpoint: copy under the data root (copies: training may write next to them)
-        loc = Path(src.location or "")
-        if not loc.exists():
+    target = ctx.root / src.target if src.target else ctx.root
+    loc = local_path(src.location) if src.location else None
+    if src.checkpoint:  # demo checkpoints are copied (not linked): training may write next to them
+        if loc is None or not loc.exists():
             raise FileNotFoundError(f"{src.name}: demo checkpoint {loc} was not generated")
         # a projector file comes with the files beside it (config.json), as in the real projector repos
-        src_dir, dest_dir = (loc, target) if loc.is_dir() else (loc.parent, target.parent)
-        copy_tree(src_dir, dest_dir, overwrite=overwrite, link=False)
-        if not loc.is_dir() and loc.name != target.name:
+        copy_tree(loc if loc.is_dir() else loc.parent, target if loc.is_dir() else target.parent,
+                  overwrite=overwrite, link=False)
+        if loc.is_file() and loc.name != target.name:
             place_file(loc, target, link=False)
-        return 0, {"path": str(target)}
+        return 0, {"path": str(target), "source": str(loc)}
+    if src.kind == "file":
+        if overwrite:
+            target.unlink(missing_ok=True)  # the previous version of this source's file
+        if src.location or src.url:
+            if loc is not None and not loc.is_file():
+                raise FileNotFoundError(f"data.sources.{src.name}: {loc} is not a file")
+            return fetch_url(src.location or src.url, target, **_fetch_kw(ctx, src)).transferred, {"path": str(target)}
+        moved, path = _hf_file(ctx, src)
+        place_file(path, target, link=True)
+        return moved, {"path": str(target)}
+    if src.kind in ("model", "tree") and not src.location:  # hub snapshots
+        is_model = src.kind == "model"
+        snap = _hf_call(ctx, src, lambda repo, rev: fetch_hf_snapshot(
+            repo, repo_type=src.hf_type, revision=rev, endpoint=ctx.endpoint, allow_patterns=list(src.allow) or None,
+            ignore_patterns=list(ctx.catalog.model_ignore) if is_model else None, prefer_safetensors=is_model,
+            max_workers=ctx.cfg.download.concurrency))
+        if is_model:
+            return 0, {"path": str(snap)}
+        copy_tree(snap, target, overwrite=overwrite, link=True)
+        return 0, {"counts": {e.path: count_files(ctx.root / e.path) for e in src.expect}}
     if src.kind == "model_file":
-        r = _hf_call(ctx, src, lambda repo, rev: fetch_hf_file(repo, src.hf_file, repo_type=src.hf_type, revision=rev,
-                                                                 endpoint=ctx.endpoint, size=src.size,
-                                                                 sha256=src.sha256, verify=ctx.cfg.download.verify))
-        return r.size, {"path": str(r.path)}
-    snap = _hf_call(ctx, src, lambda repo, rev: fetch_hf_snapshot(
-        repo, repo_type=src.hf_type, revision=rev, endpoint=ctx.endpoint, ignore_patterns=list(ctx.catalog.model_ignore),
-        allow_patterns=list(src.allow) or None, max_workers=ctx.cfg.download.concurrency))
-    return 0, {"path": str(snap)}
+        moved, path = _hf_file(ctx, src)
+        return moved, {"path": str(path)}
+    if loc is not None and loc.is_dir():  # a tree given as a local folder
+        copy_tree(loc, target, overwrite=overwrite, link=True)
+        return 0, {"counts": {e.path: count_files(ctx.root / e.path) for e in src.expect}}
+    archive, moved, ours = _get_archive(ctx, src, loc)
+    try:
+        counts = _unpack(ctx, src, archive, overwrite)
+    except ArchiveError as e:
+        if not ours:
+            raise
+        archive.unlink()  # a bad download of ours must not be "resumed" forever
+        raise ArchiveError(f"{e} (the download was removed; the next run fetches it again)") from None
+    if ours:
+        archive.unlink()  # our verified download is extracted: the completion record stands for it now
+    return moved, {"counts": counts, "archive": str(archive)}
 
 
 def _hf_call(ctx: _Ctx, src: Source, call):
-    """Try the source's hub repository, then its known other names (renamed repos) when not found."""
+    """Try the source's hub repository, then its other known names (renamed repos) when not found."""
     err: NotFoundError | None = None
     for i, repo in enumerate((src.hf_repo, *src.alt_repos)):
         try:
             return call(repo, src.revision if i == 0 else None)
         except NotFoundError as e:
             err = err or e
-    assert err is not None
-    raise err
+    raise err  # type: ignore[misc]
+
+
+def _hf_file(ctx: _Ctx, src: Source) -> tuple[int, Path]:
+    """One verified hub file in the hub cache: (bytes downloaded, cached path)."""
+    cached_before = _hf_cached(src) is not None
+    r = _hf_call(ctx, src, lambda repo, rev: fetch_hf_file(
+        repo, src.hf_file, repo_type=src.hf_type, revision=rev, endpoint=ctx.endpoint, size=src.size,
+        sha256=src.sha256, verify=ctx.cfg.download.verify))
+    return (0 if cached_before else r.size), r.path
 
 
 def _fetch_kw(ctx: _Ctx, src: Source) -> dict:
     return {"size": src.size, "sha256": src.sha256 if ctx.cfg.download.verify else None,
-            "retries": ctx.cfg.download.retries, "progress": ctx.progress, "what": src.name}
+            "retries": ctx.cfg.download.retries, "progress": ctx.progress, "what": src.name, "cancel": ctx.cancel}
 
 
-def _get_file(ctx: _Ctx, src: Source, dest: Path) -> tuple[int, Path]:
-    """A single data file to ``dest`` (same checks whether it comes from a URL, a local copy or the hub)."""
-    if src.location or src.url:
-        loc = src.location or src.url
-        lp = local_path(loc)
-        if lp is not None and not lp.is_file():
-            raise FileNotFoundError(f"data.sources.{src.name}: {lp} is not a file")
-        r = fetch_url(loc, dest, **_fetch_kw(ctx, src))
-        return r.transferred, dest
-    cached_before = _hf_cached(src) is not None
-    r = _hf_call(ctx, src, lambda repo, rev: fetch_hf_file(repo, src.hf_file, repo_type=src.hf_type, revision=rev,
-                                                            endpoint=ctx.endpoint, size=src.size, sha256=src.sha256,
-                                                            verify=ctx.cfg.download.verify))
-    place_file(r.path, dest, link=True)
-    return (0 if cached_before else r.size), dest
-
-
-def _get_archive(ctx: _Ctx, src: Source) -> tuple[Path, int, bool]:
-    """The verified archive: (path, bytes moved, whether it is our download to delete after extraction)."""
-    loc = src.location or src.url
-    if loc:
-        lp = local_path(loc)
-        if lp is None:
-            dest = _downloads(ctx.cfg, src, loc)
-            r = fetch_url(loc, dest, **_fetch_kw(ctx, src))
-            return dest, r.transferred, True
-        if not lp.is_file():
-            raise FileNotFoundError(f"data.sources.{src.name}: {lp} is not a file (expected the {src.archive} archive)")
-        with open(lp, "rb") as f:
+def _get_archive(ctx: _Ctx, src: Source, loc: Path | None) -> tuple[Path, int, bool]:
+    """The verified archive: (path, bytes moved, whether it is our download, to delete after extraction)."""
+    if loc is not None:  # a local file: checked in place, never copied or modified
+        if not loc.is_file():
+            raise FileNotFoundError(f"data.sources.{src.name}: {loc} is not a file "
+                                    f"(expected the {src.archive} archive)")
+        with open(loc, "rb") as f:
             if looks_like_html(f.read(2048)):
                 raise HTMLInsteadOfData(html_message(_canonical_url(src), f"the {src.archive} archive")
-                                        + f" (the local file {lp} is that page)")
-        verify_file(lp, src.size, src.sha256 if ctx.cfg.download.verify else None, what=f"{src.name} ({lp})")
-        return lp, 0, False
-    cached_before = _hf_cached(src) is not None
-    r = _hf_call(ctx, src, lambda repo, rev: fetch_hf_file(repo, src.hf_file, repo_type=src.hf_type, revision=rev,
-                                                            endpoint=ctx.endpoint, size=src.size, sha256=src.sha256,
-                                                            verify=ctx.cfg.download.verify))
-    return r.path, (0 if cached_before else r.size), False
+                                        + f" (the local file {loc} is that page)")
+        verify_file(loc, src.size, src.sha256 if ctx.cfg.download.verify else None, what=f"{src.name} ({loc})")
+        return loc, 0, False
+    if src.location or src.url:
+        dest = _downloads(ctx.cfg, src, src.location or src.url)
+        return dest, fetch_url(src.location or src.url, dest, **_fetch_kw(ctx, src)).transferred, True
+    moved, path = _hf_file(ctx, src)
+    return path, moved, False
 
 
 def _canonical_url(src: Source) -> str:
@@ -481,13 +494,18 @@ def _unpack(ctx: _Ctx, src: Source, archive: Path, overwrite: bool) -> dict[str,
     target = ctx.root / (src.target or ".")
     if src.convert == "ocr_vqa_jpg":
         staging = ctx.root / STATE / "staging" / src.name
-        extract_archive(archive, staging, strip_components=src.strip, progress=ctx.progress, desc=src.name)
+        extract_archive(archive, staging, strip_components=src.strip, progress=ctx.progress, desc=src.name,
+                        cancel=ctx.cancel)
         rep = convert_images_to_jpg(staging, target, move=True, overwrite=overwrite, progress=ctx.progress)
         atomic_write_json(ocr_report_path(ctx.cfg), rep.summary() | {"archive": str(archive)})
         shutil.rmtree(staging)
+        with contextlib.suppress(OSError):
+            staging.parent.rmdir()  # only when no other source is being staged
         return _counts(src, {src.target: rep.jpeg + rep.converted + rep.kept})
     res = extract_archive(archive, target, strip_components=src.strip, overwrite=overwrite, progress=ctx.progress,
-                          desc=src.name)
+                          desc=src.name, cancel=ctx.cancel)
+    if not res.files:
+        raise ArchiveError(f"{archive}: the archive holds no files (an empty or zeroed download?)")
     prefix = "" if src.target in (None, ".") else src.target.rstrip("/") + "/"
     return _counts(src, {e.path: sum(1 for f in res.files if (prefix + f).startswith(e.path.rstrip("/") + "/"))
                          for e in src.expect})
@@ -501,29 +519,38 @@ def _counts(src: Source, counts: dict) -> dict[str, int]:
 def _demo_locations(cfg: RunConfig, needs: list[Need], *, build: bool) -> None:
     """Point demo sources at the generated local mirror (``file://``, size and sha256 from its manifest).
 
-    With ``build`` the mirror and the tiny checkpoints are generated first (idempotent, reused when
-    their manifests match); without it (dry run) only an existing mirror is used.
+    With ``build`` the mirror and the tiny checkpoints are generated first (idempotent: reused when
+    their manifests match). Without it (dry run, or checking whether anything is left to do) an
+    existing mirror of the same demo version, seed and scale is used, and checkpoints keep the
+    location recorded when they were placed.
     """
+    from icmlab.demo import DEMO_VERSION, build_demo_sources
+
     src_dir = cfg.demo.source_dir
-    wanted_ck = any(n.source.checkpoint for n in needs)
     ckpts: dict[str, Path] = {}
     if build:
-        from icmlab.demo import build_demo_sources, build_tiny_checkpoints
-
         build_demo_sources(src_dir, seed=cfg.demo.seed, scale=cfg.demo.scale)
-        if wanted_ck:
+        if any(n.source.checkpoint for n in needs):
+            from icmlab.demo import build_tiny_checkpoints  # imports torch: only when checkpoints are needed
+
             ckpts = build_tiny_checkpoints(src_dir / "checkpoints", seed=cfg.demo.seed)
     manifest = _read(src_dir / "demo_manifest.json") or {}
-    if (manifest.get("seed"), manifest.get("scale")) != (cfg.demo.seed, cfg.demo.scale):
-        manifest = {}
+    same = (manifest.get("demo_version"), manifest.get("seed"), manifest.get("scale"))
+    arts = manifest.get("artifacts", {}) if same == (DEMO_VERSION, cfg.demo.seed, cfg.demo.scale) else {}
+    ck_manifest = _read(src_dir / "checkpoints" / "checkpoints_manifest.json") or {}
+    ck_same = (ck_manifest.get("demo_version"), ck_manifest.get("seed")) == (DEMO_VERSION, cfg.demo.seed)
     for need in needs:
         s = need.source
-        if s.artifact and not s.location and s.artifact in manifest.get("artifacts", {}):
-            entry = manifest["artifacts"][s.artifact]
+        if s.artifact and not s.location and s.artifact in arts:
+            entry = arts[s.artifact]
             need.source = replace(s, location=(src_dir / entry["path"]).as_uri(), size=entry["size"],
                                   sha256=entry["sha256"])
         elif s.checkpoint and s.checkpoint in ckpts:
             need.source = replace(s, location=str(ckpts[s.checkpoint]))
+        elif s.checkpoint and ck_same:
+            placed = (_read(_marker(cfg, s.name)) or {}).get("source")
+            if placed and Path(placed).exists():
+                need.source = replace(s, location=placed)
 
 
 def ocr_report_path(cfg: RunConfig) -> Path:
@@ -532,28 +559,18 @@ def ocr_report_path(cfg: RunConfig) -> Path:
 
 
 def _ocr_vqa_report(cfg: RunConfig, needs: list[Need]) -> dict | None:
-    """Add to the OCR-VQA report the images the mix JSON references that are not on disk (listed, not fatal)."""
-    import re
-
-    path = ocr_report_path(cfg)
+    """Add to the OCR-VQA report the images the mix JSON names that are not on disk (listed, not fatal)."""
+    path, mix = ocr_report_path(cfg), cfg.data.root / "llava_v1_5_mix665k.json"
     rep = _read(path)
-    mix = cfg.data.root / "llava_v1_5_mix665k.json"
     if rep is None or not any(n.source.name == "ocr_vqa_images" for n in needs):
         return None
     if mix.is_file():
         stamp = [mix.stat().st_size, mix.stat().st_mtime_ns, count_files(cfg.data.root / "ocr_vqa" / "images")]
-        if rep.get("missing_checked") != stamp:
-            import mmap
-
-            # A regex over the mapped bytes: the 1 GB JSON is never parsed into Python objects here.
-            with open(mix, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                refs = {m.group(1).decode() for m in re.finditer(rb'"image"\s*:\s*"(ocr_vqa/[^"]+)"', mm)}
-            rep["missing_referenced"] = sorted(r for r in refs if not (cfg.data.root / r).is_file())
-            rep["referenced"] = len(refs)
+        if rep.get("missing_checked") != stamp:  # the scan is redone only when something changed
+            rep["referenced"], rep["missing_referenced"] = missing_references(mix, cfg.data.root, "ocr_vqa/")
             rep["missing_checked"] = stamp
             atomic_write_json(path, rep)
-    rep["report"] = str(path)
-    return rep
+    return rep | {"report": str(path)}
 
 
 def check_layout(cfg: RunConfig, needs: list[Need] | None = None,
@@ -580,28 +597,7 @@ def check_layout(cfg: RunConfig, needs: list[Need] | None = None,
     return _check_layout(cfg.data.root, needs, locals_ or [], records, notes, custom)
 
 
-# --------------------------------------------------------------------------- tables
-def fmt_size(n: int | None, exact: bool = True) -> str:
-    """Human size: ``1.2 GB``; ``≈`` when approximate; ``?`` when unknown."""
-    if n is None:
-        return "?"
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            text = f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-            return text if exact else "≈" + text
-        n /= 1000
-    return "?"
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [min(60, max(len(r[i]) for r in cells)) for i in range(len(header))]
-    fit = lambda c, w: c if len(c) <= w else c[: w - 1] + "…"  # noqa: E731
-    out = ["  ".join(fit(c, w).ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return out
-
-
+# --------------------------------------------------------------------------- plan tables
 def _plan_rows(items: list[PlannedItem]) -> tuple[list[str], list[list]]:
     header = ["source", "what", "from", "size", "to", "status", "why"]
     rows = [[it.name, it.title, it.origin, fmt_size(it.size, it.exact), it.target,
@@ -612,48 +608,18 @@ def _plan_rows(items: list[PlannedItem]) -> tuple[list[str], list[list]]:
 
 def _totals(items: list[PlannedItem]) -> str:
     todo = [it for it in items if it.status not in ("done", "local", "MISSING")]
-    known = sum(it.size or 0 for it in todo)
     unknown = [it.name for it in todo if it.size is None]
-    return (f"{len(items)} sources, {len(todo)} to do, ≈{fmt_size(known)} to fetch"
+    return (f"{len(items)} sources, {len(todo)} to do, ≈{fmt_size(sum(it.size or 0 for it in todo))} to fetch"
             + (f" (+ unknown size: {', '.join(unknown)})" if unknown else ""))
 
 
 def format_plan(items: list[PlannedItem]) -> str:
     """The dry-run table for the terminal."""
     header, rows = _plan_rows(items)
-    return "\n".join(_table(header, rows) + ["", _totals(items)])
-
-
-def format_layout(rows: list[LayoutRow]) -> str:
-    """The layout table for the terminal."""
-    body = [[r.source, r.path, r.status, "" if r.found is None else r.found,
-             "" if r.expected is None else ("≈" if r.approx else "") + str(r.expected), r.note] for r in rows]
-    return "\n".join(_table(["source", "path", "status", "files", "expected", "note"], body))
-
-
-def _html_table(header: list[str], rows: list[list], status_col: int | None = None) -> str:
-    import html
-
-    def cell(i: int, c) -> str:
-        text = html.escape("" if c is None else str(c))
-        if i == status_col:
-            ok = text in ("ok", "done", "fetched", "already done")
-            return f'<td style="color:{"#1a7f37" if ok else "#b42318"};font-weight:600">{text}</td>'
-        return f"<td>{text}</td>"
-
-    head = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(cell(i, c) for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return "\n".join(text_table(header, rows) + ["", _totals(items)])
 
 
 def plan_html(items: list[PlannedItem]) -> str:
     """The dry-run table as HTML (notebook)."""
     header, rows = _plan_rows(items)
-    return _html_table(header, rows, status_col=5) + f"<p>{_totals(items)}</p>"
-
-
-def layout_html(rows: list[LayoutRow]) -> str:
-    """The layout table as HTML (notebook)."""
-    body = [[r.source, r.path, r.status, r.found, ("≈" if r.approx else "") + str(r.expected)
-             if r.expected is not None else "", r.note] for r in rows]
-    return _html_table(["source", "path", "status", "files", "expected", "note"], body, status_col=2)
+    return html_table(header, rows, status_col=5) + f"<p>{_totals(items)}</p>"

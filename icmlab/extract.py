@@ -1,4 +1,4 @@
-"""Safe, resumable archive extraction, and the OCR-VQA "everything is a .jpg" conversion.
+"""Putting files in place: safe resumable extraction, OCR-VQA's "everything is a .jpg", tree copies.
 
 Used by :mod:`icmlab.download` after an archive is fetched and verified::
 
@@ -12,7 +12,9 @@ is refused as a whole (:class:`UnsafeArchiveError`), so nothing can land outside
 Resumability: each file is written to a hidden temporary name and renamed, so a file under its
 final name is complete; a rerun skips files already present with the right size (pass
 ``overwrite=True`` when the archive itself changed). Completion markers are the caller's business
-(:mod:`icmlab.download` writes one after this returns).
+(:mod:`icmlab.download` writes one after this returns). :func:`place_file` / :func:`copy_tree` put
+hub-cache files and local folders in place atomically; :func:`missing_references` lists images a
+LLaVA JSON names that are not on disk.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import re
 import shutil
 import stat
 import tarfile
+import threading
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -183,7 +186,8 @@ def list_members(path: Path, strip_components: int = 0) -> list[Member]:
                     except UnsafeArchiveError as e:
                         bad.append(str(e))
     except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError) as e:
-        raise ArchiveError(f"{path}: cannot read the archive ({type(e).__name__}: {e}); it is corrupt or truncated") from None
+        raise ArchiveError(f"{path}: cannot read the archive ({type(e).__name__}: {e}); "
+                           "it is corrupt or truncated") from None
     if bad:
         more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
         raise UnsafeArchiveError(f"{path}: refused, nothing was extracted: " + "; ".join(bad[:10]) + more)
@@ -198,6 +202,7 @@ def extract_archive(
     overwrite: bool = False,
     progress: bool = True,
     desc: str | None = None,
+    cancel: threading.Event | None = None,
 ) -> ExtractResult:
     """Extract a zip/tar archive into ``target`` safely and resumably.
 
@@ -209,6 +214,7 @@ def extract_archive(
             by default a file present with the archive's size is kept (resume).
         progress: show a tqdm bar (bytes).
         desc: bar label.
+        cancel: when set, stop after the current file (a rerun resumes).
 
     Returns:
         An :class:`ExtractResult`.
@@ -228,6 +234,8 @@ def extract_archive(
     try:
         with opener as arc:
             for m in members:
+                if cancel is not None and cancel.is_set():
+                    raise InterruptedError(f"{path.name}: extraction cancelled; a rerun resumes it")
                 dest = target / m.name
                 if m.kind == "dir":
                     dest.mkdir(parents=True, exist_ok=True)
@@ -273,6 +281,66 @@ def _write(dest: Path, open_src: Callable[[], IO[bytes]], size: int, overwrite: 
         raise
     res.written += 1
     res.bytes += dest.stat().st_size
+
+
+# --------------------------------------------------------------------------- placing files
+def place_file(src: Path, dest: Path, *, link: bool) -> None:
+    """Put ``src``'s content at ``dest`` atomically: a hard link when ``link`` and possible, else a copy.
+
+    Links save space for data files taken from the hub cache (nothing rewrites them in place);
+    checkpoints are copied, since training code may write next to them.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.icmlab-part")
+    tmp.unlink(missing_ok=True)
+    real = Path(os.path.realpath(src))
+    try:
+        try:
+            if not link:
+                raise OSError("copy requested")
+            os.link(real, tmp)
+        except OSError:  # another filesystem, or a copy was asked for
+            shutil.copyfile(real, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def copy_tree(src: Path, dest: Path, *, overwrite: bool = False, link: bool = False) -> int:
+    """Place every non-hidden file under ``src`` at the same relative path under ``dest``.
+
+    Files already present with the same size are kept unless ``overwrite`` (resumable).
+
+    Returns:
+        The number of files in the tree.
+    """
+    n = 0
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        if p.is_dir() or any(part.startswith(".") for part in rel.parts):
+            continue
+        d = dest / rel
+        if overwrite or not (d.is_file() and d.stat().st_size == p.stat().st_size):
+            place_file(p, d, link=link)
+        n += 1
+    return n
+
+
+def missing_references(json_path: Path, root: Path, prefix: str) -> tuple[int, list[str]]:
+    """Image paths starting with ``prefix`` that a LLaVA-format JSON names but ``root`` lacks.
+
+    A regex over the memory-mapped bytes: the 1 GB mix665k JSON is never parsed into Python objects.
+
+    Returns:
+        (number of distinct references, sorted missing ones).
+    """
+    import mmap
+
+    pattern = re.compile(rb'"image"\s*:\s*"(' + re.escape(prefix.encode()) + rb'[^"]+)"')
+    with open(json_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        refs = {m.group(1).decode() for m in pattern.finditer(mm)}
+    return len(refs), sorted(r for r in refs if not (root / r).is_file())
 
 
 # --------------------------------------------------------------------------- OCR-VQA images

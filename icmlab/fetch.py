@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import io
 import logging
 import os
 import random
 import re
-import shutil
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -122,7 +123,7 @@ def verify_file(path: Path, size: int | None = None, sha256: str | None = None, 
 
 
 def suggest_url(url: str) -> str | None:
-    """The raw-file URL for a web-page URL: Hugging Face ``/blob/`` → ``/resolve/``, GitHub ``/blob/`` → ``/raw/``."""
+    """The raw-file URL of a web-page URL: Hugging Face ``/blob/`` → ``/resolve/``, GitHub → ``/raw/``."""
     parts = urllib.parse.urlsplit(url)
     if "/blob/" not in parts.path:
         return None
@@ -133,7 +134,9 @@ def suggest_url(url: str) -> str | None:
 def looks_like_html(head: bytes) -> bool:
     """True when the first bytes of a body are an HTML document."""
     h = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    return h.startswith((b"<!doctype html", b"<html", b"<head", b"<!-- ")) or (h.startswith(b"<") and b"<html" in h[:1024])
+    if h.startswith((b"<!doctype html", b"<html", b"<head", b"<!-- ")):
+        return True
+    return h.startswith(b"<") and b"<html" in h[:1024]
 
 
 def html_message(url: str, what: str) -> str:
@@ -187,29 +190,19 @@ def _open(url: str, offset: int, validator: str | None, timeout: float) -> tuple
     except urllib.error.HTTPError as e:
         e.close()
         if e.code in (401, 403):
-            raise AuthError(
-                f"{url}: the server answered {e.code} ({e.reason}): this source needs credentials or an access "
-                "grant. Request access from the data's owners, or download it yourself and point the config "
-                "at the local copy (data.sources.<name>: /path/to/file).") from None
+            raise AuthError(f"{url}: the server answered {e.code} ({e.reason}): this source needs credentials or "
+                            "an access grant from the data's owners.") from None
         if e.code in (404, 410):
             raise NotFoundError(f"{url}: the server answered {e.code} ({e.reason}): the file is not there "
                                 "(moved or renamed?)") from None
         if e.code == 416:
-            return 416, {}, _Empty(), url
+            return 416, {}, io.BytesIO(), url
         if e.code in (408, 425, 429) or e.code >= 500:
             raise _Retry(f"HTTP {e.code} {e.reason}") from None
         raise FetchError(f"{url}: the server answered {e.code} ({e.reason})") from None
     except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError) as e:
         raise _Retry(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
     return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp, resp.geturl()
-
-
-class _Empty:
-    def read(self, n: int = -1) -> bytes:
-        return b""
-
-    def close(self) -> None:
-        pass
 
 
 def fetch_url(
@@ -224,6 +217,7 @@ def fetch_url(
     allow_html: bool = False,
     what: str | None = None,
     progress: bool = True,
+    cancel: threading.Event | None = None,
 ) -> FetchResult:
     """Download ``url`` to ``dest``: resumable, retried, verified, atomic.
 
@@ -238,6 +232,7 @@ def fetch_url(
         allow_html: accept an HTML body (never for data files).
         what: the file's description for messages (default: its name).
         progress: show a tqdm progress bar.
+        cancel: when set (Ctrl-C in the stage), stop after the current chunk; the partial file is kept.
 
     Returns:
         A :class:`FetchResult`; ``transferred`` counts only the bytes moved by this call.
@@ -250,10 +245,13 @@ def fetch_url(
     dest = Path(dest)
     what = what or dest.name
     if dest.is_file():
-        # dest only ever appears by renaming a verified download, so it is complete.
-        if sha256:
-            verify_file(dest, size, sha256, what=str(dest))
-        return FetchResult(dest, dest.stat().st_size, sha256.lower() if sha256 else None)
+        # dest only ever appears by renaming a verified download, so it is complete ...
+        try:
+            if sha256:
+                verify_file(dest, size, sha256, what=str(dest))
+            return FetchResult(dest, dest.stat().st_size, sha256.lower() if sha256 else None)
+        except ChecksumError:  # ... of another version of the file: fetch this one
+            dest.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
     part, meta = dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".part.json")
     state = _read_meta(meta)
@@ -271,7 +269,7 @@ def fetch_url(
     try:
         while not (size is not None and offset == size and part.exists()):
             try:
-                got = _transfer(url, part, meta, offset, state, size, hasher, bar, timeout, allow_html, what)
+                got = _transfer(url, part, meta, offset, state, size, hasher, bar, timeout, allow_html, what, cancel)
             except _Retry as e:
                 transferred += e.moved
                 failures = 0 if e.moved else failures + 1  # progress resets the count: flaky links finish
@@ -334,7 +332,7 @@ class _Got:
 
 
 def _transfer(url: str, part: Path, meta: Path, offset: int, state: dict, size: int | None, hasher, bar,
-              timeout: float, allow_html: bool, what: str) -> _Got:
+              timeout: float, allow_html: bool, what: str, cancel: threading.Event | None) -> _Got:
     """One request appending to ``part`` from ``offset``; raises :class:`_Retry` on transient trouble."""
     status, headers, stream, final_url = _open(url, offset, state.get("validator"), timeout)
     moved = 0
@@ -371,6 +369,8 @@ def _transfer(url: str, part: Path, meta: Path, offset: int, state: dict, size: 
                     raise _Retry(f"connection lost after {offset + moved} bytes ({type(e).__name__})", moved) from None
                 if not chunk:
                     break
+                if cancel is not None and cancel.is_set():
+                    raise InterruptedError(f"{what}: cancelled; the partial download is kept and resumes next time")
                 if offset + moved == 0 and not allow_html and looks_like_html(chunk[:2048]):
                     raise HTMLInsteadOfData(html_message(final_url or url, what))
                 f.write(chunk)
@@ -435,7 +435,8 @@ def _hf_error(e: Exception, repo_id: str, repo_type: str | None, what: str) -> F
         kind = "gated" if isinstance(e, GatedRepoError) else "private, gated or needs a login"
         return AuthError(f"{what}: {repo_id} is {kind} (the hub answered {status}). {login}")
     if isinstance(e, RevisionNotFoundError):
-        return NotFoundError(f"{what}: revision not found in {repo_id} ({e.__class__.__name__}); check the pinned revision")
+        return NotFoundError(f"{what}: the pinned revision does not exist in {repo_id}; check model.revision or "
+                             "the catalog's revision")
     if isinstance(e, RemoteEntryNotFoundError):
         return NotFoundError(f"{what}: not found in {repo_id} ({hf_page(repo_id, repo_type)})")
     if isinstance(e, RepositoryNotFoundError):
@@ -543,42 +544,3 @@ def fetch_hf_snapshot(
         raise _hf_error(e, repo_id, repo_type, repo_id) from e
     return Path(path)
 
-
-# --------------------------------------------------------------------------- local placement
-def place_file(src: Path, dest: Path, *, link: bool) -> None:
-    """Put ``src``'s content at ``dest`` atomically: a hard link when ``link`` and possible, else a copy.
-
-    Links save space for data files taken from the hub cache (nothing rewrites them in place);
-    checkpoints are copied, since training code may write next to them.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.icmlab-part")
-    tmp.unlink(missing_ok=True)
-    real = Path(os.path.realpath(src))
-    try:
-        if not link:
-            raise OSError("copy requested")
-        os.link(real, tmp)
-    except OSError:
-        shutil.copyfile(real, tmp)
-    os.replace(tmp, dest)
-
-
-def copy_tree(src: Path, dest: Path, *, overwrite: bool = False, link: bool = False) -> int:
-    """Place every non-hidden file under ``src`` at the same relative path under ``dest``.
-
-    Files already present with the same size are kept unless ``overwrite`` (resumable).
-
-    Returns:
-        The number of files in the tree.
-    """
-    n = 0
-    for p in sorted(src.rglob("*")):
-        rel = p.relative_to(src)
-        if p.is_dir() or any(part.startswith(".") for part in rel.parts):
-            continue
-        d = dest / rel
-        if overwrite or not (d.is_file() and d.stat().st_size == p.stat().st_size):
-            place_file(p, d, link=link)
-        n += 1
-    return n

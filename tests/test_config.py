@@ -21,6 +21,8 @@ def test_demo_loads_with_resolved_paths(project_root):
     assert cfg.run_dir == project_root / "runs" / "demo"
     assert cfg.data.root == project_root / "data" / "demo"
     assert cfg.model.base == str(project_root / "data/demo/models/llava-tiny-hf")
+    moved = load_run_config("parameters/demo.yaml", {"data.root": "/tmp/elsewhere"})
+    assert moved.model.base == "/tmp/elsewhere/models/llava-tiny-hf"
     assert cfg.train.strategy == "after" and cfg.hardware.device == "cpu"
 
 
