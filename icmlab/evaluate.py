@@ -56,7 +56,7 @@ class EvaluateResult:
     report: Path
     scores_json: Path
     seconds: float
-    extra: dict = field(default_factory=dict)
+    gallery: list = field(default_factory=list)
 
     def headline(self) -> list[dict]:
         """One row per model/control: Q-Bench overall (strict, substring) and moderation accuracy."""
@@ -203,4 +203,4 @@ def run(cfg: RunConfig) -> EvaluateResult:
         gallery += gallery_from_records(s.items, s.images, evaluations, task=task, n=8, seed=cfg.seed)
     report = build_report(paths.report_dir(cfg), evaluations, gallery,
                           title=f"{cfg.run_name}: baseline vs fine-tuned")
-    return EvaluateResult(evaluations, report, scores_json, time.perf_counter() - t0)
+    return EvaluateResult(evaluations, report, scores_json, time.perf_counter() - t0, gallery)
