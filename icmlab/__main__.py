@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     text = getattr(result, "summary", None) or getattr(result, "table", None)
     print(text() if callable(text) else result)
-    return 0
+    # A training job stopped by SIGTERM saved a checkpoint but is not finished: 128 + SIGTERM, so
+    # launchers and schedulers see it as interrupted (a rerun resumes).
+    return 143 if getattr(result, "interrupted", False) else 0
 
 
 if __name__ == "__main__":

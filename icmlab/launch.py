@@ -31,6 +31,8 @@ from pathlib import Path
 
 from icmlab.config import RunConfig
 
+#: Exit status of a training process that SIGTERM stopped after saving a checkpoint (128 + 15).
+STOPPED_BY_SIGTERM = 143
 # Environment variables that mark a process started by a distributed launcher.
 _WORKER_ENV = ("LOCAL_RANK", "WORLD_SIZE")
 
@@ -113,11 +115,12 @@ def run_launched(cmd: list[str], cwd: Path | None = None, grace_s: float = 600.0
         grace_s: how long to wait for the checkpoint after an interruption before killing the job.
 
     Returns:
-        The exit status (0 on success).
+        The exit status: 0 when done, :data:`STOPPED_BY_SIGTERM` when the job was stopped from outside
+        after saving a checkpoint.
 
     Raises:
         KeyboardInterrupt: re-raised after the job has saved its checkpoint and stopped.
-        RuntimeError: the job failed (non-zero exit status).
+        RuntimeError: the job failed (any other exit status).
     """
     print("launching:", " ".join(cmd), flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -151,7 +154,7 @@ def run_launched(cmd: list[str], cwd: Path | None = None, grace_s: float = 600.0
             signal.signal(signal.SIGTERM, previous)
     if interrupted:
         raise KeyboardInterrupt(f"training job stopped (exit status {rc}); rerun to resume")
-    if rc != 0:
+    if rc not in (0, STOPPED_BY_SIGTERM):
         raise RuntimeError(f"training job failed with exit status {rc}: {' '.join(cmd)} (output above)")
     return rc
 

@@ -14,7 +14,7 @@ What it does, in order:
 2. Loads the model through the family adapter (``load_for_training``: upstream's trainable parts,
    LoRA when enabled, attention kernel), the records of ``paths.training_json(cfg)`` and the lazy
    :class:`icmlab.dataset.SupervisedDataset`.
-3. Builds ``TrainingArguments`` from the config (:func:`build_training_args`), keeping the global
+3. Builds ``TrainingArguments`` from the config (:func:`icmlab.train_args.build_training_args`), keeping the global
    batch at ``train.global_batch_size`` whatever the device count (gradient accumulation derived).
 4. Trains with :class:`icmlab.trainer.IcmTrainer`, resuming from the newest complete checkpoint in
    ``<run_dir>/checkpoints`` with its weights really restored. SIGTERM saves a checkpoint and stops.
@@ -39,13 +39,13 @@ import torch
 from icmlab import paths
 from icmlab.config import RunConfig, find_project_root, load_run_config, save_resolved
 from icmlab.io import read_json, read_jsonl
-from icmlab.launch import build_launch_command, is_launched_worker, launch_mode, run_launched
+from icmlab.launch import STOPPED_BY_SIGTERM, build_launch_command, is_launched_worker, launch_mode, run_launched
 from icmlab.models import get_family
+from icmlab.train_args import (  # noqa: F401  (re-exported: the stage's configuration helpers)
+    DEEPSPEED_DIR, batch_message, build_training_args, deepspeed_config_path, projector_parameters, resolve_device,
+)
 
 log = logging.getLogger("icmlab.train")
-
-#: ZeRO configs shipped with icmlab (``hardware.deepspeed`` names one of them).
-DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "parameters" / "deepspeed"
 
 
 @dataclass
@@ -84,119 +84,14 @@ class TrainResult:
         return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- configuration
-def resolve_device(cfg: RunConfig) -> RunConfig:
-    """Return ``cfg`` with ``hardware.device`` decided (``auto`` → cuda when available, else cpu).
-
-    Raises:
-        ValueError: ``cuda`` requested without a GPU, or bf16 on CPU (naming the key to change).
-    """
-    h = cfg.hardware
-    device = h.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("hardware.device: cuda but no CUDA GPU is visible; use device: cpu (or auto)")
-    if device == "cpu" and cfg.train.bf16:
-        raise ValueError("train.bf16: bfloat16 training needs an Ampere+ GPU; set train.bf16: false on CPU")
-    return dataclasses.replace(cfg, hardware=dataclasses.replace(h, device=device))
-
-
-def deepspeed_config_path(cfg: RunConfig) -> str | None:
-    """``parameters/deepspeed/<hardware.deepspeed>.json``, or None.
-
-    ``zero3_offload.json`` is upstream's minus its optimizer/scheduler blocks: IcmTrainer creates
-    DeepSpeedCPUAdam itself, so the projector lr groups and the configured schedule still apply.
-
-    Raises:
-        FileNotFoundError: the named config is missing.
-    """
-    name = cfg.hardware.deepspeed
-    if name == "none":
-        return None
-    path = DEEPSPEED_DIR / f"{name}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"hardware.deepspeed: {name} → {path} does not exist")
-    return str(path)
-
-
-def batch_message(cfg: RunConfig) -> str:
-    """``"global batch 128 = 16 per device × 8 GPUs × 1 accumulation"``."""
-    t, world = cfg.train, cfg.world_size
-    unit = ("GPU" if world == 1 else "GPUs") if cfg.hardware.device != "cpu" else "CPU process"
-    return (f"global batch {t.global_batch_size} = {t.per_device_batch_size} per device × {world} {unit} × "
-            f"{cfg.gradient_accumulation_steps} accumulation")
-
-
-def build_training_args(cfg: RunConfig) -> Any:
-    """``TrainingArguments`` of a run (device already resolved by :func:`resolve_device`).
-
-    Returns:
-        The arguments: output under ``<run_dir>/checkpoints``, upstream's schedule and precision,
-        ``remove_unused_columns=False`` (samples carry images), token counting for tokens/s.
-    """
-    from transformers import TrainingArguments
-
-    t, h = cfg.train, cfg.hardware
-    cuda = h.device == "cuda"
-    report = [r for r in t.report_to if r != "none"] or "none"
-    return TrainingArguments(
-        output_dir=str(paths.checkpoints_dir(cfg)),
-        run_name=cfg.run_name,
-        # ---- batch and length
-        per_device_train_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        # ---- optimiser and schedule
-        learning_rate=t.lr,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio,  # < 1 = ratio
-        weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        max_grad_norm=t.max_grad_norm,
-        # ---- precision and memory
-        bf16=t.bf16,
-        tf32=t.tf32 if cuda else None,  # TF32 is a CUDA switch; None leaves CPU alone
-        activation_checkpointing=t.gradient_checkpointing,
-        # Non-reentrant checkpointing works with frozen embeddings (LoRA) without enable_input_require_grads.
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        deepspeed=deepspeed_config_path(cfg),
-        use_cpu=not cuda,
-        # ---- logging and saving
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        report_to=report,
-        include_num_input_tokens_seen="non_padding",
-        disable_tqdm=True,  # our ProgressBarCallback replaces the Trainer's bar
-        # ---- data
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        dataloader_num_workers=t.dataloader_num_workers,
-        remove_unused_columns=False,
-    )
-
-
-def projector_parameters(model: torch.nn.Module, prefixes: Sequence[str]) -> list[torch.nn.Parameter]:
-    """Parameters under the family's projector submodules, also inside a PEFT wrapper."""
-    out = []
-    for name, p in model.named_parameters():
-        bare = name.removeprefix("base_model.model.")  # peft.PeftModel prefix
-        if any(bare == q or bare.startswith(q + ".") for q in prefixes):
-            out.append(p)
-    return out
-
-
 # --------------------------------------------------------------------------- the stage
 def run(cfg: RunConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     """Train the run's model; see the module docstring.
 
     Args:
         cfg: the run config.
-        callbacks: extra ``TrainerCallback`` objects (e.g. a notebook's live plot).
+        callbacks: extra ``TrainerCallback`` objects (e.g. a notebook's live plot); in-process runs
+            only (a launched job's workers cannot receive them, the notebook reads metrics.jsonl).
 
     Returns:
         The :class:`TrainResult`.
@@ -230,8 +125,8 @@ def _ensure_visible_logging() -> None:
 def _run_launched(cfg: RunConfig, mode: str) -> TrainResult:
     config_path = save_resolved(cfg)
     log.info(batch_message(cfg))
-    run_launched(build_launch_command(cfg, config_path, mode), cwd=find_project_root())
-    return _result_from_disk(cfg, mode)
+    rc = run_launched(build_launch_command(cfg, config_path, mode), cwd=find_project_root())
+    return _result_from_disk(cfg, mode, interrupted=rc == STOPPED_BY_SIGTERM)
 
 
 def _is_main_process() -> bool:
@@ -239,26 +134,51 @@ def _is_main_process() -> bool:
 
 
 def _train_inprocess(cfg: RunConfig, callbacks: Sequence[Any]) -> TrainResult:
+    launched = is_launched_worker()
+    if launched and int(os.environ["WORLD_SIZE"]) != cfg.world_size:
+        raise ValueError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but hardware says {cfg.world_size} "
+                         "(num_gpus × num_nodes); the global batch arithmetic would be wrong")
+    added: list[str] = []
+    if cfg.hardware.deepspeed != "none" and not launched:
+        # A single in-process DeepSpeed engine still needs a (one-member) process group.
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
+                           ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+            if key not in os.environ:
+                os.environ[key] = value
+                added.append(key)
+    try:
+        return _train(cfg, callbacks, save_config=not launched)
+    finally:
+        for key in added:  # a later run in this kernel must not look like a launched worker
+            os.environ.pop(key, None)
+        if cfg.hardware.deepspeed != "none":
+            # Forget the ZeRO config, or every later from_pretrained in this kernel would partition weights.
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(cfg: RunConfig, callbacks: Sequence[Any], save_config: bool) -> TrainResult:
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from icmlab.dataset import SupervisedDataset, TrainingCollator
     from icmlab.train_callbacks import GracefulStopCallback, MetricsJsonlCallback, ProgressBarCallback
-    from icmlab.trainer import IcmTrainer, find_resume_checkpoint
+    from icmlab.trainer import IcmTrainer
 
-    if is_launched_worker() and int(os.environ["WORLD_SIZE"]) != cfg.world_size:
-        raise ValueError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but hardware says {cfg.world_size} "
-                         "(num_gpus × num_nodes); the global batch arithmetic would be wrong")
-    if cfg.hardware.deepspeed != "none" and not is_launched_worker():
-        # A single in-process DeepSpeed engine still needs a (one-member) process group.
-        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511"), ("RANK", "0"),
-                           ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-            os.environ.setdefault(key, value)
     data_file = paths.training_json(cfg)
     if not data_file.is_file():
         raise FileNotFoundError(f"training data {data_file} not found; run the merge (and validate) stage first")
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    if _is_main_process() and not is_launched_worker():
+    if save_config:  # launched workers were started from the saved file
         save_resolved(cfg)
     set_seed(cfg.seed)
     log.info(batch_message(cfg))
@@ -266,6 +186,12 @@ def _train_inprocess(cfg: RunConfig, callbacks: Sequence[Any]) -> TrainResult:
     family = get_family(cfg.model.family)
     args = build_training_args(cfg)  # before the model: ZeRO-3 must know about itself at load time
     bundle = family.load_for_training(cfg)
+    ds_config = getattr(args, "hf_deepspeed_config", None)  # set only when a ZeRO config is given
+    if ds_config is not None and ds_config.is_zero3():
+        # transformers 5.24 attaches extra ZeRO-3-only key renames to a model loaded under zero.Init;
+        # reversed at save time they write "language_model.model.model.*" keys. Dropping them makes
+        # checkpoints and the final model use the same llava-hf layout as a plain run.
+        _unwrap_peft(bundle.model)._weight_conversions = None
     records = read_json(data_file)
     dataset = SupervisedDataset.from_bundle(records, bundle, cfg)
     log.info("%d training samples from %s", len(dataset), data_file)
@@ -297,11 +223,15 @@ def _train_inprocess(cfg: RunConfig, callbacks: Sequence[Any]) -> TrainResult:
 
     model_dir = _save_final(trainer, bundle, family, cfg)
     if cfg.train.push_to_hub and _is_main_process():
-        push_to_hub(model_dir, cfg.train.push_to_hub, cfg.model.revision)
+        push_to_hub(model_dir, cfg.train.push_to_hub)
     result = _result_from_disk(cfg, "inprocess", resumed_from=resume, step=trainer.state.global_step)
     result.model_dir = model_dir
     log.info("train loss %.4f over %d steps", output.training_loss, output.global_step)
     return result
+
+
+def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _prepare_resume(cfg: RunConfig) -> Path | None:
@@ -319,25 +249,45 @@ def _prepare_resume(cfg: RunConfig) -> Path | None:
 
 
 def _save_final(trainer: Any, bundle: Any, family: Any, cfg: RunConfig) -> Path:
-    """Write the final model with the family's ``save_bundle`` (rank 0; ZeRO-3 gathers the weights first)."""
+    """Write the final model with the family's ``save_bundle`` on rank 0.
+
+    Under ZeRO-3 the weights are partitioned over the ranks. Full fine-tunes are consolidated the
+    Trainer's memory-frugal way (``save_model``: layer by layer into rank 0's CPU memory, then a
+    staging folder) and reloaded on rank 0's CPU for ``save_bundle``; LoRA models (whose adapter
+    the Trainer saves alone) gather all weights on every rank for the merge.
+    """
     out = paths.final_model_dir(cfg)
     bundle.model = trainer.model
     bundle.model.config.use_cache = True  # inference default for the saved model
     ds_cfg = getattr(trainer.args, "hf_deepspeed_config", None)
-    if ds_cfg is not None and ds_cfg.is_zero3():
+    if ds_cfg is None or not ds_cfg.is_zero3():
+        if _is_main_process():
+            family.save_bundle(bundle, out)
+    elif not hasattr(bundle.model, "get_base_model"):
+        from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+        staging = cfg.run_dir / ".model-staging"
+        trainer.save_model(str(staging))
+        if _is_main_process():
+            unset_hf_deepspeed_config()  # load a whole, unpartitioned copy on the CPU
+            try:
+                full = type(bundle.model).from_pretrained(staging, dtype=next(iter(bundle.model.parameters())).dtype)
+            finally:
+                set_hf_deepspeed_config(ds_cfg)
+            family.save_bundle(dataclasses.replace(bundle, model=full), out)
+            shutil.rmtree(staging, ignore_errors=True)
+    else:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(bundle.model.parameters()), modifier_rank=None):
             if _is_main_process():
                 family.save_bundle(bundle, out)
-    elif _is_main_process():
-        family.save_bundle(bundle, out)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return out
 
 
-def push_to_hub(model_dir: Path, repo_id: str, revision: str | None = None) -> str:
+def push_to_hub(model_dir: Path, repo_id: str) -> str:
     """Upload the final model folder to a hub model repo (created private if missing).
 
     Returns:
@@ -376,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     result = run(load_run_config(argv[0], overrides))
     print(result.summary(), flush=True)
-    return 143 if result.interrupted else 0
+    return STOPPED_BY_SIGTERM if result.interrupted else 0
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Used by :mod:`icmlab.train` (the stage); nothing here knows about a model family
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -327,9 +326,3 @@ def find_resume_checkpoint(checkpoints: Path) -> Path | None:
                 and not (d / "checkpoint-is-incomplete.txt").exists():
             done.append((int(suffix), d))
     return max(done)[1] if done else None
-
-
-def steps_per_epoch(num_samples: int, global_batch: int) -> int:
-    """Optimizer steps in one epoch (the last partial batch counts, as in the Trainer)."""
-    return max(1, math.ceil(num_samples / global_batch))
-

@@ -177,3 +177,34 @@ def test_resume_restores_weights_that_a_naive_trainer_resume_drops(setup, tmp_pa
     for key, value in want.items():
         assert torch.equal(got[key], value), key
     assert any(not torch.equal(got[k], initial[k]) for k in got)
+
+
+def test_lora_resume_continues_the_same_run(setup, tmp_path):
+    """LoRA (adapters + projector as PEFT modules_to_save): 2 steps + resume + 2 steps == 4 steps."""
+    import dataclasses
+
+    from icmlab.train import run
+
+    tmp_path.joinpath("data").symlink_to(setup["dir"] / "data")
+    lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
+
+    def cfg_for(name: str, steps: int):
+        cfg = T.make_config(tmp_path, setup["model"], run_name=name, max_steps=steps, save_steps=2, lora=lora,
+                            projector_lr=5e-3)
+        T.write_training_json(cfg, setup["records"])
+        return cfg
+
+    straight = cfg_for("straight", 4)
+    run(straight)
+    split = cfg_for("split", 2)
+    run(split)
+    assert (paths.checkpoints_dir(split) / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    result = run(dataclasses.replace(split, train=dataclasses.replace(split.train, max_steps=4)))
+    assert result.resumed_from == paths.checkpoints_dir(split) / "checkpoint-2"
+    got = [r["loss"] for r in read_jsonl(paths.metrics_jsonl(split))]
+    want = [r["loss"] for r in read_jsonl(paths.metrics_jsonl(straight))]
+    assert got == pytest.approx(want, rel=1e-6)
+    a = load_file(paths.final_model_dir(split) / "model.safetensors")  # merged LoRA weights
+    b = load_file(paths.final_model_dir(straight) / "model.safetensors")
+    for key, value in b.items():
+        assert torch.allclose(a[key], value, rtol=1e-5, atol=1e-7), key

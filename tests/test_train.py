@@ -109,8 +109,8 @@ def test_smoke_mplug_owl2_trainable_groups(tiny, tmp_path, freeze_vision, tune_p
                         tune_projector=tune_projector)
     T.write_training_json(cfg, T.to_mplug_dialect(tiny["records"]))
     result = run(cfg)
-    before = MPLUGOwl2ForCausalLM.from_pretrained(base).state_dict()
-    after = MPLUGOwl2ForCausalLM.from_pretrained(result.model_dir).state_dict()
+    before = dict(MPLUGOwl2ForCausalLM.from_pretrained(base).named_parameters())  # parameters, not sin-cos buffers
+    after = dict(MPLUGOwl2ForCausalLM.from_pretrained(result.model_dir).named_parameters())
     trains = {"model.vision_model.": not freeze_vision, "model.visual_abstractor.": tune_projector,
               "model.layers.": True}
     for prefix, trained in trains.items():
@@ -295,3 +295,74 @@ def test_launch_decisions_and_commands(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "8")
     assert launch_mode(cfg) == "inprocess"  # a launched worker trains, it never launches again
+
+
+# ------------------------------------------------------------------ DeepSpeed ZeRO-3 (one CPU process)
+@pytest.mark.slow
+def test_zero3_inprocess_matches_plain_training_and_resumes(tiny, tmp_path):
+    """ZeRO-3 (partitioned weights, DeepSpeed checkpoints, gathered final save) trains exactly like plain
+    PyTorch, writes the same llava-hf layout, and a rerun resumes from its DeepSpeed checkpoint.
+
+    The DeepSpeed runs go through ``python -m icmlab.train`` so that no DeepSpeed state stays in
+    this test process.
+    """
+    pytest.importorskip("deepspeed")
+    import os
+    import subprocess
+    import sys
+
+    from icmlab.config import save_resolved
+
+    plain = _setup(tiny, tmp_path, max_steps=3)
+    run(plain)
+    ref = [r["loss"] for r in read_jsonl(paths.metrics_jsonl(plain))]
+    ref_weights = load_file(paths.final_model_dir(plain) / "model.safetensors")
+
+    ds_cfg = T.make_config(tmp_path, tiny["hf"], run_name="zero3", max_steps=3, save_steps=2)
+    ds_cfg = dataclasses.replace(ds_cfg, hardware=dataclasses.replace(ds_cfg.hardware, deepspeed="zero3"))
+    T.write_training_json(ds_cfg, tiny["records"])
+    config = save_resolved(ds_cfg, tmp_path / "zero3.yaml")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    for steps in (2, 3):  # stop after the step-2 checkpoint, then resume to 3
+        proc = subprocess.run([sys.executable, "-m", "icmlab.train", str(config), f"train.max_steps={steps}"],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "resuming from" in proc.stderr and "checkpoint-2" in proc.stderr
+    assert (paths.checkpoints_dir(ds_cfg) / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's own format
+    losses = [r["loss"] for r in read_jsonl(paths.metrics_jsonl(ds_cfg))]
+    assert losses == pytest.approx(ref, rel=1e-5)
+    weights = load_file(paths.final_model_dir(ds_cfg) / "model.safetensors")  # gathered, full-size tensors
+    assert set(weights) == set(ref_weights)
+    for key, value in ref_weights.items():
+        assert torch.allclose(weights[key], value, rtol=1e-4, atol=1e-6), key
+
+
+def test_run_launched_streams_and_maps_exit_status(capfd):
+    import sys
+
+    from icmlab.launch import STOPPED_BY_SIGTERM, run_launched
+
+    assert run_launched([sys.executable, "-c", "print('step 1'); print('step 2')"]) == 0
+    assert "step 1\nstep 2" in capfd.readouterr().out
+    assert run_launched([sys.executable, "-c", f"raise SystemExit({STOPPED_BY_SIGTERM})"]) == STOPPED_BY_SIGTERM
+    with pytest.raises(RuntimeError, match="exit status 3"):
+        run_launched([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+def test_packing_is_refused_with_the_key(tiny, tmp_path):
+    cfg = _setup(tiny, tmp_path)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, packing=True))
+    with pytest.raises(ValueError, match="train.packing"):
+        run(cfg)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_smoke(tiny, tmp_path):
+    """On a CUDA machine: bf16 weights, sdpa/flash attention, 2 steps, frozen tower unchanged."""
+    cfg = _setup(tiny, tmp_path, max_steps=2, bf16=True, tf32=True, gradient_checkpointing=True)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="auto"),
+                              hardware=dataclasses.replace(cfg.hardware, device="cuda", attn_implementation="auto"))
+    result = run(cfg)
+    before = LlavaForConditionalGeneration.from_pretrained(tiny["hf"], dtype=torch.bfloat16).state_dict()
+    after = LlavaForConditionalGeneration.from_pretrained(result.model_dir, dtype=torch.bfloat16).state_dict()
+    _assert_trained(before, after)
