@@ -71,7 +71,11 @@ class LiveMetricsPlot(TrainerCallback):
             from IPython.display import display
         except ImportError:
             return
-        fig = plot_metrics(self.path, self.title)
+        from IPython.display import Image
+
+        from icmlab.report import figure_png
+
+        fig = Image(figure_png(plot_metrics(self.path, self.title)))
         if self._handle is None:
             self._handle = display(fig, display_id=True)
         else:

@@ -66,6 +66,63 @@ print(result.summary())''',
       '#md ## Layout check: every expected folder and file of the recipe',
       'show_html(download.layout_html(result.layout))'])
 
+spec("merge", "02 · Merge: one training JSON in the model's dialect",
+     "Concatenates the recipe's LLaVA-format JSONs in its order (low-level data first, then "
+     "llava_v1_5_mix665k for *mix*) with `jq -s add` semantics, applies per-source sampling ratios, keeps "
+     "provenance in a sidecar (`train.provenance.jsonl`) so the file still loads in the original repos, "
+     "reports duplicate ids, and writes the model's image token (`<image>` / `<|image|>`) into EVERY record. "
+     "Inputs are never modified; outputs are written atomically under `runs/<run>/data/`.",
+     ['''from icmlab import merge
+from icmlab.display import html_table
+
+result = merge.run(cfg)
+print(result.summary())''',
+      '#md ## Sources, in merge order',
+      'show_html(html_table(result.sources))',
+      '#md ## Duplicate ids (first and repeated occurrence)',
+      'show_html(html_table(result.duplicate_examples))'])
+
+spec("validate", "03 · Validate: catch every data problem before any GPU time",
+     "Checks the merged file: JSON/HTML/encoding at file level; ids, roles, empty turns, duplicate ids, "
+     "image-token count and dialect per record; images (missing with exact case, unreadable, truncated, "
+     "format different from the extension, degenerate sizes); token lengths with the model's real tokenizer "
+     "and template, image tokens included (truncated samples, samples with no answer left). With "
+     "`data.invalid_records: stop` problems stop the run here (the report is still written); with `drop` "
+     "a cleaned file and a rejects file with reasons are written.",
+     ['''from icmlab import validate
+from icmlab.display import html_table
+
+result = validate.run(cfg)
+print(result.summary())''',
+      '#md ## Problems by kind (count, example, fix)',
+      'show_html(html_table(result.table()))',
+      '#md ## Per-source statistics',
+      'show_html(html_table(result.per_source_table()))',
+      '#md ## Lengths with the real tokenizer and template',
+      'result.lengths'])
+
+spec("inspect", "04 · Inspect: look at the data and the exact model input",
+     "Figures of the merged data (source mix, turns per record, token lengths against `model_max_length`, "
+     "image sizes, random samples per source), samples rendered as the trainer builds them (trained tokens "
+     "highlighted, masked ones grey, the image-token span marked), and a live browser with filters (source, "
+     "dataset, category, problem kind), text search and next/previous/random.",
+     ['''from icmlab import inspection
+from icmlab.display import html_table
+
+result = inspection.run(cfg)
+print(result.summary())
+show_html(html_table(result.table()))''',
+      'result.figures["source_mix"]',
+      'result.figures["turns"]',
+      'result.figures["token_lengths"]',
+      'result.figures["image_sizes"]',
+      'result.figures["samples"]',
+      '#md ## Model inputs: trained vs masked tokens',
+      'show_html(inspection.samples_html(result, 3))',
+      'show_html(inspection.samples_html(result, 3, problems=True))',
+      '#md ## Browser (live in JupyterLab)',
+      'inspection.browser(cfg, result)'])
+
 spec("train", "05 · Train",
      "Trains the run's model with the HF Trainer exactly as the upstream recipe does (templates, masking, "
      "frozen/trained parts, hyperparameters from the parameters file, DeepSpeed ZeRO on GPUs). On CPU or "
@@ -73,6 +130,7 @@ spec("train", "05 · Train",
      "`deepspeed`/`torchrun` and streams its output. A rerun resumes from the last checkpoint in the run "
      "directory with the weights really restored.",
      ['''from icmlab import paths, train
+from icmlab.display import show_figure
 from icmlab.live import LiveMetricsPlot, plot_metrics
 
 print(train.batch_message(cfg))''',
@@ -80,7 +138,7 @@ print(train.batch_message(cfg))''',
       '''result = train.run(cfg, callbacks=[LiveMetricsPlot(paths.metrics_jsonl(cfg), every=10, title=cfg.run_name)])
 print(result.summary())''',
       '#md ## Curves of the whole run',
-      'plot_metrics(paths.metrics_jsonl(cfg), title=cfg.run_name)'])
+      'show_figure(plot_metrics(paths.metrics_jsonl(cfg), title=cfg.run_name))'])
 
 spec("evaluate", "06 · Evaluate: baseline vs fine-tuned",
      "Answers the held-out benchmarks greedily with the starting checkpoint (the paper's baseline) and the "
@@ -89,19 +147,20 @@ spec("evaluate", "06 · Evaluate: baseline vs fine-tuned",
      "(images blanked, or shuffled between questions) show whether the answers come from the pixels. "
      "The same figures are written to `runs/<run>/report/report.html`.",
      ['''from icmlab import evaluate, report
+from icmlab.display import show_figure
 
 result = evaluate.run(cfg)
 print(result.summary())''',
       '#md ## Q-Bench A1 (strict letter match, then upstream substring rule)',
       '''show_html(report.qbench_table_html(result.evaluations, "strict"))
 show_html(report.qbench_table_html(result.evaluations, "substring"))''',
-      'report.qbench_bar_figure(result.evaluations, "strict")',
+      'show_figure(report.qbench_bar_figure(result.evaluations, "strict"))',
       '#md ## Moderation',
       '''show_html(report.moderation_table_html(result.evaluations))
 show_html(report.moderation_category_table_html(result.evaluations))''',
-      'report.confusion_figure(result.evaluations)',
+      'show_figure(report.confusion_figure(result.evaluations))',
       '#md ## Controls: the fine-tuned model with blank or shuffled images',
-      'report.controls_figure(result.evaluations)',
+      'show_figure(report.controls_figure(result.evaluations))',
       '#md ## Gallery',
       '''show_html(report.gallery_html(result.gallery))
 print("report:", result.report)'''])
