@@ -21,9 +21,15 @@ Sizes follow ``demo-learnability.md``: CLIP hidden 32, 2 layers, image 64, patch
 tokens); Llama hidden 64, 2 layers, 4 heads, 2 kv heads; ``initializer_range=0.1`` in both (the
 setting that removes the long loss plateau).
 
-Hook for other families: :func:`register_checkpoint_builder` adds a builder (e.g. a tiny
-mPLUG-Owl2, implemented with that model's code) that :func:`build_tiny_checkpoints` then runs
-after the built-in ones; it receives ``(out_dir, seed)`` and returns the path it wrote.
+Hook for other families (no tiny mPLUG-Owl2 is built here: that model's own module owns it):
+:func:`register_checkpoint_builder` adds a builder that :func:`build_tiny_checkpoints` runs after
+the built-in ones, e.g. in ``icmlab/models/mplug_owl2.py``::
+
+    def _tiny_owl2(dest: Path, seed: int) -> Path:   # writes a checkpoint folder at ``dest``
+        ...                                          # demo_tokenizer(image_token="<|image|>") etc.
+    register_checkpoint_builder("mplug_owl2", _tiny_owl2)
+
+The result then holds ``"mplug_owl2": out_dir / "mplug_owl2"`` and the manifest covers its files.
 """
 
 from __future__ import annotations
@@ -75,8 +81,9 @@ def register_checkpoint_builder(name: str, builder: CheckpointBuilder) -> None:
 
     Args:
         name: result key; must not clash with the built-in ``DIRS`` keys.
-        builder: ``builder(out_dir, seed) -> path``; it must write only inside ``out_dir`` and be
-            deterministic in ``seed``.
+        builder: ``builder(dest, seed) -> dest``; it creates the checkpoint folder ``dest`` (a
+            staging path, renamed to ``out_dir / name`` afterwards), writes nothing outside it,
+            and is deterministic in ``seed``.
 
     Raises:
         ValueError: on a clash with a built-in name.
@@ -139,6 +146,24 @@ def _build_projector(dest: Path, seed: int, vision_tower: str) -> None:
     })
 
 
+def _to_hub_key_layout(weights: Path) -> None:
+    """Rename ``vision_tower.*`` to ``vision_tower.vision_model.*`` in a saved llava checkpoint.
+
+    transformers 5 saves the vision tower without the ``vision_model`` level, while the hub's
+    llava-hf checkpoints (written by transformers 4.x) have it; ``from_pretrained`` reads both, and
+    the demo must look like what users actually download.
+    """
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(weights)
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+            key = "vision_tower.vision_model." + key[len("vision_tower."):]
+        renamed[key] = value.contiguous()
+    save_file(renamed, weights, metadata={"format": "pt"})
+
+
 def _build_llava_hf(dest: Path, seed: int, clip_model) -> None:
     from transformers import (CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
@@ -157,6 +182,7 @@ def _build_llava_hf(dest: Path, seed: int, clip_model) -> None:
     # LLaVA never trains CLIP, so the released vision tower IS the CLIP checkpoint's.
     model.model.vision_tower.load_state_dict(clip_model.vision_model.state_dict())
     model.save_pretrained(dest)
+    _to_hub_key_layout(dest / "model.safetensors")
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=tok.pad_token_id).save_pretrained(dest)
     processor = LlavaProcessor(image_processor=image_processor(), tokenizer=tok, patch_size=VISION_KWARGS["patch_size"],
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,

@@ -111,13 +111,14 @@ def mix665k(seed: int = 0, scale: float = 1.0) -> DemoDataset:
 
     Args:
         seed: global demo seed.
-        scale: multiplies every per-source count (at least 2 records each).
+        scale: multiplies every per-source count (at least 3 records each, so small builds still
+            hold every case, e.g. GIF, PNG and JPEG covers).
 
     Returns:
         The dataset (payload = the shuffled record list; image keys = the records' ``image``).
     """
     rng = stream(seed, "llava_mix665k")
-    n = {k: scaled(v, scale, 2) for k, v in COUNTS.items()}
+    n = {k: scaled(v, scale, 3) for k, v in COUNTS.items()}
     images: dict[str, ImageSpec] = {}
     records: list[dict] = []
 
@@ -160,7 +161,7 @@ def mix665k(seed: int = 0, scale: float = 1.0) -> DemoDataset:
         title = f"{_pick(rng, TITLE_WORDS)} {_pick(rng, TITLE_WORDS)}"
         author = _pick(rng, AUTHORS)
         # One in three covers is GIF or PNG data behind the .jpg name, as in the real download.
-        fmt = ("JPEG", "JPEG", "GIF", "JPEG", "PNG", "JPEG")[i % 6]
+        fmt = ("GIF", "JPEG", "PNG", "JPEG", "JPEG", "JPEG")[i % 6]
         path = f"ocr_vqa/images/{oid}.jpg"
         new_image(path, size=(64, 96), fmt=fmt, text=f"{title}\n{author}")
         pairs = [("Who wrote this book?", author), ("What is the title of this book?", title),
@@ -175,15 +176,16 @@ def mix665k(seed: int = 0, scale: float = 1.0) -> DemoDataset:
         spec = new_image(path, size=(80, 60), text=word)
         s = scene_of(spec).shapes[0]
         q = f"Provide a one-sentence caption for the provided image.\nReference OCR token: {word}"
-        records.append({"id": tid, "image": path,
-                        "conversations": _conv(f"{IMAGE_TOKEN}\n{q}", f"A sign that says {word} near {T.shape_phrase(s.colour, s.kind)}.")})
+        caption = f"A sign that says {word} near {T.shape_phrase(s.colour, s.kind)}."
+        records.append({"id": tid, "image": path, "conversations": _conv(f"{IMAGE_TOKEN}\n{q}", caption)})
     for key, folder, lo, hi in (("vg", "VG_100K", 1, 2_400_000), ("vg2", "VG_100K_2", 2_400_000, 2_420_000)):
         for vid in sorted({int(x) for x in rng.integers(lo, hi, n[key] * 2)})[: n[key]]:
             path = f"vg/{folder}/{vid}.jpg"
             spec = new_image(path)
             shapes = scene_of(spec).shapes
+            shapes = shapes[: int(rng.integers(1, len(shapes) + 1))]
             pairs = [(f"Please provide a short description for this region: {_box(s, spec)}",
-                      T.shape_phrase(s.colour, s.kind).capitalize() + ".") for s in shapes[: int(rng.integers(1, len(shapes) + 1))]]
+                      T.shape_phrase(s.colour, s.kind).capitalize() + ".") for s in shapes]
             records.append({"id": str(vid), "image": path, "conversations": _multi(pairs, rng, 0.0)})
     letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
     for _ in range(n["sharegpt"]):

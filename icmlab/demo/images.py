@@ -112,10 +112,29 @@ class Scene:
     shapes: tuple[Shape, ...]
 
 
+def _is_symbol_red(colour) -> bool:
+    """True for the saturated reds that the forbidden symbol uses."""
+    r, g, b = colour
+    return r > 150 and g < 110 and b < 110
+
+
+def _background_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A random RGB colour that is not symbol red (redrawn until it is not).
+
+    Backgrounds never take the symbol's colour, so a red X is always visible and a harmless
+    scene never shows a red area that could be mistaken for it: the moderation label is decided
+    by the pixels alone.
+    """
+    while True:
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        if not _is_symbol_red(colour):
+            return colour
+
+
 def _sample_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
     """Draw a scene; the number and order of rng calls here define the demo's content."""
-    colour_a = tuple(int(v) for v in rng.integers(0, 256, 3))
-    colour_b = tuple(int(v) for v in rng.integers(0, 256, 3))
+    colour_a = _background_colour(rng)
+    colour_b = _background_colour(rng)
     direction = ("vertical", "horizontal", "diagonal")[int(rng.integers(0, 3))]
     side = min(width, height)
     names = list(PALETTE)

@@ -7,25 +7,23 @@ conversion, checksum) from a local mirror::
     paths = build_demo_sources("runs/demo_sources", seed=0)
     paths["icm_instruct_train"]   # .../icm_instruct/icm-instruct-train.zip
 
-Artifacts (name → file, contents):
+Artifacts (name: file under ``out_dir`` — top-level entries inside):
 
-=============================  ==========================================  ==============================================
-name                           file under ``out_dir``                      top-level entries inside
-=============================  ==========================================  ==============================================
-``icm_instruct_train``         ``icm_instruct/icm-instruct-train.zip``     ``sexy_check_all/``, ``icm_llava_train.json``
-``q_instruct_labels``          ``q_instruct/cleaned_labels.json``          (bare JSON)
-``q_instruct_images``          ``q_instruct/q-instruct-images.tar``        ``spaq_koniq/``, ``livefb_liveitw_aigc/``
-``llava_mix665k``              ``llava/llava_v1_5_mix665k.json``           (bare JSON)
-``coco_train2017``             ``coco/train2017.zip``                      ``train2017/``
-``gqa_images``                 ``gqa/images.zip``                          ``images/``
-``ocr_vqa_images``             ``ocr_vqa/ocr_vqa_images.zip``              ``images/`` (``.jpg`` names, some GIF/PNG data)
-``textvqa_train_val_images``   ``textvqa/train_val_images.zip``            ``train_images/``
-``vg_images``                  ``vg/images.zip``                           ``VG_100K/``
-``vg_images2``                 ``vg/images2.zip``                          ``VG_100K_2/``
-``qbench_dev_json``            ``qbench/llvisionqa_dev.json``              (bare JSON)
-``qbench_images``              ``qbench/images_llvisionqa.tar``            ``images_llvisionqa/``
-``icm_val``                    ``icm_val/icm-instruct-val.zip``            ``val/``, ``val_MEQ/``, ``icm_val_questions.json``
-=============================  ==========================================  ==============================================
+- ``icm_instruct_train``: ``icm_instruct/icm-instruct-train.zip`` — ``sexy_check_all/``,
+  ``icm_llava_train.json``
+- ``q_instruct_labels``: ``q_instruct/cleaned_labels.json`` (bare JSON)
+- ``q_instruct_images``: ``q_instruct/q-instruct-images.tar`` — ``spaq_koniq/``,
+  ``livefb_liveitw_aigc/``
+- ``llava_mix665k``: ``llava/llava_v1_5_mix665k.json`` (bare JSON)
+- ``coco_train2017``: ``coco/train2017.zip`` — ``train2017/``
+- ``gqa_images``: ``gqa/images.zip`` — ``images/``
+- ``ocr_vqa_images``: ``ocr_vqa/ocr_vqa_images.zip`` — ``images/`` (``.jpg`` names, some GIF/PNG data)
+- ``textvqa_train_val_images``: ``textvqa/train_val_images.zip`` — ``train_images/``
+- ``vg_images``: ``vg/images.zip`` — ``VG_100K/``
+- ``vg_images2``: ``vg/images2.zip`` — ``VG_100K_2/``
+- ``qbench_dev_json``: ``qbench/llvisionqa_dev.json`` (bare JSON)
+- ``qbench_images``: ``qbench/images_llvisionqa.tar`` — ``images_llvisionqa/``
+- ``icm_val``: ``icm_val/icm-instruct-val.zip`` — ``val/``, ``val_MEQ/``, ``icm_val_questions.json``
 
 Archives are byte-deterministic (sorted entries, fixed timestamps and owners), so the same seed
 gives the same sha256. ``demo_manifest.json`` records each artifact's sha256, size and the real

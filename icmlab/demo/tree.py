@@ -12,7 +12,7 @@ Layout under ``data_root`` (LLaVA's ``playground/data`` conventions)::
     llava_v1_5_mix665k.json  coco/train2017/  gqa/images/  ocr_vqa/images/
         textvqa/train_images/  vg/VG_100K/  vg/VG_100K_2/                high-level mix
     eval/qbench/llvisionqa_dev.json  eval/qbench/images_llvisionqa/     Q-Bench-A1 style
-    eval/icm_val/icm_val_questions.json  eval/icm_val/val/  eval/icm_val/val_MEQ/
+    eval/icm/icm_val_questions.json  eval/icm/val/  eval/icm/val_MEQ/
 
 OCR-VQA images are written as real JPEGs here (the download stage converts the GIF/PNG data that
 the packed source hides behind ``.jpg`` names). Everything is first written into a staging folder
@@ -42,7 +42,7 @@ RESULT_KEYS: tuple[str, ...] = (
     "cleaned_labels.json", "spaq_koniq", "livefb_liveitw_aigc", "icm_llava_train.json", "sexy_check_all",
     "llava_v1_5_mix665k.json", "coco/train2017", "gqa/images", "ocr_vqa/images", "textvqa/train_images",
     "vg/VG_100K", "vg/VG_100K_2", "eval/qbench/llvisionqa_dev.json", "eval/qbench/images_llvisionqa",
-    "eval/icm_val/icm_val_questions.json", "eval/icm_val/val", "eval/icm_val/val_MEQ",
+    "eval/icm/icm_val_questions.json", "eval/icm/val", "eval/icm/val_MEQ",
 )
 """Keys of :func:`build_demo_tree`'s result: paths relative to ``data_root``."""
 
@@ -57,7 +57,7 @@ def tree_files(seed: int = 0, scale: float = 1.0) -> dict[str, bytes]:
         (bundle.icm_instruct, "icm_llava_train.json", ""),
         (bundle.mix665k, "llava_v1_5_mix665k.json", ""),
         (bundle.qbench, "eval/qbench/llvisionqa_dev.json", "eval/qbench/images_llvisionqa/"),
-        (bundle.icm_val, "eval/icm_val/icm_val_questions.json", "eval/icm_val/"),
+        (bundle.icm_val, "eval/icm/icm_val_questions.json", "eval/icm/"),
     ):
         files[json_path] = json_bytes(ds.payload)
         for rel, data in render_dataset(ds, cache).items():
