@@ -48,10 +48,10 @@ class SetupResult:
     def table(self) -> str:
         """Plain-text table for the terminal and notebooks."""
         w = max(len(r.item) for r in self.rows)
-        lines = [f"{'':2}{'item':<{w}}  value / note"]
+        lines = [f"{'':4}{'item':<{w}}  value / note"]
         for r in self.rows:
             mark = "ok" if r.ok else "!!"
-            lines.append(f"{mark:2}{r.item:<{w}}  {r.value}" + (f"  — {r.note}" if r.note else ""))
+            lines.append(f"{mark:4}{r.item:<{w}}  {r.value}" + (f"  — {r.note}" if r.note else ""))
         return "\n".join(lines)
 
 
