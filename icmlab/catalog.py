@@ -18,7 +18,6 @@ source (local path, ``file://`` or URL, optional ``#sha256=<hex>``).
 from __future__ import annotations
 
 import dataclasses
-import html
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -434,57 +433,3 @@ def _hub_row(src: Source, rec: dict) -> LayoutRow:
     note = "complete" if rec else ("partly cached: run the download step" if present else "")
     return LayoutRow(src.name, label, "ok" if present and rec else ("not downloaded" if not present else "partial"),
                      note=note)
-
-
-# --------------------------------------------------------------------------- tables
-def fmt_size(n: float | None, exact: bool = True) -> str:
-    """Human size: ``1.2 GB``; ``≈`` prefix when approximate; ``?`` when unknown."""
-    if n is None:
-        return "?"
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            text = f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-            return text if exact else "≈" + text
-        n /= 1000
-    return "?"
-
-
-def text_table(header: list[str], rows: list[list]) -> list[str]:
-    """Aligned plain-text table lines (cells cut at 60 characters)."""
-    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [min(60, max(len(r[i]) for r in cells)) for i in range(len(header))]
-    out = ["  ".join((c if len(c) <= w else c[: w - 1] + "…").ljust(w) for c, w in zip(r, widths)).rstrip()
-           for r in cells]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return out
-
-
-def html_table(header: list[str], rows: list[list], status_col: int | None = None) -> str:
-    """An HTML table; the status column is green for ok/done and red otherwise."""
-    def cell(i: int, c: Any) -> str:
-        text = html.escape("" if c is None else str(c))
-        if i != status_col:
-            return f"<td>{text}</td>"
-        colour = "#1a7f37" if text in ("ok", "done", "fetched", "already done") else "#b42318"
-        return f'<td style="color:{colour};font-weight:600">{text}</td>'
-
-    head = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(cell(i, c) for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _layout_rows(rows: list[LayoutRow]) -> list[list]:
-    def expected(r: LayoutRow) -> str:
-        return "" if r.expected is None else ("≈" if r.approx else "") + str(r.expected)
-
-    return [[r.source, r.path, r.status, r.found, expected(r), r.note] for r in rows]
-
-
-def format_layout(rows: list[LayoutRow]) -> str:
-    """The layout table for the terminal."""
-    return "\n".join(text_table(["source", "path", "status", "files", "expected", "note"], _layout_rows(rows)))
-
-
-def layout_html(rows: list[LayoutRow]) -> str:
-    """The layout table as HTML (notebook)."""
-    return html_table(["source", "path", "status", "files", "expected", "note"], _layout_rows(rows), status_col=2)

@@ -7,20 +7,21 @@ Entry points (CLI ``icmlab download parameters/X.yaml [--dry-run]``, notebook ``
     result = run(cfg)                    # fetch + verify + extract + layout check
     print(result.summary())
 
-Which sources: :func:`icmlab.catalog.needed_sources` (from the recipe). How: Hugging Face sources
-through ``huggingface_hub`` (its cache), other URLs through :func:`icmlab.fetch.fetch_url`
-(resumable, verified, atomic), archives through :func:`icmlab.extract.extract_archive` (safe,
-resumable) into the exact trees of the upstream READMEs; OCR-VQA images become real ``.jpg``.
-State lives under ``<data root>/.icmlab/``: a ``done/<source>.json`` marker is written last, and a
-source with a valid marker is never fetched again (a second run does no network work). The demo
+Which sources: :func:`icmlab.catalog.needed_sources` (from the recipe). How (one source:
+:mod:`icmlab.download_source`): Hugging Face sources through ``huggingface_hub`` (its cache,
+:mod:`icmlab.hub`), other URLs through :func:`icmlab.fetch.fetch_url` (resumable, verified,
+atomic), archives through :func:`icmlab.extract.extract_archive` (safe, resumable) into the exact
+trees of the upstream READMEs; OCR-VQA images become real ``.jpg``. State lives under
+``<data root>/.icmlab/``: a ``done/<source>.json`` marker is written last, and a source with a
+valid marker is never fetched again (a second run does no network work). The demo
 (``demo.enabled``) first generates its local mirror in ``demo.source_dir`` and then goes through
-exactly the same path via ``file://`` locations.
+exactly the same path via ``file://`` locations. The tables (:func:`format_plan`,
+:func:`plan_html`, :func:`format_layout`, :func:`layout_html`) come from
+:mod:`icmlab.download_tables` and are importable from here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import shutil
@@ -28,25 +29,30 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from icmlab.catalog import (Catalog, LayoutRow, LocalModel, Need, Source, count_files, fmt_size, format_layout,
-                            html_table, layout_html, load_catalog, needed_sources, text_table)
+from icmlab.catalog import LayoutRow, LocalModel, Need, count_files, load_catalog, needed_sources
 from icmlab.catalog import check_layout as _check_layout
 from icmlab.config import RunConfig
-from icmlab.extract import (ArchiveError, convert_images_to_jpg, copy_tree, extract_archive, missing_references,
-                            place_file)
-from icmlab.fetch import (AuthError, FetchError, HTMLInsteadOfData, NotFoundError, fetch_hf_file, fetch_hf_snapshot,
-                          fetch_url, html_message, local_path, looks_like_html, verify_file)
-from icmlab.io import atomic_write_json, read_json
+from icmlab.download_source import (STATE, ItemOutcome, SourceContext, done_record, download_path, hf_cached,
+                                    marker_path, ocr_report_path, read_json_or_none, run_source)
+from icmlab.download_tables import (  # noqa: F401  (format_plan, plan_html: re-exported for notebooks and the CLI)
+    fmt_size,
+    format_layout,
+    format_plan,
+    html_table,
+    layout_html,
+    plan_html,
+    text_table,
+)
+from icmlab.extract import missing_references
+from icmlab.fetch import local_path
+from icmlab.io import atomic_write_json
 
 log = logging.getLogger(__name__)
-STATE = ".icmlab"
-"""State folder under the data root: ``done/`` markers, ``downloads/`` (plain URLs), ``staging/``."""
 
 
 class DownloadError(RuntimeError):
@@ -89,17 +95,6 @@ class PlannedItem:
     todo_bytes: int = 0
     extract_bytes: int = 0
     to_cache: bool = False
-
-
-@dataclass
-class ItemOutcome:
-    """What happened to one source in :func:`run`."""
-
-    name: str
-    action: str
-    transferred: int = 0
-    seconds: float = 0.0
-    message: str = ""
 
 
 @dataclass
@@ -191,7 +186,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> DownloadResult:
     needs, locals_ = needed_sources(cfg, catalog)
     if cfg.demo.enabled:  # generate the demo mirror only when something is left to fetch from it
         _demo_locations(cfg, needs, build=False)
-        if not all(_done(cfg, n.source) for n in needs if n.source.artifact or n.source.checkpoint):
+        if not all(done_record(cfg, n.source) for n in needs if n.source.artifact or n.source.checkpoint):
             needs, locals_ = needed_sources(cfg, catalog)
             _demo_locations(cfg, needs, build=True)
     items = {it.name: it for it in (_plan_item(cfg, n) for n in needs)}
@@ -199,7 +194,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> DownloadResult:
     todo = [n.source for n in needs if items[n.source.name].status != "done"]
     outcomes = [ItemOutcome(n.source.name, "already done") for n in needs if items[n.source.name].status == "done"]
     (root / STATE).mkdir(parents=True, exist_ok=True)
-    ctx = _Ctx(cfg, catalog, progress, threading.Event())
+    ctx = SourceContext(cfg, catalog, progress, threading.Event())
     try:  # one download step per data root at a time (a notebook and a CLI run would race)
         lock = FileLock(str(root / STATE / "lock")).acquire(timeout=0)
     except Timeout:
@@ -207,7 +202,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> DownloadResult:
     with lock, tqdm(total=len(todo), desc="sources", unit="src", disable=not progress or not todo) as bar:
         pool = ThreadPoolExecutor(max_workers=cfg.download.concurrency)
         try:
-            for fut in as_completed([pool.submit(_run_one, ctx, src) for src in todo]):
+            for fut in as_completed([pool.submit(run_source, ctx, src) for src in todo]):
                 outcome = fut.result()
                 log.info("%s: %s (%s, %.1fs)%s", outcome.name, outcome.action, fmt_size(outcome.transferred),
                          outcome.seconds, f": {outcome.message}" if outcome.message else "")
@@ -263,54 +258,12 @@ def preflight_disk(cfg: RunConfig, items: list[PlannedItem]) -> None:
             "download.min_free_gb.")
 
 
-# --------------------------------------------------------------------------- state
-def _marker(cfg: RunConfig, name: str) -> Path:
-    return cfg.data.root / STATE / "done" / f"{name.replace('/', '__').replace(':', '_')}.json"
-
-
-def _fingerprint(src: Source) -> str:
-    """What makes a completed source still valid: its origin and how it was laid out."""
-    return json.dumps({"origin": src.origin, "sha256": src.sha256, "size": src.size, "kind": src.kind,
-                       "target": src.target, "archive": src.archive, "strip": src.strip, "convert": src.convert,
-                       "allow": list(src.allow)}, sort_keys=True)
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        return read_json(path)
-    except (OSError, ValueError):
-        return None
-
-
-def _done(cfg: RunConfig, src: Source) -> dict | None:
-    rec = _read(_marker(cfg, src.name))
-    if not rec or rec.get("fingerprint") != _fingerprint(src):
-        return None
-    if src.target and not (cfg.data.root / src.target).exists():
-        return None  # the tree was deleted since
-    if rec.get("path") and not Path(rec["path"]).exists():
-        return None  # the hub cache was cleared since
-    return rec
-
-
+# --------------------------------------------------------------------------- planning
 def _existing_ancestor(p: Path) -> Path:
     p = Path(p).resolve()
     while not p.exists():
         p = p.parent
     return p
-
-
-def _downloads(cfg: RunConfig, src: Source, url: str) -> Path:
-    name = Path(url.split("?")[0].rstrip("/")).name or src.name
-    return cfg.data.root / STATE / "downloads" / src.name / name
-
-
-def _hf_cached(src: Source, filename: str | None = None) -> Path | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    got = try_to_load_from_cache(src.hf_repo, filename or src.hf_file or "config.json", revision=src.revision,
-                                 repo_type=src.hf_type)
-    return Path(got) if isinstance(got, str) else None
 
 
 def _plan_item(cfg: RunConfig, need: Need) -> PlannedItem:
@@ -321,7 +274,7 @@ def _plan_item(cfg: RunConfig, need: Need) -> PlannedItem:
     target = {None: "HF cache", ".": "(data root)"}.get(src.target, src.target)
     item = PlannedItem(src.name, src.title, src.kind, src.origin, size, src.size is not None, target, "to fetch",
                        list(need.reasons), bool(src.gated), size or 0, extract, bool(src.hf_repo) and not src.location)
-    if _done(cfg, src):
+    if done_record(cfg, src):
         item.status, item.todo_bytes, item.extract_bytes = "done", 0, 0
     elif src.location:
         lp = local_path(src.location)
@@ -331,7 +284,7 @@ def _plan_item(cfg: RunConfig, need: Need) -> PlannedItem:
     elif src.artifact or src.checkpoint:
         item.status, item.todo_bytes = "generated on first run", 0
     elif src.url:
-        dest = _downloads(cfg, src, src.url)
+        dest = download_path(cfg, src, src.url)
         part = dest.with_name(dest.name + ".part")
         if dest.exists():
             item.status, item.todo_bytes = "downloaded, to extract", 0
@@ -339,180 +292,13 @@ def _plan_item(cfg: RunConfig, need: Need) -> PlannedItem:
             have = part.stat().st_size
             item.status, item.todo_bytes = f"partial: {fmt_size(have)}", max(0, (size or 0) - have)
     elif src.hf_repo:
-        cached = _hf_cached(src)
+        cached = hf_cached(src)
         if cached is not None and src.kind != "model":
             item.status, item.todo_bytes = "in HF cache", 0
         elif cached is not None:
             have = sum(p.stat().st_size for p in cached.parent.rglob("*") if p.is_file())
             item.status, item.todo_bytes = "partly in HF cache", max(0, (size or 0) - have)
     return item
-
-
-# --------------------------------------------------------------------------- doing one source
-@dataclass
-class _Ctx:
-    cfg: RunConfig
-    catalog: Catalog
-    progress: bool
-    cancel: threading.Event
-
-    @property
-    def root(self) -> Path:
-        return self.cfg.data.root
-
-    @property
-    def endpoint(self) -> str | None:
-        return self.cfg.download.endpoint
-
-
-def _run_one(ctx: _Ctx, src: Source) -> ItemOutcome:
-    """Process one source; failures become an outcome with an actionable message (others go on)."""
-    t0 = time.monotonic()
-    try:
-        moved, record = _process(ctx, src)
-    except AuthError as e:
-        hint = f" {' '.join(src.gated.split())}" if src.gated else ""
-        return ItemOutcome(src.name, "failed", 0, time.monotonic() - t0,
-                           f"{src.name}: {e}{hint} If you already have the file, set data.sources.{src.name}: "
-                           f"/path/to/{Path(src.hf_file or src.url or src.name).name} (or --set "
-                           f"data.sources.{src.name}=...).")
-    except (FetchError, ArchiveError, OSError, ValueError) as e:
-        return ItemOutcome(src.name, "failed", 0, time.monotonic() - t0, f"{src.name}: {e}")
-    record |= {"fingerprint": _fingerprint(src), "origin": src.origin,
-               "completed": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    atomic_write_json(_marker(ctx.cfg, src.name), record)  # written last: the source is complete
-    return ItemOutcome(src.name, "fetched", moved, time.monotonic() - t0)
-
-
-def _process(ctx: _Ctx, src: Source) -> tuple[int, dict]:
-    """Fetch + verify + place one source. Returns (bytes moved, completion record)."""
-    prev = _read(_marker(ctx.cfg, src.name))
-    overwrite = bool(prev) and prev.get("fingerprint") != _fingerprint(src)  # the source changed: rewrite
-    target = ctx.root / src.target if src.target else ctx.root
-    loc = local_path(src.location) if src.location else None
-    if src.checkpoint:  # demo checkpoints are copied (not linked): training may write next to them
-        if loc is None or not loc.exists():
-            raise FileNotFoundError(f"{src.name}: demo checkpoint {loc} was not generated")
-        # a projector file comes with the files beside it (config.json), as in the real projector repos
-        copy_tree(loc if loc.is_dir() else loc.parent, target if loc.is_dir() else target.parent,
-                  overwrite=overwrite, link=False)
-        if loc.is_file() and loc.name != target.name:
-            place_file(loc, target, link=False)
-        return 0, {"path": str(target), "source": str(loc)}
-    if src.kind == "file":
-        if overwrite:
-            target.unlink(missing_ok=True)  # the previous version of this source's file
-        if src.location or src.url:
-            if loc is not None and not loc.is_file():
-                raise FileNotFoundError(f"data.sources.{src.name}: {loc} is not a file")
-            return fetch_url(src.location or src.url, target, **_fetch_kw(ctx, src)).transferred, {"path": str(target)}
-        moved, path = _hf_file(ctx, src)
-        place_file(path, target, link=True)
-        return moved, {"path": str(target)}
-    if src.kind in ("model", "tree") and not src.location:  # hub snapshots
-        is_model = src.kind == "model"
-        snap = _hf_call(ctx, src, lambda repo, rev: fetch_hf_snapshot(
-            repo, repo_type=src.hf_type, revision=rev, endpoint=ctx.endpoint, allow_patterns=list(src.allow) or None,
-            ignore_patterns=list(ctx.catalog.model_ignore) if is_model else None, prefer_safetensors=is_model,
-            max_workers=ctx.cfg.download.concurrency))
-        if is_model:
-            return 0, {"path": str(snap)}
-        copy_tree(snap, target, overwrite=overwrite, link=True)
-        return 0, {"counts": {e.path: count_files(ctx.root / e.path) for e in src.expect}}
-    if src.kind == "model_file":
-        moved, path = _hf_file(ctx, src)
-        return moved, {"path": str(path)}
-    if loc is not None and loc.is_dir():  # a tree given as a local folder
-        copy_tree(loc, target, overwrite=overwrite, link=True)
-        return 0, {"counts": {e.path: count_files(ctx.root / e.path) for e in src.expect}}
-    archive, moved, ours = _get_archive(ctx, src, loc)
-    try:
-        counts = _unpack(ctx, src, archive, overwrite)
-    except ArchiveError as e:
-        if not ours:
-            raise
-        archive.unlink()  # a bad download of ours must not be "resumed" forever
-        raise ArchiveError(f"{e} (the download was removed; the next run fetches it again)") from None
-    if ours:
-        archive.unlink()  # our verified download is extracted: the completion record stands for it now
-    return moved, {"counts": counts, "archive": str(archive)}
-
-
-def _hf_call(ctx: _Ctx, src: Source, call):
-    """Try the source's hub repository, then its other known names (renamed repos) when not found."""
-    err: NotFoundError | None = None
-    for i, repo in enumerate((src.hf_repo, *src.alt_repos)):
-        try:
-            return call(repo, src.revision if i == 0 else None)
-        except NotFoundError as e:
-            err = err or e
-    raise err  # type: ignore[misc]
-
-
-def _hf_file(ctx: _Ctx, src: Source) -> tuple[int, Path]:
-    """One verified hub file in the hub cache: (bytes downloaded, cached path)."""
-    cached_before = _hf_cached(src) is not None
-    r = _hf_call(ctx, src, lambda repo, rev: fetch_hf_file(
-        repo, src.hf_file, repo_type=src.hf_type, revision=rev, endpoint=ctx.endpoint, size=src.size,
-        sha256=src.sha256, verify=ctx.cfg.download.verify))
-    return (0 if cached_before else r.size), r.path
-
-
-def _fetch_kw(ctx: _Ctx, src: Source) -> dict:
-    return {"size": src.size, "sha256": src.sha256 if ctx.cfg.download.verify else None,
-            "retries": ctx.cfg.download.retries, "progress": ctx.progress, "what": src.name, "cancel": ctx.cancel}
-
-
-def _get_archive(ctx: _Ctx, src: Source, loc: Path | None) -> tuple[Path, int, bool]:
-    """The verified archive: (path, bytes moved, whether it is our download, to delete after extraction)."""
-    if loc is not None:  # a local file: checked in place, never copied or modified
-        if not loc.is_file():
-            raise FileNotFoundError(f"data.sources.{src.name}: {loc} is not a file "
-                                    f"(expected the {src.archive} archive)")
-        with open(loc, "rb") as f:
-            if looks_like_html(f.read(2048)):
-                raise HTMLInsteadOfData(html_message(_canonical_url(src), f"the {src.archive} archive")
-                                        + f" (the local file {loc} is that page)")
-        verify_file(loc, src.size, src.sha256 if ctx.cfg.download.verify else None, what=f"{src.name} ({loc})")
-        return loc, 0, False
-    if src.location or src.url:
-        dest = _downloads(ctx.cfg, src, src.location or src.url)
-        return dest, fetch_url(src.location or src.url, dest, **_fetch_kw(ctx, src)).transferred, True
-    moved, path = _hf_file(ctx, src)
-    return path, moved, False
-
-
-def _canonical_url(src: Source) -> str:
-    if src.url:
-        return src.url
-    prefix = "datasets/" if src.hf_type == "dataset" else ""
-    return f"https://huggingface.co/{prefix}{src.hf_repo}/resolve/{src.revision or 'main'}/{src.hf_file}"
-
-
-def _unpack(ctx: _Ctx, src: Source, archive: Path, overwrite: bool) -> dict[str, int]:
-    """Extract into the target tree (OCR-VQA: via a staging folder and the .jpg conversion)."""
-    target = ctx.root / (src.target or ".")
-    if src.convert == "ocr_vqa_jpg":
-        staging = ctx.root / STATE / "staging" / src.name
-        extract_archive(archive, staging, strip_components=src.strip, progress=ctx.progress, desc=src.name,
-                        cancel=ctx.cancel)
-        rep = convert_images_to_jpg(staging, target, move=True, overwrite=overwrite, progress=ctx.progress)
-        atomic_write_json(ocr_report_path(ctx.cfg), rep.summary() | {"archive": str(archive)})
-        shutil.rmtree(staging)
-        with contextlib.suppress(OSError):
-            staging.parent.rmdir()  # only when no other source is being staged
-        return _counts(src, {src.target: rep.jpeg + rep.converted + rep.kept})
-    res = extract_archive(archive, target, strip_components=src.strip, overwrite=overwrite, progress=ctx.progress,
-                          desc=src.name, cancel=ctx.cancel)
-    if not res.files:
-        raise ArchiveError(f"{archive}: the archive holds no files (an empty or zeroed download?)")
-    prefix = "" if src.target in (None, ".") else src.target.rstrip("/") + "/"
-    return _counts(src, {e.path: sum(1 for f in res.files if (prefix + f).startswith(e.path.rstrip("/") + "/"))
-                         for e in src.expect})
-
-
-def _counts(src: Source, counts: dict) -> dict[str, int]:
-    return {k: v for k, v in counts.items() if any(e.path == k for e in src.expect)}
 
 
 # --------------------------------------------------------------------------- demo, OCR-VQA, layout
@@ -534,10 +320,10 @@ def _demo_locations(cfg: RunConfig, needs: list[Need], *, build: bool) -> None:
             from icmlab.demo import build_tiny_checkpoints  # imports torch: only when checkpoints are needed
 
             ckpts = build_tiny_checkpoints(src_dir / "checkpoints", seed=cfg.demo.seed)
-    manifest = _read(src_dir / "demo_manifest.json") or {}
+    manifest = read_json_or_none(src_dir / "demo_manifest.json") or {}
     same = (manifest.get("demo_version"), manifest.get("seed"), manifest.get("scale"))
     arts = manifest.get("artifacts", {}) if same == (DEMO_VERSION, cfg.demo.seed, cfg.demo.scale) else {}
-    ck_manifest = _read(src_dir / "checkpoints" / "checkpoints_manifest.json") or {}
+    ck_manifest = read_json_or_none(src_dir / "checkpoints" / "checkpoints_manifest.json") or {}
     ck_same = (ck_manifest.get("demo_version"), ck_manifest.get("seed")) == (DEMO_VERSION, cfg.demo.seed)
     for need in needs:
         s = need.source
@@ -548,20 +334,15 @@ def _demo_locations(cfg: RunConfig, needs: list[Need], *, build: bool) -> None:
         elif s.checkpoint and s.checkpoint in ckpts:
             need.source = replace(s, location=str(ckpts[s.checkpoint]))
         elif s.checkpoint and ck_same:
-            placed = (_read(_marker(cfg, s.name)) or {}).get("source")
+            placed = (read_json_or_none(marker_path(cfg, s.name)) or {}).get("source")
             if placed and Path(placed).exists():
                 need.source = replace(s, location=placed)
-
-
-def ocr_report_path(cfg: RunConfig) -> Path:
-    """The OCR-VQA conversion report (dead and missing images), beside ``ocr_vqa/images``."""
-    return cfg.data.root / "ocr_vqa" / "ocr_vqa_report.json"
 
 
 def _ocr_vqa_report(cfg: RunConfig, needs: list[Need]) -> dict | None:
     """Add to the OCR-VQA report the images the mix JSON names that are not on disk (listed, not fatal)."""
     path, mix = ocr_report_path(cfg), cfg.data.root / "llava_v1_5_mix665k.json"
-    rep = _read(path)
+    rep = read_json_or_none(path)
     if rep is None or not any(n.source.name == "ocr_vqa_images" for n in needs):
         return None
     if mix.is_file():
@@ -586,40 +367,12 @@ def check_layout(cfg: RunConfig, needs: list[Need] | None = None,
     """
     if needs is None:
         needs, locals_ = needed_sources(cfg, load_catalog(demo=cfg.demo.enabled))
-    records = {n.source.name: _read(_marker(cfg, n.source.name)) or {} for n in needs}
+    records = {n.source.name: read_json_or_none(marker_path(cfg, n.source.name)) or {} for n in needs}
     notes = {}
-    ocr = _read(ocr_report_path(cfg))
+    ocr = read_json_or_none(ocr_report_path(cfg))
     if ocr:
         notes["ocr_vqa_images"] = (f"{ocr.get('converted', 0)} re-encoded to JPEG, {ocr.get('dead', 0)} undecodable, "
                                    f"{len(ocr.get('missing_referenced', []))} referenced but missing "
                                    f"(ocr_vqa/ocr_vqa_report.json)")
     custom = [Path(p) if Path(p).is_absolute() else cfg.data.root / p for p in cfg.data.custom_json]
     return _check_layout(cfg.data.root, needs, locals_ or [], records, notes, custom)
-
-
-# --------------------------------------------------------------------------- plan tables
-def _plan_rows(items: list[PlannedItem]) -> tuple[list[str], list[list]]:
-    header = ["source", "what", "from", "size", "to", "status", "why"]
-    rows = [[it.name, it.title, it.origin, fmt_size(it.size, it.exact), it.target,
-             it.status + (" (gated)" if it.gated and it.status != "done" else ""), "; ".join(it.reasons)]
-            for it in items]
-    return header, rows
-
-
-def _totals(items: list[PlannedItem]) -> str:
-    todo = [it for it in items if it.status not in ("done", "local", "MISSING")]
-    unknown = [it.name for it in todo if it.size is None]
-    return (f"{len(items)} sources, {len(todo)} to do, ≈{fmt_size(sum(it.size or 0 for it in todo))} to fetch"
-            + (f" (+ unknown size: {', '.join(unknown)})" if unknown else ""))
-
-
-def format_plan(items: list[PlannedItem]) -> str:
-    """The dry-run table for the terminal."""
-    header, rows = _plan_rows(items)
-    return "\n".join(text_table(header, rows) + ["", _totals(items)])
-
-
-def plan_html(items: list[PlannedItem]) -> str:
-    """The dry-run table as HTML (notebook)."""
-    header, rows = _plan_rows(items)
-    return html_table(header, rows, status_col=5) + f"<p>{_totals(items)}</p>"

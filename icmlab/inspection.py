@@ -5,8 +5,9 @@ Works on the merged training file (``<run_dir>/data/train.json``) with merge's p
 (seeded); the dataset counts are exact.
 
 - :func:`run` computes the statistics and matplotlib figures (source mix, turns per record, token
-  lengths against ``model_max_length``, image sizes, random samples per dataset), saves them as
-  PNG under ``<run_dir>/inspect/`` and returns them in an :class:`InspectResult` for the notebook.
+  lengths against ``model_max_length``, image sizes, random samples per dataset; drawn by
+  :mod:`icmlab.inspection_figures`, whose names this module re-exports), saves them as PNG under
+  ``<run_dir>/inspect/`` and returns them in an :class:`InspectResult` for the notebook.
 - :func:`browser` returns an ipywidgets browser: filter by dataset / category / problem kind, text
   search, previous/next/random; it shows the image beside its conversation and the exact model
   input, rendered by :func:`icmlab.preprocess.segments_for_display` from the trainer's own
@@ -34,15 +35,25 @@ from typing import Any
 
 import numpy as np
 import orjson
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
 from icmlab import paths
 from icmlab.config import RunConfig
+from icmlab.inspection_figures import (  # noqa: F401  (InspectFigure: re-exported, part of this module's API)
+    InspectFigure,
+    figure_png,
+    image_size_figure,
+    samples_figure,
+    source_mix_figure,
+    token_length_figure,
+    turns_figure,
+)
 from icmlab.io import atomic_write_bytes, atomic_write_json, read_jsonl
-from icmlab.merge import iter_blocks
-from icmlab.validate import KINDS, LengthSetup, length_setup_for, read_provenance, record_length
+from icmlab.jsonscan import iter_blocks
+from icmlab.lengths import LengthSetup, length_setup_for, record_length
+from icmlab.recordcheck import KINDS
+from icmlab.validate import read_provenance
 
 log = logging.getLogger("icmlab.inspection")
 
@@ -251,138 +262,6 @@ def _encode(record: Any, setup: LengthSetup) -> dict | None:
         return None
 
 
-# --------------------------------------------------------------------------- figures
-class InspectFigure(Figure):
-    """A matplotlib Figure that renders itself as PNG in Jupyter and papermill outputs.
-
-    Figures built without pyplot get no display formatter unless the kernel's inline backend was
-    activated (by a pyplot import); ``_repr_png_`` makes them show as images regardless.
-    """
-
-    def _repr_png_(self) -> bytes:
-        return figure_png(self)
-
-
-def _figure(w: float, h: float) -> Figure:
-    fig = InspectFigure(figsize=(w, h), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)  # Agg canvas whatever the session's backend
-    return fig
-
-
-def figure_png(fig: Figure, dpi: int = 100) -> bytes:
-    """PNG bytes of a figure."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
-
-
-def source_mix_figure(res: InspectResult) -> Figure:
-    """Records per dataset (exact) and the category mix of each (sampled)."""
-    fig = _figure(11, 0.6 * len(res.datasets) + 2)
-    ax1, ax2 = fig.subplots(1, 2)
-    names = list(res.datasets)
-    total = max(1, sum(res.datasets.values()))
-    ax1.barh(names, [res.datasets[k] for k in names], color="tab:blue")
-    for y, k in enumerate(names):
-        ax1.text(res.datasets[k], y, f" {res.datasets[k]:,} ({100 * res.datasets[k] / total:.1f}%)", va="center")
-    ax1.set_xlim(0, 1.4 * max(res.datasets.values(), default=1))
-    ax1.set_title(f"records per dataset (total {total:,})")
-    ax1.invert_yaxis()
-    cats = sorted({c for v in res.categories.values() for c in v})
-    left = np.zeros(len(names))
-    for c in cats:
-        frac = np.array([res.categories.get(k, {}).get(c, 0) / max(1, sum(res.categories.get(k, {}).values()))
-                         for k in names])
-        ax2.barh(names, frac, left=left, label=c)
-        left += frac
-    ax2.set_xlim(0, 1)
-    ax2.invert_yaxis()
-    ax2.set_title("category mix (sampled)")
-    ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    return fig
-
-
-def turns_figure(res: InspectResult) -> Figure:
-    """Histogram of rounds (question/answer pairs) per record, per dataset."""
-    fig = _figure(8, 3.5)
-    ax = fig.subplots()
-    top = max([int(v.max()) for v in res.turns.values() if len(v)] + [1])
-    bins = np.arange(0.5, top + 1.5)
-    for name, v in res.turns.items():
-        if len(v):
-            ax.hist(v, bins=bins, alpha=0.6, label=f"{name} (mean {v.mean():.2f})")
-    ax.set_xlabel("rounds per record")
-    ax.set_ylabel("sampled records")
-    ax.set_title("turns per record")
-    ax.legend(fontsize=8)
-    return fig
-
-
-def token_length_figure(res: InspectResult) -> Figure:
-    """Untruncated token counts (image tokens included) per dataset against ``model_max_length``."""
-    fig = _figure(8, 3.5)
-    ax = fig.subplots()
-    data = {k: v for k, v in res.token_lengths.items() if len(v)}
-    if not data:
-        ax.text(0.5, 0.5, f"token lengths {res.length_status}", ha="center", va="center", wrap=True)
-        ax.set_axis_off()
-        return fig
-    top = max(max(int(v.max()) for v in data.values()), res.model_max_length) * 1.05
-    bins = np.linspace(0, top, 60)
-    for name, v in data.items():
-        over = int((v > res.model_max_length).sum())
-        ax.hist(v, bins=bins, alpha=0.6, label=f"{name}: {over} of {len(v)} over")
-    ax.axvline(res.model_max_length, color="red", ls="--", label=f"model_max_length {res.model_max_length}")
-    ax.set_xlabel("tokens (trainer's template, image tokens expanded)")
-    ax.set_ylabel("sampled records")
-    ax.set_title("sequence length")
-    ax.legend(fontsize=8)
-    return fig
-
-
-def image_size_figure(res: InspectResult) -> Figure:
-    """Width against height of sampled images, per dataset."""
-    fig = _figure(6, 5)
-    ax = fig.subplots()
-    for name, wh in res.image_sizes.items():
-        if len(wh):
-            ax.scatter(wh[:, 0], wh[:, 1], s=8, alpha=0.5, label=f"{name} ({len(wh)})")
-    ax.set_xlabel("width (px)")
-    ax.set_ylabel("height (px)")
-    ax.set_title("image sizes (sampled)")
-    if any(len(v) for v in res.image_sizes.values()):
-        ax.legend(fontsize=8)
-    return fig
-
-
-def samples_figure(res: InspectResult, root: Path, *, per_dataset: int = 4, seed: int = 0) -> Figure:
-    """A grid of random image records per dataset: the image, the first question and answer."""
-    rng = random.Random(seed)
-    rows = []
-    for name in res.datasets:
-        pool = [s for s in res.samples if s.dataset == name and not s.problems and isinstance(s.record, dict)
-                and isinstance(s.record.get("image"), str)]
-        rows.append((name, rng.sample(pool, min(per_dataset, len(pool)))))
-    fig = _figure(3.2 * per_dataset, 3.4 * max(1, len(rows)))
-    axes = np.atleast_2d(fig.subplots(max(1, len(rows)), per_dataset, squeeze=False))
-    for r, (name, picked) in enumerate(rows):
-        for c in range(per_dataset):
-            ax = axes[r, c]
-            ax.set_axis_off()
-            if c >= len(picked):
-                continue
-            s = picked[c]
-            try:
-                ax.imshow(Image.open(root / s.record["image"]).convert("RGB"))
-            except (OSError, ValueError):
-                ax.text(0.5, 0.5, "unreadable", ha="center")
-            conv = s.record["conversations"]
-            q = conv[0]["value"].replace("<image>", "").replace("<|image|>", "").strip().split("\n")[0]
-            a = conv[1]["value"] if len(conv) > 1 else ""
-            ax.set_title(f"{name}\nQ: {q[:38]}\nA: {a[:38]}", fontsize=7, loc="left")
-    return fig
-
-
 # --------------------------------------------------------------------------- rendering
 _STYLE = {
     "trained": "background:#c9f2c7;color:#114411",
@@ -395,7 +274,7 @@ def model_input_html(record: Any, setup: LengthSetup | None) -> str:
     """The exact model input of a record as HTML: trained tokens green, masked grey, the image span marked.
 
     Built with the trainer's :func:`icmlab.preprocess.encode_conversation` (via
-    :func:`icmlab.validate.record_length`'s settings) and :func:`icmlab.preprocess.segments_for_display`.
+    :func:`icmlab.lengths.record_length`'s settings) and :func:`icmlab.preprocess.segments_for_display`.
     """
     if setup is None:
         return "<i>no tokenizer available: model input not rendered</i>"

@@ -13,6 +13,7 @@ from PIL import Image
 
 from icmlab import inspection, merge, validate
 from icmlab.config import load_run_config
+from icmlab.lengths import record_length
 from icmlab.preprocess import encode_conversation, segments_for_display
 
 from test_validate import image_bytes, rec, tok  # noqa: F401  (tok is a fixture)
@@ -59,7 +60,7 @@ def test_run_statistics_and_figures(tmp_path, tok):
     assert res.categories["q_instruct"] == {"yes/no": 5, "open question": 6}
     assert res.turns["q_instruct"].tolist() == [1] * 11
     setup = res.setup
-    expected = [validate.record_length(s.record, setup)["untruncated"] for s in res.samples if s.dataset == "icm_instruct"]
+    expected = [record_length(s.record, setup)["untruncated"] for s in res.samples if s.dataset == "icm_instruct"]
     assert res.token_lengths["icm_instruct"].tolist() == expected
     got = sorted(map(tuple, res.image_sizes["q_instruct"].tolist()))
     assert got == sorted(sizes[f"imgs/q{i % 4}.png"] for i in range(10))  # the missing image has no size

@@ -22,17 +22,9 @@ from transformers import PreTrainedTokenizerFast
 from icmlab import paths
 from icmlab.config import load_run_config
 from icmlab.conversation import DIALECTS
-from icmlab.validate import (
-    KINDS,
-    DataValidationError,
-    LengthSetup,
-    ValidationOutputs,
-    check_file,
-    check_record,
-    record_length,
-    run,
-    validate_file,
-)
+from icmlab.lengths import LengthSetup, record_length
+from icmlab.recordcheck import KINDS, check_file, check_record
+from icmlab.validate import DataValidationError, ValidationOutputs, run, validate_file
 
 WORDS = "what is the quality of this image blurry noise sharp yes no answer question good poor very a b c d".split()
 

@@ -50,9 +50,8 @@ from icmlab.models.llava15_convert import (
     assemble_from_parts,
     build_llava_config,
     load_original_checkpoint,
-    read_config,
-    resolve_source,
 )
+from icmlab.models.llava15_io import read_config, resolve_source
 
 FAMILY = "llava15"
 DIALECT = "<image>"

@@ -20,6 +20,9 @@ next multiple of 64 rows. Every new row (of both matrices) is drawn from
 rows, from a ``torch.Generator`` seeded with ``seed`` (default 0): first the embedding rows, then
 the ``lm_head`` rows. This reproduces the fixture ``tiny_llava_v15/hf`` to float rounding.
 
+Checkpoint I/O (:func:`resolve_source`, :func:`read_config`, :func:`read_state_dict`) lives in
+:mod:`icmlab.models.llava15_io` and stays importable from here.
+
 Usage::
 
     model = load_original_checkpoint("ckpts/llava-v1.5-7b", vision_source="openai/clip-vit-large-patch14-336")
@@ -36,7 +39,7 @@ from typing import Any
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from icmlab.io import read_json
+from icmlab.models.llava15_io import read_config, read_state_dict, resolve_source
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -83,81 +86,6 @@ _ORIGINAL_RULES = [
 # Recomputable buffers that some checkpoints carry (transformers 4.31 saved rotary inv_freq).
 _DROPPED = re.compile(r"(rotary_emb\.inv_freq|\.position_ids)$")
 _VISION_PARTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
-
-
-# ----------------------------------------------------------------------------------------- I/O edges
-
-
-def resolve_source(name_or_path: str | Path, *, revision: str | None = None) -> Path:
-    """Return a local directory (or file) for a local path or a Hugging Face Hub id.
-
-    Local paths win. A string that is not an existing path and looks like ``owner/name`` is fetched
-    with ``huggingface_hub.snapshot_download`` (which serves the local cache when offline).
-
-    Raises:
-        FileNotFoundError: for a missing local path, or a hub id that cannot be fetched.
-    """
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        return path
-    text = str(name_or_path)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise FileNotFoundError(f"{text}: no such file or directory (and not a hub id of the form owner/name)")
-    from huggingface_hub import snapshot_download  # imported lazily: reads HF_* env at import time
-
-    try:
-        return Path(snapshot_download(text, revision=revision))
-    except Exception as exc:  # network, auth, missing repo: all mean "not available here"
-        raise FileNotFoundError(
-            f"{text}: not a local path and the hub snapshot could not be fetched ({type(exc).__name__}: {exc}); "
-            "download it first or point the config at a local directory"
-        ) from exc
-
-
-def read_config(directory: Path) -> dict:
-    """Read ``directory/config.json``.
-
-    Raises:
-        FileNotFoundError: if it is missing.
-    """
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: expected a Hugging Face style checkpoint directory")
-    return read_json(path)
-
-
-def _load_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    # weights_only: a .bin is a pickle; never execute code from a downloaded checkpoint.
-    try:  # mmap keeps 7B/13B shards out of RAM until used
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # pre-zipfile (legacy) serialization cannot be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from a file or a checkpoint directory (single file or sharded, safetensors or .bin).
-
-    Raises:
-        FileNotFoundError: if the directory holds no weights.
-    """
-    path = Path(path)
-    if path.is_file():
-        return _load_file(path)
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = path / index_name
-        if index.is_file():
-            out: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(read_json(index)["weight_map"].values())):
-                out.update(_load_file(path / shard))
-            return out
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (path / name).is_file():
-            return _load_file(path / name)
-    raise FileNotFoundError(f"{path}: no model.safetensors, pytorch_model.bin or shard index found")
 
 
 def _rename(key: str, rules: list, source: str) -> str | None:

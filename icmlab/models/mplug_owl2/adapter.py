@@ -34,7 +34,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from icmlab.io import atomic_write_json, read_json
 from icmlab.models import ModelBundle
 from icmlab.models.llava15 import resolve_attn_implementation, resolve_dtype, training_dtype
-from icmlab.models.llava15_convert import resolve_source
+from icmlab.models.llava15_io import resolve_source
 
 from .convert import load_original
 from .modeling import MPLUGOwl2ForCausalLM
