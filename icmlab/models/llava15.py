@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from icmlab.models import groups as _groups
 from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
@@ -376,63 +378,22 @@ def save_bundle(bundle: ModelBundle, out_dir: str | Path) -> Path:
 # ----------------------------------------------------------------------------- trainable parts
 
 
-def _group_of(name: str) -> str | None:
-    for group, prefixes in MODULE_GROUPS.items():
-        if any(name == p or name.startswith(p + ".") for p in prefixes):
-            return group
-    return None
-
-
 def apply_trainable(model: nn.Module, groups: dict[str, bool] | None = None) -> dict[str, int]:
-    """Set ``requires_grad`` per module group (defaults: :data:`DEFAULT_TRAINABLE`).
-
-    Args:
-        model: a native ``LlavaForConditionalGeneration`` (not a PEFT wrapper).
-        groups: overrides, e.g. ``{"vision_encoder": True}``.
-
-    Returns:
-        Trainable parameter count per group.
+    """Set ``requires_grad`` per module group (defaults: :data:`DEFAULT_TRAINABLE`); see
+    :func:`icmlab.models.groups.apply_trainable`.
 
     Raises:
         ValueError: for an unknown group or a parameter outside every group.
     """
-    flags = dict(DEFAULT_TRAINABLE)
-    for key, value in (groups or {}).items():
-        if key not in flags:
-            raise ValueError(f"unknown module group {key!r}; allowed: {sorted(flags)}")
-        flags[key] = bool(value)
-    counts = dict.fromkeys(flags, 0)
-    for name, param in model.named_parameters():
-        group = _group_of(name)
-        if group is None:
-            raise ValueError(f"parameter {name} is in no MODULE_GROUPS entry (is this a PEFT-wrapped model?)")
-        param.requires_grad_(flags[group])
-        counts[group] += param.numel() if flags[group] else 0
-    return counts
+    return _groups.apply_trainable(model, MODULE_GROUPS, DEFAULT_TRAINABLE, groups)
 
 
 def optimizer_param_groups(
     model: nn.Module, *, mm_projector_lr: float | None = None, weight_decay: float = 0.0
 ) -> list[dict]:
-    """Optimizer groups of the trainable parameters, upstream-style.
-
-    The projector (any name containing ``multi_modal_projector``) gets its own ``lr`` when
-    ``mm_projector_lr`` is set; biases and norm weights (ndim < 2) get no weight decay. Empty groups
-    are omitted; each group carries a ``name`` key.
-    """
-    buckets: dict[tuple[str, bool], list] = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            part = "projector" if "multi_modal_projector" in name else "rest"
-            buckets.setdefault((part, param.ndim >= 2), []).append(param)
-    groups = []
-    for (part, decay), params in sorted(buckets.items()):
-        group = {"params": params, "weight_decay": weight_decay if decay else 0.0,
-                 "name": f"{part}_{'decay' if decay else 'no_decay'}"}
-        if part == "projector" and mm_projector_lr is not None:
-            group["lr"] = mm_projector_lr
-        groups.append(group)
-    return groups
+    """Upstream-style optimizer groups; parameters under ``multi_modal_projector`` get ``mm_projector_lr`` when set."""
+    return _groups.optimizer_param_groups(model, "multi_modal_projector", projector_lr=mm_projector_lr,
+                                          weight_decay=weight_decay)
 
 
 LORA_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj"
