@@ -21,9 +21,10 @@ Sizes follow ``demo-learnability.md``: CLIP hidden 32, 2 layers, image 64, patch
 tokens); Llama hidden 64, 2 layers, 4 heads, 2 kv heads; ``initializer_range=0.1`` in both (the
 setting that removes the long loss plateau).
 
-Hook for other families (no tiny mPLUG-Owl2 is built here: that model's own module owns it):
+Hook for other families (the tiny mPLUG-Owl2 lives in :mod:`icmlab.demo.owl2`, which
+:func:`build_tiny_checkpoints` imports so that its builder is always registered):
 :func:`register_checkpoint_builder` adds a builder that :func:`build_tiny_checkpoints` runs after
-the built-in ones, e.g. in ``icmlab/models/mplug_owl2.py``::
+the built-in ones, as ``icmlab/demo/owl2.py`` does::
 
     def _tiny_owl2(dest: Path, seed: int) -> Path:   # writes a checkpoint folder at ``dest``
         ...                                          # demo_tokenizer(image_token="<|image|>") etc.
@@ -218,8 +219,12 @@ def build_tiny_checkpoints(out_dir: str | Path, seed: int = 0, force: bool = Fal
 
     Returns:
         ``{"llava_hf", "vicuna", "clip": dir, "mm_projector": .../mm_projector.bin}`` plus one entry
-        per registered extra builder.
+        per registered extra builder (``"mplug_owl2"`` always).
     """
+    # The demo's own extra builders register when their module is first imported (here, not at
+    # module level, because owl2 imports this module); later calls find them registered.
+    from . import owl2  # noqa: F401  (adds "mplug_owl2")
+
     out_dir = Path(out_dir).resolve()
     names = list(DIRS) + sorted(_EXTRA_BUILDERS)
     result = _result(out_dir, names)
