@@ -159,12 +159,21 @@ def _quality_description(d: str, spec: ImageSpec) -> str:
     return f"{T.DISTORTION_SENTENCES[d]} It shows {T.scene_phrase(scene.shapes)} on a gradient background. {verdict}"
 
 
-def quality_train(seed: int = 0, n_images: int = 3000, size: int = 64) -> DemoDataset:
+QUALITY_EXTRAS: tuple[str, ...] = ("yes_no", "what", "how", "describe", "two_round")
+"""Free-text record kinds of the Q-Instruct layout, given to a share of the images in turn."""
+
+
+def quality_train(seed: int = 0, n_images: int = 3000, size: int = 64, extra_every: int = 1) -> DemoDataset:
     """Build the Q-Instruct-layout training set.
 
-    Per image: a 5-way distortion multiple choice (answer: the letter), a Yes/No question
-    (``"Yes."``/``"No."``), one of {what, how, brightness multiple choice, Yes/No multiple choice},
-    a quality description with probability 0.5 and a two-round conversation with probability 0.1.
+    Per image, the three questions the held-out Q-Bench set asks, in its exact option layout: the
+    5-way distortion multiple choice (answer: the letter), a Yes/No multiple choice about one
+    distortion attribute (``A. Yes`` / ``B. No``, Yes/No about equally often) and the brightness
+    multiple choice. Every ``extra_every``-th image also gets one free-text record, cycling
+    through :data:`QUALITY_EXTRAS`: a Yes/No question (``"Yes."``/``"No."``), the what and how
+    questions, a quality description, and a two-round conversation. The free text keeps every
+    record kind of the real file while the short decisive questions dominate the mix: on two CPU
+    cores the tiny model then reaches the held-out accuracy within the demo's training budget.
     ``<image>`` opens the first human turn (10 % of records put it at the end). Records are
     shuffled; several records share an image, as in the real file.
 
@@ -172,10 +181,16 @@ def quality_train(seed: int = 0, n_images: int = 3000, size: int = 64) -> DemoDa
         seed: global demo seed.
         n_images: number of training images.
         size: square image side in pixels.
+        extra_every: one image in ``extra_every`` gets a free-text record (1 = every image).
 
     Returns:
         The dataset (payload = ``cleaned_labels.json``).
+
+    Raises:
+        ValueError: if ``extra_every`` is not a positive integer.
     """
+    if extra_every < 1:
+        raise ValueError(f"quality_train: extra_every must be >= 1, got {extra_every!r}")
     rng = stream(seed, "q_instruct")
     names = _qinstruct_names(rng, n_images)
     classes = balanced(rng, DISTORTIONS, n_images)
@@ -185,29 +200,31 @@ def quality_train(seed: int = 0, n_images: int = 3000, size: int = 64) -> DemoDa
     def add(name: str, *turns: str) -> None:
         records.append({"id": _uuid(rng), "image": name, "conversations": _conv(*turns)})
 
-    for name, d in zip(names, classes):
+    for i, (name, d) in enumerate(zip(names, classes)):
         spec = _spec_for(name, _image_seed(rng), width=size, height=size, distortion=d)
         images[name] = spec
         mc = T.mc_prompt(T.DISTORTION_QUESTION, T.DISTORTION_OPTIONS)
         add(name, _human(mc, rng, 0.1), T.LETTERS[T.DISTORTION_OPTIONS.index(d)])
         a = _yes_no_attr(rng, d)
-        add(name, _human(T.YES_NO_QUESTIONS[a], rng, 0.1), "Yes." if a == d else "No.")
-        kind = int(rng.integers(0, 4))
-        if kind == 0:
-            add(name, _human(T.WHAT_QUESTION, rng, 0.1), T.WHAT_ANSWERS[d])
-        elif kind == 1:
-            add(name, _human(T.HOW_QUESTION, rng, 0.1), T.HOW_ANSWERS[d])
-        elif kind == 2:
-            q = T.mc_prompt(T.BRIGHTNESS_QUESTION, T.BRIGHTNESS_OPTIONS)
-            add(name, _human(q, rng, 0.1), T.LETTERS[T.BRIGHTNESS_OPTIONS.index(brightness_of(d))])
-        else:
+        q = T.mc_prompt(T.YES_NO_QUESTIONS[a], T.YES_NO_OPTIONS)
+        add(name, _human(q, rng, 0.1), "A" if a == d else "B")
+        q = T.mc_prompt(T.BRIGHTNESS_QUESTION, T.BRIGHTNESS_OPTIONS)
+        add(name, _human(q, rng, 0.1), T.LETTERS[T.BRIGHTNESS_OPTIONS.index(brightness_of(d))])
+        if i % extra_every:
+            continue
+        # Cycling by index (not drawing) puts every kind into even the smallest test builds.
+        kind = QUALITY_EXTRAS[(i // extra_every) % len(QUALITY_EXTRAS)]
+        if kind == "yes_no":
             a = _yes_no_attr(rng, d)
-            q = T.mc_prompt(T.YES_NO_QUESTIONS[a], T.YES_NO_OPTIONS)
-            add(name, _human(q, rng, 0.1), "A" if a == d else "B")
-        if rng.random() < 0.5:
+            add(name, _human(T.YES_NO_QUESTIONS[a], rng, 0.1), "Yes." if a == d else "No.")
+        elif kind == "what":
+            add(name, _human(T.WHAT_QUESTION, rng, 0.1), T.WHAT_ANSWERS[d])
+        elif kind == "how":
+            add(name, _human(T.HOW_QUESTION, rng, 0.1), T.HOW_ANSWERS[d])
+        elif kind == "describe":
             prompt = T.DESCRIBE_PROMPTS[int(rng.integers(0, len(T.DESCRIBE_PROMPTS)))]
             add(name, _human(prompt, rng, 0.1), _quality_description(d, spec))
-        if rng.random() < 0.1:
+        else:
             add(name, _human(T.DESCRIBE_PROMPTS[0], rng, 0.1), _quality_description(d, spec),
                 T.FOLLOW_UP_QUESTION, T.WHAT_ANSWERS[d])
     order = rng.permutation(len(records))
@@ -243,25 +260,40 @@ def moderation_explanation(spec: ImageSpec) -> str:
     return f"The image shows {T.scene_phrase(scene.shapes)} on a gradient background. {T.RULE_SENTENCES[spec.symbol]}"
 
 
-def moderation_train(seed: int = 0, n_images: int = 3000, n_descriptions: int = 5, size: int = 64) -> DemoDataset:
+MODERATION_EXTRAS: tuple[str, ...] = ("pair1", "mc_pair0", "mc_pair1", "description")
+"""Record kinds of the ICM-Instruct layout besides the decisive ``pair0``, given in turn."""
+
+
+def moderation_train(seed: int = 0, n_images: int = 3000, n_descriptions: int = 5, size: int = 64,
+                     extra_every: int = 1) -> DemoDataset:
     """Build the ICM-Instruct-layout training set (``icm_llava_train.json`` + ``sexy_check_all/``).
 
     Per image ``<category>_<n><ext>`` (``ext`` in the real mix of cases): open QA ``pair0`` (the
-    decisive "Does this image contain the forbidden symbol?" → "Yes."/"No.") and ``pair1``
-    (where), multiple choice ``mc_pair0`` (violation, A/B) and ``mc_pair1`` (where, A–D) with a
-    paraphrased letter instruction, and ``n_descriptions`` explanation records
-    ``description1..k`` with paraphrased prompts. Records are grouped by kind, as the upstream
-    generator writes them (all QA, then all MC, then explanations round by round).
+    decisive "Does this image contain the forbidden symbol?" → "Yes."/"No.") always. The other
+    kinds — open QA ``pair1`` (where), multiple choice ``mc_pair0`` (violation, A/B) and
+    ``mc_pair1`` (where, A–D) with a paraphrased letter instruction, and ``n_descriptions``
+    explanation records ``description1..k`` with paraphrased prompts — go to every image with
+    ``extra_every=1`` (the upstream generator's layout) or, with ``extra_every=m``, to one image
+    in ``m``, one kind per image in turn (the demo's lighter mix, so that the decisive question
+    dominates). Records are grouped by kind, as the upstream generator writes them (all QA, then
+    all MC, then explanations round by round).
 
     Args:
         seed: global demo seed.
         n_images: number of training images.
-        n_descriptions: explanation records per image (upstream: 5).
+        n_descriptions: explanation records per explained image (upstream: 5).
         size: square image side in pixels.
+        extra_every: 1 = every kind for every image; m > 1 = one extra kind for one image in m.
 
     Returns:
         The dataset (payload = ``icm_llava_train.json``).
+
+    Raises:
+        ValueError: if ``extra_every`` or ``n_descriptions`` is below 1.
     """
+    if extra_every < 1 or n_descriptions < 1:
+        raise ValueError(f"moderation_train: extra_every ({extra_every!r}) and n_descriptions "
+                         f"({n_descriptions!r}) must be >= 1")
     rng = stream(seed, "icm_instruct")
     cats = _moderation_categories(rng, n_images)
     images: dict[str, ImageSpec] = {}
@@ -278,17 +310,27 @@ def moderation_train(seed: int = 0, n_images: int = 3000, n_descriptions: int = 
                     "conversations": _conv(f"{question}\n{IMAGE_TOKEN}", answer)}
 
         qa.append(rec("pair0", T.MODERATION_QUESTION, "No." if pos is None else "Yes."))
-        qa.append(rec("pair1", T.LOCATION_QUESTION, T.LOCATION_ANSWERS[pos]))
+        if extra_every == 1:
+            kinds = set(MODERATION_EXTRAS)
+        elif i % extra_every == 0:  # cycling by index puts every kind into small test builds
+            kinds = {MODERATION_EXTRAS[(i // extra_every) % len(MODERATION_EXTRAS)]}
+        else:
+            continue
         instr = T.MC_LETTER_INSTRUCTIONS
-        q0 = T.mc_prompt(T.VIOLATION_MC_QUESTION, T.VIOLATION_MC_OPTIONS, instr[int(rng.integers(0, len(instr)))])
-        mc.append(rec("mc_pair0", q0, "B." if pos is None else "A."))
-        q1 = T.mc_prompt(T.LOCATION_MC_QUESTION, T.LOCATION_MC_OPTIONS, instr[int(rng.integers(0, len(instr)))])
-        loc = 3 if pos is None else SYMBOL_POSITIONS.index(pos)
-        mc.append(rec("mc_pair1", q1, f"{T.LETTERS[loc]}."))
-        explanation = moderation_explanation(spec)
-        for k in range(n_descriptions):
-            prompt = T.MODERATION_PROMPTS[int(rng.integers(0, len(T.MODERATION_PROMPTS)))]
-            desc[k].append(rec(f"description{k + 1}", prompt, explanation))
+        if "pair1" in kinds:
+            qa.append(rec("pair1", T.LOCATION_QUESTION, T.LOCATION_ANSWERS[pos]))
+        if "mc_pair0" in kinds:
+            q0 = T.mc_prompt(T.VIOLATION_MC_QUESTION, T.VIOLATION_MC_OPTIONS, instr[int(rng.integers(0, len(instr)))])
+            mc.append(rec("mc_pair0", q0, "B." if pos is None else "A."))
+        if "mc_pair1" in kinds:
+            q1 = T.mc_prompt(T.LOCATION_MC_QUESTION, T.LOCATION_MC_OPTIONS, instr[int(rng.integers(0, len(instr)))])
+            loc = 3 if pos is None else SYMBOL_POSITIONS.index(pos)
+            mc.append(rec("mc_pair1", q1, f"{T.LETTERS[loc]}."))
+        if "description" in kinds:
+            explanation = moderation_explanation(spec)
+            for k in range(n_descriptions):
+                prompt = T.MODERATION_PROMPTS[int(rng.integers(0, len(T.MODERATION_PROMPTS)))]
+                desc[k].append(rec(f"description{k + 1}", prompt, explanation))
     payload = qa + mc + [r for round_ in desc for r in round_]
     return DemoDataset("icm_instruct", payload, images, "icm_llava_train.json",
                        {"categories": {c: cats.count(c) for c in MODERATION_CATEGORIES}})
