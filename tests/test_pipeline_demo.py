@@ -4,9 +4,10 @@ This is what `make demo` does, in a temporary data root and runs folder. It prov
 (download from local packed sources -> merge -> validate -> inspect -> train -> evaluate) and the
 claim of the demo: held-out image-only questions go from about chance to well above it after
 training, while the controls (images blanked or shuffled between questions) stay near chance.
-Measured with parameters/demo.yaml (700 steps): Q-Bench strict 0.0 -> 0.82, moderation 0.02 -> 0.715,
-controls 0.33-0.36 / 0.49-0.50. The issue's target (>= 0.90 on both within 5 minutes) is not reached
-yet; the thresholds below guard what is reached, with margin, so a regression shows.
+Measured with parameters/demo.yaml (1200 steps, deterministic on CPU for the seed): Q-Bench strict
+0.0 -> 0.905, moderation 0.02 -> 0.88, controls 0.35 / 0.49-0.50. The issue's target (>= 0.90 on both
+within 5 minutes) is not fully reached (moderation 0.88, ~6.5 min); the thresholds below guard what
+is reached, with a small margin, so a regression shows.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def test_demo_learns_from_pixels(demo_run):
     run_dir, _ = demo_run
     scores = json.loads((run_dir / "eval" / "scores.json").read_text())
     base, tuned = scores["baseline"], scores["fine-tuned"]
-    assert tuned["qbench"]["strict"]["overall"] >= 0.70
-    assert tuned["moderation"]["accuracy"] >= 0.60
+    assert tuned["qbench"]["strict"]["overall"] >= 0.88
+    assert tuned["moderation"]["accuracy"] >= 0.85
     assert base["qbench"]["strict"]["overall"] <= 0.5
     assert base["moderation"]["accuracy"] <= 0.6
     for control in ("blank", "shuffled"):
