@@ -14,9 +14,13 @@ the family's adapter module, which provides:
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 FAMILIES: dict[str, str] = {
     "llava15": "icmlab.models.llava15",
@@ -56,3 +60,30 @@ def get_family(name: str) -> ModuleType:
     if name not in FAMILIES:
         raise ValueError(f"unknown model family {name!r}; allowed: {sorted(FAMILIES)}")
     return importlib.import_module(FAMILIES[name])
+
+
+def write_bundle_dir(out_dir: str | Path, bundle: ModelBundle, write: Callable[[Path], None]) -> Path:
+    """Save a bundle through a staging folder beside ``out_dir``.
+
+    ``write(tmp)`` saves the model, tokenizer and processor files; ``icmlab_bundle.json`` (family,
+    image-token facts, JSON-able extras) is added, and the files move into ``out_dir`` with
+    ``config.json`` last, so an interrupted save never looks like a complete checkpoint.
+    """
+    from icmlab.io import atomic_write_json
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        atomic_write_json(tmp / "icmlab_bundle.json", {
+            "family": bundle.family, "image_token_id": bundle.image_token_id,
+            "num_image_tokens": bundle.num_image_tokens,
+            "extra": {k: v for k, v in bundle.extra.items() if isinstance(v, (str, int, float, bool, dict, list))},
+        })
+        out.mkdir(parents=True, exist_ok=True)
+        for item in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

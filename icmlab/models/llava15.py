@@ -22,9 +22,6 @@ legacy key names that the Trainer's raw resume load does not rename (environment
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +40,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.utils import is_flash_attn_2_available
 
-from icmlab.io import atomic_write_json
-from icmlab.models import ModelBundle
+from icmlab.models import ModelBundle, write_bundle_dir
 from icmlab.models.llava15_convert import (
     IMAGE_TOKEN,
     KNOWN_VISION_TOWERS,
@@ -358,21 +354,11 @@ def save_bundle(bundle: ModelBundle, out_dir: str | Path) -> Path:
         num_additional_image_tokens=1,  # CLS; "default" removes it again -> (S/P)^2 placeholders
         chat_template=CHAT_TEMPLATE,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        atomic_write_json(tmp / "icmlab_bundle.json", {
-            "family": FAMILY, "image_token_id": bundle.image_token_id, "num_image_tokens": bundle.num_image_tokens,
-            "extra": {k: v for k, v in bundle.extra.items() if isinstance(v, (str, int, float, bool, dict, list))},
-        })
-        out.mkdir(parents=True, exist_ok=True)
-        for item in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
-            os.replace(item, out / item.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return write_bundle_dir(out, bundle, write)
 
 
 # ----------------------------------------------------------------------------- trainable parts

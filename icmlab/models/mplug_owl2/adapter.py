@@ -20,9 +20,6 @@ size, outside the embedding table); the tokenizer needs no ``<|image|>`` token b
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +30,8 @@ from icmlab.models import groups as _groups
 from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from icmlab.io import atomic_write_json, read_json
-from icmlab.models import ModelBundle
+from icmlab.io import read_json
+from icmlab.models import ModelBundle, write_bundle_dir
 from icmlab.models.llava15 import resolve_attn_implementation, resolve_dtype, training_dtype
 from icmlab.models.llava15_io import resolve_source
 
@@ -189,22 +186,12 @@ def save_bundle(bundle: ModelBundle, out_dir: str | Path) -> Path:
     model = bundle.model
     if hasattr(model, "merge_and_unload"):  # peft.PeftModel
         model = bundle.model = model.merge_and_unload()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         bundle.tokenizer.save_pretrained(tmp)
         bundle.image_processor.save_pretrained(tmp)
-        atomic_write_json(tmp / "icmlab_bundle.json", {
-            "family": FAMILY, "image_token_id": bundle.image_token_id, "num_image_tokens": bundle.num_image_tokens,
-            "extra": {k: v for k, v in bundle.extra.items() if isinstance(v, (str, int, float, bool, dict, list))},
-        })
-        out.mkdir(parents=True, exist_ok=True)
-        for item in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
-            os.replace(item, out / item.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return write_bundle_dir(out, bundle, write)
 
 
 # ----------------------------------------------------------------------------- trainable parts
