@@ -354,6 +354,7 @@ def save_bundle(bundle: ModelBundle, out_dir: str | Path) -> Path:
         num_additional_image_tokens=1,  # CLS; "default" removes it again -> (S/P)^2 placeholders
         chat_template=CHAT_TEMPLATE,
     )
+
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

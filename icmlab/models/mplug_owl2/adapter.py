@@ -186,6 +186,7 @@ def save_bundle(bundle: ModelBundle, out_dir: str | Path) -> Path:
     model = bundle.model
     if hasattr(model, "merge_and_unload"):  # peft.PeftModel
         model = bundle.model = model.merge_and_unload()
+
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         bundle.tokenizer.save_pretrained(tmp)
@@ -209,7 +210,8 @@ def optimizer_param_groups(
     model: nn.Module, *, projector_lr: float | None = None, weight_decay: float = 0.0
 ) -> list[dict]:
     """Upstream-style optimizer groups; parameters under ``visual_abstractor`` get ``projector_lr`` when set."""
-    return _groups.optimizer_param_groups(model, "visual_abstractor", projector_lr=projector_lr, weight_decay=weight_decay)
+    return _groups.optimizer_param_groups(model, "visual_abstractor", projector_lr=projector_lr,
+                                          weight_decay=weight_decay)
 
 
 def apply_lora(
