@@ -178,6 +178,9 @@ class EvalConfig:
     qbench_style: Literal["auto", "llava", "mplug", "options_first"] = "auto"
     """Q-Bench prompt layout: upstream LLaVA script (instruction before options), mPLUG script, or
     question/options/instruction as the Q-Instruct multiple-choice training records; ``auto`` = per family."""
+    moderation_question: str | None = None
+    """Question asked when the moderation items are built from ``val/<category>/`` folders (the real
+    ICM-Val); None = the ICM authors' "Is the picture sexy?"."""
     controls: list[str] = field(default_factory=list)
     """Control runs on the fine-tuned model: ``blank`` (grey images) and/or ``shuffled`` (images permuted between questions)."""
 

@@ -23,6 +23,7 @@ from icmlab import paths
 from icmlab.config import RunConfig
 from icmlab.conversation import DIALECTS
 from icmlab.generation import PROMPT_FORMATS, PromptFormat, generate_answers
+from icmlab.icm_val import UPSTREAM_QUESTION, questions_from_folders
 from icmlab.images import expand2square, load_rgb, mean_background
 from icmlab.io import atomic_write_json, read_json
 from icmlab.models import ModelBundle, get_family
@@ -99,12 +100,31 @@ def load_eval_sets(cfg: RunConfig) -> list[EvalSet]:
             imgs = [paths.qbench_images(cfg) / it["img_path"] for it in items]
             sets.append(EvalSet("qbench", items, imgs, [qbench_prompt(it, style) for it in items], score_qbench))
         elif bench == "moderation":
-            src = paths.icm_eval_dir(cfg) / "icm_val_questions.json"
-            _require(src, "the ICM moderation validation set")
-            items = [it for it in read_json(src) if it.get("kind", "yes_no") == "yes_no"][: cfg.eval.limit]
+            items = [it for it in moderation_items(cfg) if it.get("kind", "yes_no") == "yes_no"][: cfg.eval.limit]
             imgs = [paths.icm_eval_dir(cfg) / it["image"] for it in items]
             sets.append(EvalSet("moderation", items, imgs, [it["question"] for it in items], score_moderation))
     return sets
+
+
+def moderation_items(cfg: RunConfig) -> list[dict]:
+    """The moderation questions: ``icm_val_questions.json`` when the data root has one (the demo),
+    else built from the ``val/<category>/`` folders as the real ICM-Val ships (see
+    :mod:`icmlab.icm_val`); a built list is saved in the run's ``eval/`` folder as the record of
+    what was asked.
+
+    Raises:
+        FileNotFoundError: neither the JSON nor the folders exist.
+    """
+    root = paths.icm_eval_dir(cfg)
+    src = root / "icm_val_questions.json"
+    if src.exists() or not (root / "val").is_dir():
+        _require(src, "the ICM moderation validation set")
+        return read_json(src)
+    items = questions_from_folders(root, cfg.eval.moderation_question or UPSTREAM_QUESTION)
+    atomic_write_json(cfg.run_dir / "eval" / "icm_val_questions.json", items)
+    log.info("built %d moderation questions from %s/val/<category>/ (ground truth: 'normal' categories "
+             "are harmless, as upstream's eval.py)", len(items), root)
+    return items
 
 
 def _require(path: Path, what: str) -> None:
