@@ -150,7 +150,12 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA settings."""
     packing: bool = False
-    """Pack several samples per sequence (variable-length attention); off upstream."""
+    """Pack each micro-batch's samples into as few rows of at most ``data.model_max_length`` tokens
+    as possible (first-fit decreasing, a sample is never split): position ids restart per sample,
+    attention stays inside each sample (block-diagonal mask for sdpa/eager; one flattened varlen
+    row for flash-attention 2), the first label of every sample is masked. Samples per step,
+    trained tokens and the loss are those of the unpacked batch; only the padding is dropped.
+    Both families. Off upstream (which has no packing). See ``icmlab/packing.py``."""
     report_to: list[str] = field(default_factory=lambda: ["none"])
     """Trainer loggers (``wandb``, ``tensorboard``); metrics.jsonl is always written."""
     resume: bool = True

@@ -14,10 +14,14 @@ Text-only samples (no ``image`` key, or an image whose token is missing from the
 ``pixel_values``; :class:`icmlab.trainer.IcmTrainer` runs the vision tower on a dummy image for
 micro-batches without any image, so ZeRO-3 ranks never wait on each other.
 
+With ``train.packing`` the collator packs each micro-batch into rows of at most
+``model_max_length`` tokens (:mod:`icmlab.packing`): same samples and loss, no padding.
+
 Usage::
 
     ds = SupervisedDataset.from_bundle(read_json(paths.training_json(cfg)), bundle, cfg)
     batch = TrainingCollator(bundle.tokenizer.pad_token_id)([ds[0], ds[1]])
+    packed = TrainingCollator(bundle.tokenizer.pad_token_id, packing=True, max_length=2048)([ds[0], ds[1]])
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch.utils.data import Dataset
 
 from icmlab.conversation import image_token_for
 from icmlab.images import load_and_preprocess, processor_size
+from icmlab.packing import pack_samples
 from icmlab.preprocess import PieceEncoder, collate_for_training, encode_conversation
 
 log = logging.getLogger(__name__)
@@ -160,16 +165,37 @@ class TrainingCollator:
     ``pixel_values`` holds one image per sample that has one, in batch order (the order of the
     placeholder runs), and is omitted when no sample of the batch has an image.
 
+    With ``packing`` the micro-batch is packed instead (:func:`icmlab.packing.pack_samples`):
+    rows of at most ``max_length`` tokens, ``position_ids`` restarting per sample, no
+    ``attention_mask``, ``use_cache=False``, the first label of every sample masked, images in
+    placeholder-run order.
+
     Args:
         pad_token_id: padding id of the tokenizer.
+        packing: pack the micro-batch (``train.packing``).
+        max_length: row capacity when packing (``data.model_max_length``).
+        flatten: when packing, put all rows into one unpadded row; needed for flash-attention 2,
+            which reads packed segments from position ids only for a batch of one row.
+
+    Raises:
+        ValueError: no pad token, or ``packing`` without a positive ``max_length``.
     """
 
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int, *, packing: bool = False, max_length: int | None = None,
+                 flatten: bool = False) -> None:
         if pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; LLaVA training pads with <unk>/<pad>")
+        if packing and (max_length is None or max_length < 1):
+            raise ValueError(f"train.packing needs a positive data.model_max_length (the row length), got {max_length}")
         self.pad_token_id = pad_token_id
+        self.packing = packing
+        self.max_length = max_length
+        self.flatten = flatten
 
-    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        if self.packing:
+            return pack_samples(samples, pad_token_id=self.pad_token_id, max_length=self.max_length,
+                                flatten=self.flatten)
         batch = collate_for_training(samples, pad_token_id=self.pad_token_id)
         images = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
         if images:

@@ -170,7 +170,7 @@ def _train(cfg: RunConfig, callbacks: Sequence[Any], save_config: bool) -> Train
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from icmlab.dataset import SupervisedDataset, TrainingCollator
+    from icmlab.dataset import SupervisedDataset
     from icmlab.train_callbacks import GracefulStopCallback, MetricsJsonlCallback, ProgressBarCallback
     from icmlab.trainer import IcmTrainer
 
@@ -199,7 +199,7 @@ def _train(cfg: RunConfig, callbacks: Sequence[Any], save_config: bool) -> Train
     stop = GracefulStopCallback()
     trainer = IcmTrainer(
         model=bundle.model, args=args, train_dataset=dataset,
-        data_collator=TrainingCollator(bundle.tokenizer.pad_token_id), processing_class=bundle.tokenizer,
+        data_collator=_build_collator(cfg, bundle), processing_class=bundle.tokenizer,
         callbacks=[MetricsJsonlCallback(paths.metrics_jsonl(cfg), cfg.train.global_batch_size),
                    ProgressBarCallback(), stop, *callbacks],
         projector_parameters=projector_parameters(bundle.model, family.MODULE_GROUPS["projector"]),
@@ -228,6 +228,25 @@ def _train(cfg: RunConfig, callbacks: Sequence[Any], save_config: bool) -> Train
     result.model_dir = model_dir
     log.info("train loss %.4f over %d steps", output.training_loss, output.global_step)
     return result
+
+
+def _build_collator(cfg: RunConfig, bundle: Any) -> Any:
+    """The micro-batch collator: right padding, or packing into ``data.model_max_length`` rows (``train.packing``).
+
+    flash-attention 2 reads packed segments from position ids only for a one-row batch, so its
+    packed rows are flattened into one (see :mod:`icmlab.packing`); sdpa/eager keep the rows.
+    """
+    from icmlab.dataset import TrainingCollator
+
+    if not cfg.train.packing:
+        return TrainingCollator(bundle.tokenizer.pad_token_id)
+    attn = bundle.extra.get("attn_implementation") or getattr(bundle.model.config, "_attn_implementation", None)
+    flatten = attn == "flash_attention_2"
+    log.info("packing each micro-batch of %d samples into rows of <= %d tokens (%s attention%s)",
+             cfg.train.per_device_batch_size, cfg.data.model_max_length, attn,
+             ", rows flattened into one varlen row" if flatten else ", block-diagonal mask from position ids")
+    return TrainingCollator(bundle.tokenizer.pad_token_id, packing=True, max_length=cfg.data.model_max_length,
+                            flatten=flatten)
 
 
 def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:

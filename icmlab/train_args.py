@@ -26,7 +26,7 @@ def resolve_device(cfg: RunConfig) -> RunConfig:
     """Return ``cfg`` with ``hardware.device`` decided (``auto`` → cuda when available, else cpu).
 
     Raises:
-        ValueError: ``cuda`` requested without a GPU, bf16 on CPU, or packing (naming the key to change).
+        ValueError: ``cuda`` requested without a GPU, or bf16 on CPU (naming the key to change).
     """
     h = cfg.hardware
     device = h.device
@@ -36,9 +36,6 @@ def resolve_device(cfg: RunConfig) -> RunConfig:
         raise ValueError("hardware.device: cuda but no CUDA GPU is visible; use device: cpu (or auto)")
     if device == "cpu" and cfg.train.bf16:
         raise ValueError("train.bf16: bfloat16 training needs an Ampere+ GPU; set train.bf16: false on CPU")
-    if cfg.train.packing:
-        raise ValueError("train.packing: multimodal sequence packing is not implemented yet (upstream has none); "
-                         "set train.packing: false")
     return dataclasses.replace(cfg, hardware=dataclasses.replace(h, device=device))
 
 

@@ -349,11 +349,11 @@ def test_run_launched_streams_and_maps_exit_status(capfd):
         run_launched([sys.executable, "-c", "raise SystemExit(3)"])
 
 
-def test_packing_is_refused_with_the_key(tiny, tmp_path):
+def test_packing_is_accepted(tiny, tmp_path):
+    """``train.packing`` is a working option (proved in tests/test_packing.py); resolve_device keeps it."""
     cfg = _setup(tiny, tmp_path)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, packing=True))
-    with pytest.raises(ValueError, match="train.packing"):
-        run(cfg)
+    assert resolve_device(cfg).train.packing is True
 
 
 @pytest.mark.gpu
