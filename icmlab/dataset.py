@@ -163,7 +163,8 @@ class TrainingCollator:
     """Right-pad ids/labels (shared :func:`collate_for_training`) and stack the images present.
 
     ``pixel_values`` holds one image per sample that has one, in batch order (the order of the
-    placeholder runs), and is omitted when no sample of the batch has an image.
+    placeholder runs), and is omitted when no sample of the batch has an image. ``use_cache`` is
+    always ``False`` (no KV cache is built during training).
 
     With ``packing`` the micro-batch is packed instead (:func:`icmlab.packing.pack_samples`):
     rows of at most ``max_length`` tokens, ``position_ids`` restarting per sample, no
@@ -196,8 +197,11 @@ class TrainingCollator:
         if self.packing:
             return pack_samples(samples, pad_token_id=self.pad_token_id, max_length=self.max_length,
                                 flatten=self.flatten)
-        batch = collate_for_training(samples, pad_token_id=self.pad_token_id)
+        batch: dict[str, Any] = dict(collate_for_training(samples, pad_token_id=self.pad_token_id))
         images = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
         if images:
             batch["pixel_values"] = torch.stack(images)
+        # LLaVA's inner LlamaModel reads use_cache from text_config (True in every checkpoint) and
+        # would build a KV cache in each training forward; training never reads it back.
+        batch["use_cache"] = False
         return batch

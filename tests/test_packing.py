@@ -131,7 +131,7 @@ def test_flatten_gives_one_unpadded_varlen_row():
 def test_collator_switches_and_errors():
     samples = [_sample(4, 10), _sample(5, 11)]
     plain = TrainingCollator(PAD)(samples)
-    assert "attention_mask" in plain and "position_ids" not in plain
+    assert "attention_mask" in plain and "position_ids" not in plain and plain["use_cache"] is False
     packed = TrainingCollator(PAD, packing=True, max_length=16)(samples)
     assert "attention_mask" not in packed and packed["input_ids"].shape == (1, 9)
     with pytest.raises(ValueError, match="data.model_max_length"):
