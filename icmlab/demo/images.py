@@ -113,9 +113,9 @@ class Scene:
 
 
 def _is_symbol_red(colour) -> bool:
-    """True for the saturated reds that the forbidden symbol uses."""
+    """True for colours close enough to the symbol's red to hide it (reds, crimsons, red-magentas)."""
     r, g, b = colour
-    return r > 150 and g < 110 and b < 110
+    return r > 110 and r - max(g, b) > 50
 
 
 def _background_colour(rng: np.random.Generator) -> tuple[int, int, int]:
@@ -211,13 +211,19 @@ def _draw_text(img: Image.Image, text: str, rng: np.random.Generator) -> None:
         cy += b[3] - b[1] + 2
 
 
+SYMBOL_SIZE = (0.22, 0.32)
+"""Range of the red X's side as a fraction of the image side."""
+SYMBOL_STROKE = (1.0, 2.0)
+"""Range of its stroke width in pixels at 32 px (scaled with the side)."""
+
+
 def _draw_symbol(img: Image.Image, position: str, rng: np.random.Generator) -> None:
     """Draw the red X in the given vertical band."""
     w, h = img.size
     side = min(w, h)
     sc = side / 32.0
-    size = float(rng.uniform(0.22, 0.32)) * side
-    stroke = max(1, int(round(float(rng.uniform(1.0, 2.0)) * sc)))
+    size = float(rng.uniform(*SYMBOL_SIZE)) * side
+    stroke = max(1, int(round(float(rng.uniform(*SYMBOL_STROKE)) * sc)))
     half = size / 2.0
     cx = float(rng.uniform(half + 1, w - half - 1))
     band = {"upper": (0.12, 0.30), "middle": (0.42, 0.58), "lower": (0.70, 0.88)}[position]

@@ -146,12 +146,23 @@ def shape_phrase(colour: str, kind: str, count: int = 1) -> str:
     return f"{words[count]} {colour} {plural}"
 
 
+MAX_SCENE_PARTS = 2
+"""Shape groups a description names (in drawing order); the rest are summed up as "other shapes",
+which keeps descriptions short: long answers pad every batch they land in."""
+
+
 def scene_phrase(shapes) -> str:
-    """Short English listing of a scene's shapes, e.g. ``"a blue ellipse and two green lines"``."""
+    """Short English listing of a scene's shapes, e.g. ``"a blue ellipse and two green lines"``.
+
+    At most :data:`MAX_SCENE_PARTS` groups are named, in drawing order; further shapes become
+    ``"other shapes"``.
+    """
     counts: dict[tuple[str, str], int] = {}
     for s in shapes:
         counts[(s.colour, s.kind)] = counts.get((s.colour, s.kind), 0) + 1
     parts = [shape_phrase(colour, kind, n) for (colour, kind), n in counts.items()]
+    if len(parts) > MAX_SCENE_PARTS:
+        parts = parts[:MAX_SCENE_PARTS] + ["other shapes"]
     if len(parts) == 1:
         return parts[0]
     return ", ".join(parts[:-1]) + " and " + parts[-1]
@@ -178,6 +189,7 @@ def tokenizer_corpus() -> list[str]:
     texts.append(mc_prompt(LOCATION_MC_QUESTION, LOCATION_MC_OPTIONS))
     texts += [f"The image shows {shape_phrase(c, k)}." for c in PALETTE for k in SHAPE_KINDS]
     texts += [f"In the {p} part." for p in SYMBOL_POSITIONS]
+    texts += ["It shows a red line, a blue ellipse and other shapes on a gradient background."] * 5
     # The single-token answers, each preceded by a space as they follow "ASSISTANT:".
     answers = [f" {x}" for x in LETTERS[:5]] + [" Yes", " No"]
     texts += [" ".join(answers + [a + "." for a in answers])] * 200
