@@ -15,17 +15,14 @@ parent of the ``parameters/`` folder holding the file).
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 
 from icmlab.io import atomic_write_text
+from icmlab.typed_yaml import apply_override, build_dataclass, deepcopy_plain, to_plain
 
 ModelFamily = Literal["llava15", "mplug_owl2"]
 Strategy = Literal["mix", "after"]
@@ -269,7 +266,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-YAML-able dict of every field (paths as strings)."""
-        return _to_plain(self)
+        return to_plain(self)
 
 
 # --------------------------------------------------------------------------- loading
@@ -312,12 +309,13 @@ def config_from_dict(
         ConfigError: as :func:`load_run_config`.
     """
     where = str(source) if source else "<config>"
-    data = _deepcopy_plain(raw)
+    data = deepcopy_plain(raw)
     data.pop("source_file", None)
     errors: list[str] = []
     for key, value in (overrides or {}).items():
-        _apply_override(data, key, value, errors)
-    cfg = _build(RunConfig, data, "", errors)
+        apply_override(data, key, value, errors)
+    _normalize_aliases(data)
+    cfg = build_dataclass(RunConfig, data, "", errors)
     if not errors:
         cfg.source_file = str(source) if source else None
         _resolve_paths(cfg, base_dir or Path.cwd())
@@ -448,100 +446,6 @@ def _find_file(path: Path) -> Path:
     raise FileNotFoundError(f"parameters file not found: {path} (looked in {Path.cwd()} and {alt.parent})")
 
 
-def _apply_override(data: dict, key: str, value: Any, errors: list[str]) -> None:
-    if isinstance(value, str):
-        try:
-            value = yaml.safe_load(value) if value.strip() else value
-        except yaml.YAMLError:
-            pass
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string; the CLI user meant a number
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        nxt = node.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            errors.append(f"override {key!r}: {part!r} is not a section")
-            return
-        node = nxt
-    node[parts[-1]] = value
-
-
-def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
-    if not isinstance(raw, dict):
-        errors.append(f"{prefix.rstrip('.') or '<top>'}: expected a mapping of keys, got {type(raw).__name__}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls) if f.name != "source_file"}
-    kwargs = {}
-    for key, value in raw.items():
-        dotted = f"{prefix}{key}"
-        if key not in known:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            errors.append(f"{dotted}: unknown key{hint}; allowed keys here: {', '.join(sorted(known))}")
-            continue
-        kwargs[key] = _coerce(hints[key], value, dotted, errors)
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
-    origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".", errors)
-    if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key, errors)
-    if origin is Literal:
-        allowed = get_args(tp)
-        if key.endswith("strategy") and isinstance(value, str):
-            value = STRATEGY_ALIASES.get(value.lower(), value)
-        if value not in allowed:
-            errors.append(f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            errors.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-            return []
-        (item_tp,) = get_args(tp)
-        return [_coerce(item_tp, v, f"{key}[{i}]", errors) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            errors.append(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-            return {}
-        _, val_tp = get_args(tp)
-        return {str(k): _coerce(val_tp, v, f"{key}.{k}", errors) for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            errors.append(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            errors.append(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            errors.append(f"{key}: expected a number, got {value!r}")
-            return value
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            errors.append(f"{key}: expected a string, got {value!r}")
-        return value
-    if tp is Path:
-        if not isinstance(value, (str, Path)):
-            errors.append(f"{key}: expected a path, got {value!r}")
-            return Path(".")
-        return Path(value)
-    return value
-
-
 def _resolve_paths(cfg: RunConfig, base: Path) -> None:
     def absolute(p: Path) -> Path:
         p = p.expanduser()
@@ -561,21 +465,8 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
             setattr(cfg.model, key, str(absolute(Path(val))))
 
 
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in fields(obj)}
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
-def _deepcopy_plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _deepcopy_plain(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_deepcopy_plain(v) for v in obj]
-    return obj
+def _normalize_aliases(data: dict) -> None:
+    """``train.strategy: msft/csft`` (any case) → ``mix/after``, before type checking."""
+    train = data.get("train")
+    if isinstance(train, dict) and isinstance(train.get("strategy"), str):
+        train["strategy"] = STRATEGY_ALIASES.get(train["strategy"].lower(), train["strategy"])
