@@ -12,6 +12,7 @@ Usage::
     .venv/bin/python benchmarks/bench_merge.py                 # full size (~1.1 GB of JSON, cached)
     .venv/bin/python benchmarks/bench_merge.py --scale 0.05    # quick run
     .venv/bin/python benchmarks/bench_merge.py --out /tmp/bm   # where data and outputs go
+    .venv/bin/python benchmarks/bench_merge.py --no-jq         # icmlab alone (quick iterations)
 
 Target (issue 4): >= 10x faster than jq with <= 20% of jq's peak memory.
 """
@@ -133,6 +134,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "merge")
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of the real record counts")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool (best wall time is reported)")
+    ap.add_argument("--no-jq", action="store_true", help="time icmlab only (quick iterations; no ratio)")
     args = ap.parse_args()
     jq = shutil.which("jq")
     low, high = generate_pair(args.out, args.scale)
@@ -144,15 +146,28 @@ def main() -> None:
             "r = merge_files([MergeSource('q_instruct', Path(sys.argv[1])), MergeSource('llava_v1_5_mix665k', "
             "Path(sys.argv[2]))], Path(sys.argv[3]), Path(sys.argv[4]), image_token='<image>'); "
             "print(r.num_records, r.duplicate_ids)")
-    ours = min(timed([sys.executable, "-c", code, str(low), str(high), str(ours_out), str(prov)])
-               for _ in range(args.repeat))
-    print(f"icmlab merge : {ours[0]:7.2f} s wall  {ours[2]:7.2f} s CPU  peak RSS {ours[1]:8.0f} MiB")
-    if not jq:
-        print("jq not installed (apt-get install -y jq): no baseline measured")
+
+    def run_ours() -> tuple[float, float, float]:
+        # A fresh output each time, as jq's: replacing a big file costs ext4 a flush (auto_da_alloc) on top.
+        for p in (ours_out, prov):
+            p.unlink(missing_ok=True)
+        return timed([sys.executable, "-c", code, str(low), str(high), str(ours_out), str(prov)])
+
+    jq_out.unlink(missing_ok=True)
+    load = os.getloadavg()[0]
+    ours = min(run_ours() for _ in range(args.repeat))
+    print(f"icmlab merge : {ours[0]:7.2f} s wall  {ours[2]:7.2f} s CPU  peak RSS {ours[1]:8.0f} MiB  "
+          f"(load average {load:.1f} at start)")
+    if not jq or args.no_jq:
+        print("jq not installed (apt-get install -y jq): no baseline measured" if not jq else "jq skipped (--no-jq)")
+        for p in (ours_out, prov):
+            p.unlink(missing_ok=True)
         return
+    load = os.getloadavg()[0]
     base = min(timed([jq, "-s", "add", str(low), str(high)], stdout=jq_out) for _ in range(args.repeat))
     version = subprocess.run([jq, "--version"], capture_output=True, text=True).stdout.strip()
-    print(f"jq -s add    : {base[0]:7.2f} s wall  {base[2]:7.2f} s CPU  peak RSS {base[1]:8.0f} MiB  ({version})")
+    print(f"jq -s add    : {base[0]:7.2f} s wall  {base[2]:7.2f} s CPU  peak RSS {base[1]:8.0f} MiB  ({version}, "
+          f"load average {load:.1f} at start)")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes slow both tools)")
     t = time.perf_counter()
     a, b = orjson.loads(ours_out.read_bytes()), orjson.loads(jq_out.read_bytes())

@@ -2,9 +2,10 @@
 
 A vectorised scan (numpy) finds the unescaped quotes and the braces outside strings of each
 chunk, so record boundaries and every record's top-level ``id`` are exact without building
-Python objects; files the scan does not handle are parsed whole with orjson instead, which yields
-the same records or raises the precise error. :class:`DuplicateIds` compares those ids across
-files of any size.
+Python objects; the chunks are scanned on several threads (:mod:`icmlab.jsonscan_parallel`).
+Files the scan does not handle are parsed whole with orjson instead, which yields the same
+records or raises the precise error. :class:`DuplicateIds` compares those ids across files of
+any size.
 
 Used by :mod:`icmlab.merge` (records copied as bytes), :mod:`icmlab.validate` (record spans for
 the worker processes, duplicate ids) and :mod:`icmlab.inspection` (sampling)::
@@ -18,6 +19,7 @@ the worker processes, duplicate ids) and :mod:`icmlab.inspection` (sampling)::
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import re
 from dataclasses import dataclass
@@ -28,22 +30,24 @@ import numpy as np
 import orjson
 
 from icmlab.io import read_json
+from icmlab.jsonscan_parallel import BlockParts, SplitFailed, scan_blocks
 
 log = logging.getLogger("icmlab.jsonscan")
 
-DEFAULT_CHUNK_BYTES = 4 << 20  # measured fastest (cache-sized numpy temporaries)
+# Measured fastest (cache-sized numpy temporaries). It also fixes the block boundaries, and merge
+# copies each block's records as one verbatim run: changing it changes merge's separators.
+DEFAULT_CHUNK_BYTES = 4 << 20
 MAX_DUPLICATE_EXAMPLES = 20
 
 _WS = b" \t\r\n"
-_QUOTE, _BSLASH, _LBRACE, _RBRACE, _COLON, _COMMA, _PIPE = 34, 92, 123, 125, 58, 44, 124
+_BSLASH, _COLON, _COMMA = 92, 58, 44
 _WS_CODES = np.frombuffer(_WS, np.uint8)
-_EVENTS = bytes(1 if c in (_QUOTE, _LBRACE, _RBRACE, _PIPE) else 0 for c in range(256))
+_IS_WS = np.isin(np.arange(256), _WS_CODES)  # lookup table: one gather instead of four comparisons
 _SCALAR = re.compile(rb"[^,}\]\s]+")
 
 
 # --------------------------------------------------------------------------- streaming scanner
-class _SplitFailed(Exception):
-    """The byte scanner met a layout it does not handle; the caller falls back to a full parse."""
+_SplitFailed = SplitFailed  # the scan met a layout it does not handle: parse the file whole instead
 
 
 @dataclass
@@ -51,7 +55,7 @@ class RecordBlock:
     """Consecutive records of a JSON array, as bytes with their offsets (no Python objects built).
 
     Attributes:
-        buf: bytes holding the records.
+        buf: bytes holding the records (for a scanned file: the file's read-only memory map).
         starts: offset of each record's ``{`` in ``buf``.
         ends: offset just past each record's ``}``.
         id_hash: per record, a 64-bit hash of its top-level ``id`` (see :func:`id_hash`); 0 when
@@ -62,7 +66,7 @@ class RecordBlock:
         pipes: offsets of every ``|`` byte (records that may hold ``<|image|>``), None if unknown.
     """
 
-    buf: bytes
+    buf: bytes | mmap.mmap
     starts: np.ndarray
     ends: np.ndarray
     id_hash: np.ndarray
@@ -84,7 +88,8 @@ class RecordBlock:
         return orjson.loads(b"[" + self.buf[self.starts[0] : self.ends[-1]] + b"]") if len(self) else []
 
 
-def iter_blocks(path: str | os.PathLike, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[RecordBlock]:
+def iter_blocks(path: str | os.PathLike, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                workers: int | None = None) -> Iterator[RecordBlock]:
     """Stream a top-level JSON array of objects as :class:`RecordBlock` s, exactly and fast.
 
     A vectorised byte scan (numpy) finds unescaped quotes, the braces outside strings and their
@@ -94,7 +99,9 @@ def iter_blocks(path: str | os.PathLike, chunk_bytes: int = DEFAULT_CHUNK_BYTES)
 
     Args:
         path: JSON file.
-        chunk_bytes: bytes read per step.
+        chunk_bytes: chunk size of the scan; blocks hold the records whose closing brace lies in
+            one chunk (the first two chunks form the first block).
+        workers: scan threads (default: the usable CPUs, at most 4); 0 scans in this thread.
 
     Yields:
         Blocks in file order.
@@ -106,7 +113,7 @@ def iter_blocks(path: str | os.PathLike, chunk_bytes: int = DEFAULT_CHUNK_BYTES)
     path = Path(path)
     done = 0
     try:
-        for block in _scan_file(path, chunk_bytes):
+        for block in scan_blocks(path, chunk_bytes, _finish_block, workers):
             done += len(block)
             yield block
     except _SplitFailed:
@@ -144,94 +151,27 @@ def _not_list_message(path: Path, data: Any) -> str:
             "a LLaVA training file is a JSON array of {id, image, conversations} objects")
 
 
-def _scan_file(path: Path, chunk_bytes: int) -> Iterator[RecordBlock]:
-    with open(path, "rb") as f:
-        buf = f.read(chunk_bytes)
-        head = buf.lstrip(_WS)
-        if not head.startswith(b"["):
-            raise _SplitFailed  # not a list, empty, HTML, BOM: the fallback raises the exact error
-        offset = len(buf) - len(head) + 1  # file offset of buf[0]
-        buf, lead, first = head[1:], b"", 0  # lead: what may precede the first record ("" or ",")
-        while True:
-            more = f.read(chunk_bytes)
-            buf += more
-            block, end = _scan_buffer(buf, lead, first, final=not more)
-            if block is not None:
-                block.offset = offset
-                yield block
-                first += len(block)
-                buf, lead, offset = buf[end:], b",", offset + end
-            if not more:
-                if buf.strip(_WS) != b"]":
-                    raise _SplitFailed  # truncated file or trailing garbage
-                return
+def _finish_block(parts: BlockParts) -> RecordBlock:
+    """Check the separators of a block of records and extract their ids (runs on a scan thread).
 
-
-def _structure(buf: bytes, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Unescaped quotes and the braces outside strings of a buffer that starts outside any string.
-
-    One pass collects every ``"``, ``{`` and ``}``; a quote is escaped when an odd run of
-    backslashes precedes it; a brace lies inside a string when an odd number of unescaped quotes
-    precedes it.
-
-    Returns:
-        ``(quote positions, brace positions, "|" positions)``.
+    Raises:
+        _SplitFailed: anything but whitespace before the first record (one comma after an
+            earlier block) or between two records (exactly one comma).
     """
-    # One C pass marks the four bytes of interest ("|" is rare; it flags records that may hold
-    # "<|image|>"); measured faster than four vectorised comparisons.
-    ev = np.flatnonzero(np.frombuffer(buf.translate(_EVENTS), np.bool_))
-    cls = a[ev]
-    is_q = cls == _QUOTE
-    q = ev[is_q]
-    if q.size:
-        cand = np.flatnonzero(a[q - 1] == _BSLASH)  # q[0] > 0: a buffer starts with "," "[" or space
-        if cand.size:
-            pos0 = q[cand]
-            run, alive = np.ones(cand.size, np.int64), np.ones(cand.size, bool)
-            while alive.any():
-                pos = pos0 - run - 1
-                alive &= pos >= 0
-                alive[alive] = a[pos[alive]] == _BSLASH
-                run += alive
-            escaped = cand[(run & 1) == 1]
-            if escaped.size:
-                qi = np.flatnonzero(is_q)
-                is_q[qi[escaped]] = False
-                q = ev[is_q]
-    parity = np.cumsum(is_q, dtype=np.int64) & 1  # quotes up to each event; 0 at a brace = outside
-    br = ev[(parity == 0) & (cls != _QUOTE)]
-    return q, br, ev[cls == _PIPE]
-
-
-def _scan_buffer(buf: bytes, lead: bytes, first: int, final: bool) -> tuple[RecordBlock | None, int]:
-    """Find the complete records of ``buf`` (which starts outside any string, between records)."""
-    a = np.frombuffer(buf, np.uint8)
-    q, br, pipes = _structure(buf, a)
-    opening = a[br] == _LBRACE
-    depth = np.cumsum(np.where(opening, 1, -1))
-    if depth.size and depth.min() < 0:
-        raise _SplitFailed
-    ends = br[~opening & (depth == 0)] + 1
-    if not ends.size:
-        if final and br.size:
-            raise _SplitFailed  # an unterminated record
-        return None, 0
-    starts = br[opening & (depth == 1)][: ends.size]
-    stop = int(ends[-1])
-    # Between records only whitespace and exactly one comma are allowed (else: not an array of objects).
-    if buf[: starts[0]].strip(_WS) != lead or np.any(starts[1:] <= ends[:-1]):
+    buf, a, starts, ends = parts.buf, parts.a, parts.starts, parts.ends
+    lead = b"," if parts.first else b""
+    if len(starts) != len(ends) or buf[parts.lead_lo : starts[0]].strip(_WS) != lead or np.any(starts[1:] <= ends[:-1]):
         raise _SplitFailed
     if ends.size > 1:
         lens = starts[1:] - ends[:-1]
-        offs = np.repeat(ends[:-1] - np.cumsum(np.r_[0, lens[:-1]]), lens) + np.arange(lens.sum())
-        gap = a[offs]
+        gap = a.take(_ranges(ends[:-1], starts[1:]))
         comma = gap == _COMMA
         commas = np.add.reduceat(comma, np.r_[0, np.cumsum(lens[:-1])])
-        if not np.all(comma | np.isin(gap, _WS_CODES)) or np.any(commas != 1):
+        if not np.all(comma | _IS_WS.take(gap)) or np.any(commas != 1):
             raise _SplitFailed
-    hashes, keys, offsets = _id_keys(buf, a, q[q < stop], br, depth, starts)
-    block = RecordBlock(buf, starts, ends, hashes, first, pipes=pipes[pipes < stop], id_keys=keys, id_offsets=offsets)
-    return block, stop
+    hashes, keys, offsets = _id_keys(buf, a, parts.q, parts.braces, parts.depth, starts)
+    return RecordBlock(buf, starts, ends, hashes, parts.first, offset=0, pipes=parts.pipes, id_keys=keys,
+                       id_offsets=offsets)
 
 
 def _id_keys(buf: bytes, a: np.ndarray, q: np.ndarray, br: np.ndarray, depth: np.ndarray,
@@ -243,10 +183,11 @@ def _id_keys(buf: bytes, a: np.ndarray, q: np.ndarray, br: np.ndarray, depth: np
     """
     n = len(starts)
     op, cl = q[0::2], q[1::2]
-    k = np.flatnonzero((cl - op == 3) & (a[op + 1] == ord("i")) & (a[op + 2] == ord("d")))
+    k = np.flatnonzero(cl - op == 3)  # two-byte strings first: few, so few bytes are gathered
+    k = k[(a[op[k] + 1] == ord("i")) & (a[op[k] + 2] == ord("d"))]
     colon = cl[k] + 1
     for _ in range(8):  # skip whitespace between the key and the colon
-        w = np.isin(a[np.minimum(colon, len(a) - 1)], _WS_CODES)
+        w = _IS_WS[a[np.minimum(colon, len(a) - 1)]]
         if not w.any():
             break
         colon = colon + w
@@ -258,9 +199,9 @@ def _id_keys(buf: bytes, a: np.ndarray, q: np.ndarray, br: np.ndarray, depth: np
     vo, vc = op[nxt] + 1, cl[nxt]
     gap = vo - 1 - colon
     # A string value: only whitespace between the colon and its opening quote.
-    simple = (k + 1 < len(op)) & ((gap == 1) | ((gap == 2) & np.isin(a[np.minimum(colon + 1, len(a) - 1)], _WS_CODES)))
+    simple = (k + 1 < len(op)) & ((gap == 1) | ((gap == 2) & _IS_WS[a[np.minimum(colon + 1, len(a) - 1)]]))
     rs, lo, hi = rec[simple], vo[simple], vc[simple]
-    flat = a[_ranges(lo, hi)]
+    flat = a.take(_ranges(lo, hi))
     special: dict[int, bytes] = {}
     seg = np.cumsum(hi - lo) - (hi - lo)
     slashes = np.concatenate(([0], np.cumsum(flat == _BSLASH)))  # prefix sums: backslashes per id
@@ -291,24 +232,70 @@ def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.repeat(lo - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()), dtype=np.int64)
 
 
-_P = np.uint64(0x100000001B3)  # FNV prime: odd, so its powers never vanish mod 2**64
-_POW = np.cumprod(np.full(4096, _P, np.uint64)) // _P  # P**0, P**1, ...
-_POW[0] = 1
+_P = 0x100000001B3  # FNV prime: odd, so it is invertible mod 2**64 and its powers never vanish
+_powers = (np.ones(1, np.uint64), np.ones(1, np.uint64))  # (P**g, P**-g) mod 2**64 for g < len, grown on demand
+
+
+_MAX_POWERS = 1 << 20  # table length cap (8 MiB each); blocks with more id bytes are hashed in parts
+
+
+def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``P**g`` and ``P**-g`` (mod 2**64) for ``g < n`` at least (``n <= _MAX_POWERS``)."""
+    global _powers
+    have = _powers  # one read: other threads may replace the tables meanwhile
+    if len(have[0]) >= n:
+        return have
+    size = min(_MAX_POWERS, 1 << max(12, (n - 1).bit_length()))
+    inv = pow(_P, -1, 1 << 64)
+    with np.errstate(over="ignore"):  # uint64 products wrap: arithmetic mod 2**64, as intended
+        fwd = np.cumprod(np.r_[1, np.full(size - 1, _P, np.uint64)].astype(np.uint64))
+        back = np.cumprod(np.r_[1, np.full(size - 1, inv, np.uint64)].astype(np.uint64))
+    _powers = (fwd, back)
+    return _powers
 
 
 def _hash_keys(keys: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """64-bit polynomial hash of each key ``keys[offsets[i]:offsets[i+1]]``; 0 for empty keys."""
+    """64-bit polynomial hash of each key ``keys[offsets[i]:offsets[i+1]]``; 0 for empty keys.
+
+    ``h = sum((byte_j + 1) * P**j) ^ (len * C) | 1`` (mod 2**64, j counted from the key's start).
+    The sum is taken with powers of the position in ``keys`` and shifted back by ``P**-offset``,
+    which needs no per-byte position array.
+    """
     lens = np.diff(offsets)
-    pos = np.arange(len(keys), dtype=np.int64) - np.repeat(offsets[:-1], lens)
-    terms = (keys.astype(np.uint64) + np.uint64(1)) * _POW[pos % len(_POW)]
     nz = lens > 0
     sums = np.zeros(len(lens), np.uint64)
-    if nz.any():
-        sums[nz] = np.add.reduceat(terms, offsets[:-1][nz])
     with np.errstate(over="ignore"):
+        if offsets[-1] - offsets[0] >= _MAX_POWERS:  # huge ids (rare): one key or a few at a time
+            i = 0
+            while i < len(lens):
+                j = max(i + 1, int(np.searchsorted(offsets, offsets[i] + _MAX_POWERS - 1, side="right")) - 1)
+                sums[i:j] = _power_sums(keys[offsets[i] : offsets[j]], offsets[i : j + 1] - offsets[i])
+                i = j
+        elif nz.any():
+            sums = _power_sums(keys[offsets[0] : offsets[-1]], offsets - offsets[0])
         h = (sums ^ (lens.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))) | np.uint64(1)
     h[~nz] = 0
     return h
+
+
+def _power_sums(keys: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``sum((byte_j + 1) * P**j)`` mod 2**64 of each key; a key longer than the tables goes window by window."""
+    lens = np.diff(offsets)
+    sums = np.zeros(len(lens), np.uint64)
+    if len(keys) >= _MAX_POWERS:  # a single huge key: windows of the table length, shifted by P**start
+        total, step = 0, _MAX_POWERS - 1
+        for lo in range(0, len(keys), step):
+            part = _power_sums(keys[lo : lo + step], np.array([0, len(keys[lo : lo + step])]))
+            total = (total + int(part[0]) * pow(_P, lo, 1 << 64)) % (1 << 64)
+        sums[0] = total
+        return sums
+    fwd, back = _power_tables(len(keys) + 1)
+    nz = lens > 0
+    if nz.any():
+        terms = np.multiply(keys, fwd[: len(keys)], dtype=np.uint64)
+        terms += fwd[: len(keys)]  # (byte + 1) * P**g
+        sums[nz] = np.add.reduceat(terms, offsets[:-1][nz]) * back[offsets[:-1][nz]]
+    return sums
 
 
 def id_key(value: Any) -> bytes:
@@ -383,12 +370,7 @@ class DuplicateIds:
         later = order[~head]
         first = first[~head]
         same = size[later] == size[first]
-        cand = np.flatnonzero(same)
-        diff = keys[_ranges(start[later[cand]], start[later[cand]] + size[later[cand]])] != \
-            keys[_ranges(start[first[cand]], start[first[cand]] + size[first[cand]])]
-        mism = np.concatenate(([0], np.cumsum(diff)))
-        seg = np.cumsum(size[later[cand]]) - size[later[cand]]
-        same[cand] = mism[seg + size[later[cand]]] == mism[seg]
+        same[same] = _equal_keys(keys, start[later[same]], start[first[same]], size[later[same]])
         pairs = [np.stack([loc[first[same]], loc[later[same]]], 1)]
         if not same.all():  # a hash collision: regroup those hash groups by their exact bytes
             key_of = lambda i: keys[start[i] : start[i] + size[i]].tobytes()  # noqa: E731
@@ -408,6 +390,34 @@ class DuplicateIds:
             i = int(np.flatnonzero(loc == b)[0])
             ids.append(id_value(keys[start[i] : start[i] + size[i]].tobytes()))
         return out, ids
+
+
+def _equal_keys(keys: np.ndarray, a: np.ndarray, b: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """Whether ``keys[a[i]:a[i]+size[i]] == keys[b[i]:b[i]+size[i]]`` for every i (vectorised).
+
+    Keys up to 16 bytes (most ids) are compared as two 64-bit words each; longer ones byte by byte.
+    """
+    out = np.ones(len(size), bool)
+    short = np.flatnonzero(size <= 16)
+    if short.size:
+        padded = np.concatenate((keys, np.zeros(16, np.uint8)))
+        # word[i] = the 8 bytes from byte i (overlapping, unaligned view; little-endian order)
+        word = np.ndarray((len(padded) - 7,), "<u8", padded, 0, (1,))
+        n = size[short].astype(np.uint64)
+        with np.errstate(over="ignore"):
+            low = np.where(n >= 8, ~np.uint64(0), (np.uint64(1) << (n * np.uint64(8))) - np.uint64(1))
+            high = np.where(n >= 16, ~np.uint64(0),
+                            (np.uint64(1) << (np.maximum(n, 8) - np.uint64(8)) * np.uint64(8)) - np.uint64(1))
+        sa, sb = a[short], b[short]
+        out[short] = (((word[sa] ^ word[sb]) & low) | ((word[sa + 8] ^ word[sb + 8]) & high)) == 0
+    long_ = np.flatnonzero(size > 16)
+    if long_.size:
+        la, lb, ls = a[long_], b[long_], size[long_]
+        diff = keys[_ranges(la, la + ls)] != keys[_ranges(lb, lb + ls)]
+        mism = np.concatenate(([0], np.cumsum(diff)))
+        seg = np.cumsum(ls) - ls
+        out[long_] = mism[seg + ls] == mism[seg]
+    return out
 
 
 def id_value(key: bytes) -> Any:
