@@ -14,7 +14,7 @@ from . import datasets as D
 from .highlevel import mix665k
 from .images import ImageSpec, render_bytes
 
-DEMO_VERSION = 3
+DEMO_VERSION = 4
 """Bump when the generated content changes, so stale manifests are rebuilt."""
 
 DEFAULT_COUNTS: dict[str, int] = {

@@ -156,7 +156,7 @@ def brightness_of(d: str) -> str:
 def _quality_description(d: str, spec: ImageSpec) -> str:
     scene = scene_of(spec)
     verdict = T.QUALITY_VERDICTS["good" if d == "none" else "poor"]
-    return f"{T.DISTORTION_SENTENCES[d]} It shows {T.scene_phrase(scene.shapes)} on a gradient background. {verdict}"
+    return f"{T.DISTORTION_SENTENCES[d]} It shows {T.scene_phrase(scene.shapes)}. {verdict}"
 
 
 QUALITY_EXTRAS: tuple[str, ...] = ("yes_no", "what", "how", "describe", "two_round")
@@ -257,7 +257,7 @@ def _moderation_categories(rng: np.random.Generator, n: int) -> list[str]:
 def moderation_explanation(spec: ImageSpec) -> str:
     """Reference explanation of a moderation image (scene + rule decision)."""
     scene = scene_of(spec)
-    return f"The image shows {T.scene_phrase(scene.shapes)} on a gradient background. {T.RULE_SENTENCES[spec.symbol]}"
+    return f"The image shows {T.scene_phrase(scene.shapes)}. {T.RULE_SENTENCES[spec.symbol]}"
 
 
 MODERATION_EXTRAS: tuple[str, ...] = ("pair1", "mc_pair0", "mc_pair1", "description")

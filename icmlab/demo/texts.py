@@ -146,7 +146,7 @@ def shape_phrase(colour: str, kind: str, count: int = 1) -> str:
     return f"{words[count]} {colour} {plural}"
 
 
-MAX_SCENE_PARTS = 2
+MAX_SCENE_PARTS = 1
 """Shape groups a description names (in drawing order); the rest are summed up as "other shapes",
 which keeps descriptions short: long answers pad every batch they land in."""
 
@@ -189,7 +189,7 @@ def tokenizer_corpus() -> list[str]:
     texts.append(mc_prompt(LOCATION_MC_QUESTION, LOCATION_MC_OPTIONS))
     texts += [f"The image shows {shape_phrase(c, k)}." for c in PALETTE for k in SHAPE_KINDS]
     texts += [f"In the {p} part." for p in SYMBOL_POSITIONS]
-    texts += ["It shows a red line, a blue ellipse and other shapes on a gradient background."] * 5
+    texts += ["It shows a blue ellipse and other shapes."] * 5
     # The single-token answers, each preceded by a space as they follow "ASSISTANT:".
     answers = [f" {x}" for x in LETTERS[:5]] + [" Yes", " No"]
     texts += [" ".join(answers + [a + "." for a in answers])] * 200
