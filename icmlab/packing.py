@@ -43,7 +43,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from icmlab.preprocess import IGNORE_INDEX
+from icmlab.preprocess import IGNORE_INDEX, pad_rows, sample_field
 
 
 def plan_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
@@ -83,11 +83,6 @@ def plan_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     return rows
 
 
-def _tokens(sample: Mapping[str, Any] | Any, name: str) -> list[int]:
-    value = sample[name] if isinstance(sample, Mapping) else getattr(sample, name)
-    return value.tolist() if isinstance(value, torch.Tensor) else list(value)
-
-
 def _pixels(sample: Mapping[str, Any] | Any) -> torch.Tensor | None:
     if isinstance(sample, Mapping):
         return sample.get("pixel_values")
@@ -121,8 +116,8 @@ def pack_samples(
     """
     if not samples:
         raise ValueError("pack_samples: empty micro-batch")
-    ids = [_tokens(s, "input_ids") for s in samples]
-    labels = [_tokens(s, "labels") for s in samples]
+    ids = [sample_field(s, "input_ids") for s in samples]
+    labels = [sample_field(s, "labels") for s in samples]
     for i, (a, b) in enumerate(zip(ids, labels)):
         if len(a) != len(b):
             raise ValueError(f"pack_samples: sample {i} has {len(a)} input_ids but {len(b)} labels")
@@ -153,18 +148,11 @@ def pack_samples(
         rows_pos = [[t for r in rows_pos for t in r]]
 
     width = max(len(r) for r in rows_ids)
-    input_ids = torch.full((len(rows_ids), width), pad_token_id, dtype=torch.long)
-    label_t = torch.full((len(rows_ids), width), IGNORE_INDEX, dtype=torch.long)
     # Padding restarts at 0 too: a separate segment for find_packed_sequence_indices.
-    position_ids = torch.arange(width, dtype=torch.long).repeat(len(rows_ids), 1)
-    for k, (a, b, p) in enumerate(zip(rows_ids, rows_labels, rows_pos)):
-        n = len(a)
-        input_ids[k, :n] = torch.as_tensor(a, dtype=torch.long)
-        label_t[k, :n] = torch.as_tensor(b, dtype=torch.long)
-        position_ids[k, :n] = torch.as_tensor(p, dtype=torch.long)
-        position_ids[k, n:] = torch.arange(width - n, dtype=torch.long)
-    batch: dict[str, Any] = {"input_ids": input_ids, "labels": label_t, "position_ids": position_ids,
-                             "use_cache": False}
+    rows_pos = [p + list(range(width - len(p))) for p in rows_pos]
+    batch: dict[str, Any] = {"input_ids": pad_rows(rows_ids, pad_token_id, width, left=False),
+                             "labels": pad_rows(rows_labels, IGNORE_INDEX, width, left=False),
+                             "position_ids": pad_rows(rows_pos, 0, width, left=False), "use_cache": False}
     if images:
         batch["pixel_values"] = torch.stack(images)
     return batch

@@ -381,7 +381,8 @@ def to_original_layout(sample: EncodedSample, placeholder: int = ORIGINAL_IMAGE_
     return ids + sample.input_ids[pos:], labels + sample.labels[pos:]
 
 
-def _pad_to(rows: Sequence[Sequence[int]], value: int, length: int, left: bool) -> torch.Tensor:
+def pad_rows(rows: Sequence[Sequence[int]], value: int, length: int, left: bool) -> torch.Tensor:
+    """``[len(rows), length]`` long tensor of ``rows`` padded with ``value`` on the right (or left)."""
     out = torch.full((len(rows), length), value, dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
@@ -392,8 +393,10 @@ def _pad_to(rows: Sequence[Sequence[int]], value: int, length: int, left: bool) 
     return out
 
 
-def _field(sample: EncodedSample | Mapping[str, Any], name: str) -> list[int]:
-    return list(sample[name] if isinstance(sample, Mapping) else getattr(sample, name))
+def sample_field(sample: EncodedSample | Mapping[str, Any], name: str) -> list[int]:
+    """``input_ids`` / ``labels`` of a sample (mapping or :class:`EncodedSample`) as a list of ints."""
+    value = sample[name] if isinstance(sample, Mapping) else getattr(sample, name)
+    return value.tolist() if isinstance(value, torch.Tensor) else list(value)
 
 
 def collate_for_training(
@@ -418,16 +421,16 @@ def collate_for_training(
     """
     if not samples:
         raise ValueError("collate_for_training: empty batch")
-    ids = [_field(s, "input_ids")[:max_length] for s in samples]
-    labels = [_field(s, "labels")[:max_length] for s in samples]
+    ids = [sample_field(s, "input_ids")[:max_length] for s in samples]
+    labels = [sample_field(s, "labels")[:max_length] for s in samples]
     for i, (a, b) in enumerate(zip(ids, labels)):
         if len(a) != len(b):
             raise ValueError(f"collate_for_training: sample {i} has {len(a)} ids but {len(b)} labels")
     length = max(len(r) for r in ids)
     return {
-        "input_ids": _pad_to(ids, pad_token_id, length, left=False),
-        "labels": _pad_to(labels, IGNORE_INDEX, length, left=False),
-        "attention_mask": _pad_to([[1] * len(r) for r in ids], 0, length, left=False),
+        "input_ids": pad_rows(ids, pad_token_id, length, left=False),
+        "labels": pad_rows(labels, IGNORE_INDEX, length, left=False),
+        "attention_mask": pad_rows([[1] * len(r) for r in ids], 0, length, left=False),
     }
 
 
@@ -451,8 +454,8 @@ def collate_for_generation(
         raise ValueError("collate_for_generation: need at least one prompt and no empty prompt")
     length = max(len(r) for r in rows)
     return {
-        "input_ids": _pad_to(rows, pad_token_id, length, left=True),
-        "attention_mask": _pad_to([[1] * len(r) for r in rows], 0, length, left=True),
+        "input_ids": pad_rows(rows, pad_token_id, length, left=True),
+        "attention_mask": pad_rows([[1] * len(r) for r in rows], 0, length, left=True),
     }
 
 
