@@ -128,7 +128,8 @@ spec("train", "05 · Train",
      "frozen/trained parts, hyperparameters from the parameters file, DeepSpeed ZeRO on GPUs). On CPU or "
      "one GPU it trains in this kernel with live curves; with several GPUs or nodes it launches "
      "`deepspeed`/`torchrun` and streams its output. A rerun resumes from the last checkpoint in the run "
-     "directory with the weights really restored.",
+     "directory with the weights really restored. `train.packing: true` packs each micro-batch into rows of "
+     "`data.model_max_length` tokens (same samples and loss per step, no padding; off upstream).",
      ['''from icmlab import paths, train
 from icmlab.display import show_figure
 from icmlab.live import LiveMetricsPlot, plot_metrics
@@ -145,6 +146,8 @@ spec("evaluate", "06 · Evaluate: baseline vs fine-tuned",
      "fine-tuned model: Q-Bench A1 scored strictly by the chosen letter and by upstream's substring rule, "
      "and Yes/No moderation with precision/recall of 'violating'. Control runs on the fine-tuned model "
      "(images blanked, or shuffled between questions) show whether the answers come from the pixels. "
+     "The real ICM validation set (`val/<category>/` folders only) gets its Yes/No questions built from the "
+     "folders with upstream's ground truth (`*normal*` categories are harmless), saved in `runs/<run>/eval/`. "
      "The same figures are written to `runs/<run>/report/report.html`.",
      ['''from icmlab import evaluate, report
 from icmlab.display import show_figure
