@@ -6,7 +6,7 @@ demo's Q-Instruct/ICM-Instruct records tokenized with the real LLaMA-2 vocabular
 
 - baseline: bare PIL decode (``Image.open(...).convert("RGB")``), samples/s;
 - image path: decode + ``pad`` (expand2square) + CLIP preprocessing to 336 px, samples/s;
-- one sample of :class:`icmlab.dataset.SupervisedDataset` (tokenize + mask + image), samples/s in
+- one sample of :class:`icmlab.train.dataset.SupervisedDataset` (tokenize + mask + image), samples/s in
   this process (= one data-loader worker), then through a ``DataLoader`` with N workers and the
   training collator (samples/s per worker);
 - tokenization + masking alone (``SupervisedDataset.encode``): seconds per 1,000 samples, against
@@ -38,11 +38,11 @@ from transformers import AutoTokenizer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from icmlab.conversation import conversation_segments, get_template, turns_from_record  # noqa: E402
-from icmlab.dataset import SupervisedDataset, TrainingCollator  # noqa: E402
+from icmlab.inputs.conversation import conversation_segments, get_template, turns_from_record  # noqa: E402
+from icmlab.train.dataset import SupervisedDataset, TrainingCollator  # noqa: E402
 from icmlab.demo.bundle import generate_bundle  # noqa: E402
 from icmlab.demo.images import render_bytes  # noqa: E402
-from icmlab.images import build_image_processor, load_and_preprocess  # noqa: E402
+from icmlab.inputs.images import build_image_processor, load_and_preprocess  # noqa: E402
 
 TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "llama2-tokenizer"
 

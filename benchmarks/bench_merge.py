@@ -1,4 +1,4 @@
-"""Benchmark: ``icmlab.merge`` against ``jq -s add`` on a synthetic Q-Instruct + llava_v1_5_mix665k pair.
+"""Benchmark: ``icmlab.merge.stage`` against ``jq -s add`` on a synthetic Q-Instruct + llava_v1_5_mix665k pair.
 
 The generator writes two LLaVA-format files shaped like the real ones (record counts, image-path
 prefixes, turn counts, text-only ShareGPT-like records, sizes close to the 76.5 MB / ~1 GB
@@ -142,7 +142,7 @@ def main() -> None:
     print(f"inputs: {low.name} {low.stat().st_size / 2**20:.1f} MiB + {high.name} "
           f"{high.stat().st_size / 2**20:.1f} MiB = {size:.0f} MiB")
     ours_out, prov, jq_out = args.out / "merged.icmlab.json", args.out / "merged.provenance.jsonl", args.out / "merged.jq.json"
-    code = ("import sys; from pathlib import Path; from icmlab.merge import MergeSource, merge_files; "
+    code = ("import sys; from pathlib import Path; from icmlab.merge.stage import MergeSource, merge_files; "
             "r = merge_files([MergeSource('q_instruct', Path(sys.argv[1])), MergeSource('llava_v1_5_mix665k', "
             "Path(sys.argv[2]))], Path(sys.argv[3]), Path(sys.argv[4]), image_token='<image>'); "
             "print(r.num_records, r.duplicate_ids)")

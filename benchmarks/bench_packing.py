@@ -39,9 +39,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from icmlab.dataset import TrainingCollator  # noqa: E402
-from icmlab.packing import padding_fraction, plan_rows  # noqa: E402
-from icmlab.trainer import modality_length_grouped_indices  # noqa: E402
+from icmlab.train.dataset import TrainingCollator  # noqa: E402
+from icmlab.train.packing import padding_fraction, plan_rows  # noqa: E402
+from icmlab.train.trainer import modality_length_grouped_indices  # noqa: E402
 
 IMAGE_TOKENS = 576
 MAX_LEN = 2048
@@ -108,15 +108,14 @@ def summarize(name: str, batches: list[list[int]]) -> None:
 # --------------------------------------------------------------------------- step time
 def build_tiny_llava() -> torch.nn.Module:
     """A tiny LLaVA with the real image geometry (336 px, patch 14 -> 576 tokens), random weights."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
+
+    from icmlab.models.llava15.tiny import build_tiny_config
 
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=336, patch_size=14)
-    text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=PAD_ID)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID, image_seq_length=IMAGE_TOKENS,
-                      vision_feature_select_strategy="default", vision_feature_layer=-2)
+    cfg = build_tiny_config(VOCAB, IMAGE_ID, image_size=336, patch_size=14,
+                            text={"max_position_embeddings": 4096, "pad_token_id": PAD_ID})
+    assert cfg.image_seq_length == IMAGE_TOKENS
     cfg._attn_implementation = "sdpa"
     model = LlavaForConditionalGeneration(cfg)
     model.config.use_cache = False

@@ -1,7 +1,7 @@
 """Benchmark of the shared preprocessing: tokenization + label masking, and the image pipeline.
 
 1. Text: 1,000 mixed records (Q-Instruct multiple choice, ICM-style descriptions, multi-turn,
-   text-only) through :func:`icmlab.preprocess.encode_conversation` with the real LLaMA-2
+   text-only) through :func:`icmlab.inputs.encode.encode_conversation` with the real LLaMA-2
    tokenizer, against a baseline measured in the same run: a plain ``tokenizer(prompt)`` call on
    the same rendered prompt strings (no labels, no image handling).
 2. Images: synthetic JPEGs written on the fly, loaded and preprocessed at 336 px with ``pad``
@@ -25,9 +25,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from icmlab.conversation import TEMPLATES, render_conversation, turns_from_record  # noqa: E402
-from icmlab.images import build_image_processor, load_and_preprocess  # noqa: E402
-from icmlab.preprocess import PieceEncoder, encode_conversation  # noqa: E402
+from icmlab.inputs.conversation import TEMPLATES, render_conversation, turns_from_record  # noqa: E402
+from icmlab.inputs.images import build_image_processor, load_and_preprocess  # noqa: E402
+from icmlab.inputs.encode import PieceEncoder, encode_conversation  # noqa: E402
 
 TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "llama2-tokenizer"
 WORDS = ("the image shows a slightly blurry scene with low contrast noise sharp details clear focus bright "

@@ -1,7 +1,7 @@
-"""Benchmark: schema + existence checks of ``icmlab.validate`` on 865k records (Q-Instruct + mix665k shaped).
+"""Benchmark: schema + existence checks of ``icmlab.validate.stage`` on 865k records (Q-Instruct + mix665k shaped).
 
 Data: the synthetic pair of :mod:`bench_merge` (200,000 + 665,298 records, ~1.1 GB), merged by
-``icmlab.merge`` into one ``train.json``. Image tree: one EMPTY file per referenced image, laid out
+``icmlab.merge.stage`` into one ``train.json``. Image tree: one EMPTY file per referenced image, laid out
 like the real folders (``spaq_koniq/``, ``livefb_liveitw_aigc/``, ``coco/train2017`` with 118,287
 files, ``gqa/images``, ``ocr_vqa/images``, ``textvqa/train_images``, ``vg/VG_100K``): ~398k files,
 no pixels, since the measured pass only checks existence with exact case. A few paths are removed
@@ -56,7 +56,7 @@ print(len(records), problems)
 OURS = r"""
 import sys, json
 from pathlib import Path
-from icmlab.validate import ValidationOutputs, validate_file
+from icmlab.validate.stage import ValidationOutputs, validate_file
 res = validate_file(Path(sys.argv[1]), data_root=Path(sys.argv[2]), family="llava15", images="exists",
                     workers=int(sys.argv[3]), outputs=ValidationOutputs.in_dir(Path(sys.argv[4])))
 print(res.num_records, res.records_with_errors, json.dumps(res.counts), json.dumps(res.seconds))
@@ -65,7 +65,7 @@ print(res.num_records, res.records_with_errors, json.dumps(res.counts), json.dum
 
 def build_inputs(out: Path, scale: float) -> tuple[Path, Path, int]:
     """Merged ``train.json`` and the empty-file image tree (cached): ``(json, image root, files)``."""
-    from icmlab.merge import MergeSource, merge_files
+    from icmlab.merge.stage import MergeSource, merge_files
 
     low, high = generate_pair(out, scale)
     train, root = out / "validate" / "train.json", out / "validate" / "images"

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from icmlab.io import atomic_write_text
+from icmlab.models.spec import family_spec
 from icmlab.typed_yaml import apply_override, build_dataclass, deepcopy_plain, to_plain
 
 ModelFamily = Literal["llava15", "mplug_owl2"]
@@ -379,13 +380,15 @@ def validate(cfg: RunConfig) -> list[str]:
         e.append("data.high_level: the 'mix' strategy needs a high-level set (llava_v1_5_mix665k)")
     if d.high_level not in (None, "llava_v1_5_mix665k"):
         e.append(f"data.high_level: unknown set {d.high_level!r}; allowed: llava_v1_5_mix665k or null")
-    if m.family == "llava15" and t.strategy == "mix":
-        for key in ("llm", "vision_tower", "mm_projector"):
+    spec = family_spec(m.family)
+    if spec.assembles(t.strategy):
+        parts = spec.required_parts(t.strategy)
+        for key in parts:
             if not getattr(m, key):
-                e.append(f"model.{key}: required for LLaVA 'mix' (MSFT): the run assembles vicuna + CLIP + "
-                         "the stage-1 projector")
-    if m.family == "llava15" and not t.freeze_vision:
-        e.append("train.freeze_vision: LLaVA-v1.5 recipes always freeze the CLIP tower; set it to true")
+                e.append(f"model.{key}: required for {spec.title} '{t.strategy}': the run assembles "
+                         f"{' + '.join('model.' + p for p in parts)}")
+    if not spec.trains_vision and not t.freeze_vision:
+        e.append(f"train.freeze_vision: {spec.title} recipes always freeze the vision tower; set it to true")
     for src in d.sampling:
         if src not in (*DATASETS, "llava_v1_5_mix665k"):
             e.append(f"data.sampling: unknown source {src!r}; allowed: {', '.join((*DATASETS, 'llava_v1_5_mix665k'))}")

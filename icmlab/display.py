@@ -1,13 +1,40 @@
-"""Notebook display helpers shared by every stage notebook (thin: formatting only, no logic)."""
+"""Display helpers shared by every stage notebook and report (thin: formatting only, no logic)."""
 
 from __future__ import annotations
 
-from typing import Any
+import html
+import io
+from typing import Any, Iterable, Sequence
 
 import yaml
 
 from icmlab.config import RunConfig
-from icmlab.report import html_table as _table
+
+
+class HTML(str):
+    """An HTML fragment that Jupyter renders (``_repr_html_``) and that is still a plain ``str``."""
+
+    def _repr_html_(self) -> str:
+        return str(self)
+
+
+def table_html(headers: Sequence[str], rows: Iterable[Sequence[Any]], caption: str = "",
+               row_classes: Sequence[str] | None = None) -> HTML:
+    """A plain HTML table (cells are escaped; no pandas)."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = []
+    for i, row in enumerate(rows):
+        cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>")
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return HTML(f'<table class="scores">{cap}<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
+
+
+def figure_png(fig: Any, dpi: int = 110) -> bytes:
+    """PNG bytes of a matplotlib figure."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
 
 
 def config_text(cfg: RunConfig) -> str:
@@ -36,7 +63,7 @@ def html_table(rows: list[dict]) -> str:
     if not rows:
         return "<p><i>(none)</i></p>"
     header = list(rows[0])
-    return _table(header, [[_fmt(r.get(h)) for h in header] for r in rows])
+    return table_html(header, [[_fmt(r.get(h)) for h in header] for r in rows])
 
 
 def _fmt(value: Any) -> str:
@@ -48,7 +75,5 @@ def _fmt(value: Any) -> str:
 def show_figure(fig: Any) -> None:
     """Display a matplotlib Figure as PNG (Figures built without pyplot have no rich repr under papermill)."""
     from IPython.display import Image, display
-
-    from icmlab.report import figure_png
 
     display(Image(figure_png(fig)))

@@ -113,3 +113,39 @@ def qbench_images(cfg: RunConfig) -> Path:
 def icm_eval_dir(cfg: RunConfig) -> Path:
     """ICM-Instruct validation set (imagefolder ``val/<category>/`` + questions JSON)."""
     return cfg.data.root / "eval" / "icm"
+
+
+# --------------------------------------------------------------------------- download state (data root)
+#: Folder of the download stage's state inside the data root: ``done/`` markers, ``downloads/``
+#: (plain-URL files until extracted), ``staging/`` and the ``lock`` file.
+DOWNLOAD_STATE = ".icmlab"
+
+
+def download_state_dir(cfg: RunConfig) -> Path:
+    """``<data root>/.icmlab``: the download stage's state."""
+    return cfg.data.root / DOWNLOAD_STATE
+
+
+def download_marker(cfg: RunConfig, source: str) -> Path:
+    """The completion marker of a source (written last, when the source is complete)."""
+    return download_state_dir(cfg) / "done" / f"{source.replace('/', '__').replace(':', '_')}.json"
+
+
+def download_file(cfg: RunConfig, source: str, filename: str) -> Path:
+    """Where a plain-URL download of ``source`` is kept until it is extracted."""
+    return download_state_dir(cfg) / "downloads" / source / filename
+
+
+def download_staging(data_root: Path, source: str) -> Path:
+    """The staging folder of a source being laid out (renamed into place when complete)."""
+    return Path(data_root) / DOWNLOAD_STATE / "staging" / source
+
+
+def download_lock(cfg: RunConfig) -> Path:
+    """The lock file that keeps two download steps off one data root."""
+    return download_state_dir(cfg) / "lock"
+
+
+def ocr_vqa_report(cfg: RunConfig) -> Path:
+    """The OCR-VQA conversion report (dead and missing images), beside ``ocr_vqa/images``."""
+    return cfg.data.root / "ocr_vqa" / "ocr_vqa_report.json"

@@ -56,7 +56,7 @@ def test_strategy_aliases_msft_csft():
     base = {"hardware": {"device": "cpu"}, "train": {"bf16": False, "global_batch_size": 16}}
     cfg = config_from_dict({**base, "train": {**base["train"], "strategy": "CSFT"}})
     assert cfg.train.strategy == "after"
-    with pytest.raises(ConfigError, match="model.llm: required for LLaVA 'mix'"):
+    with pytest.raises(ConfigError, match="model.llm: required for LLaVA-v1.5 'mix'"):
         config_from_dict({**base, "train": {**base["train"], "strategy": "msft"}})
 
 

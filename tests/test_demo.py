@@ -397,7 +397,7 @@ def test_msft_parts_have_the_real_layouts(ckpts):
                        vision.embeddings.patch_embedding.weight)
 
 
-def test_checkpoints_are_deterministic_and_accept_extra_builders(ckpts, tmp_path, monkeypatch):
+def test_checkpoints_are_deterministic_and_take_folder_builders(ckpts, tmp_path, monkeypatch):
     from icmlab.demo import checkpoints as C
 
     def extra(dest: Path, seed: int) -> Path:
@@ -405,14 +405,12 @@ def test_checkpoints_are_deterministic_and_accept_extra_builders(ckpts, tmp_path
         (dest / "weights.txt").write_text(f"seed={seed}")
         return dest
 
-    monkeypatch.setitem(C._EXTRA_BUILDERS, "tiny_extra", extra)
+    monkeypatch.setitem(C.FOLDER_BUILDERS, "tiny_extra", extra)
     again = C.build_tiny_checkpoints(tmp_path, seed=0)
     assert (again["tiny_extra"] / "weights.txt").read_text() == "seed=0"
     for name in ("llava_hf", "vicuna", "clip"):
         for f in sorted(p for p in ckpts[name].iterdir() if p.suffix == ".safetensors"):
             assert f.read_bytes() == (again[name] / f.name).read_bytes(), f
     assert ckpts["mm_projector"].read_bytes() == again["mm_projector"].read_bytes()
-    with pytest.raises(ValueError, match="built-in"):
-        C.register_checkpoint_builder("vicuna", extra)
     manifest = json.loads((tmp_path / C.MANIFEST_NAME).read_text())
     assert "tiny_extra" in manifest["builders"] and MANIFEST_NAME != C.MANIFEST_NAME

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from fakeservers import FakeHub, FileServer
-from icmlab import download
+from icmlab.download import stage as download
 from icmlab.config import config_from_dict, load_run_config
-from icmlab.fetch import AuthError, ChecksumError, FetchError, HTMLInsteadOfData, NotFoundError, fetch_url
+from icmlab.download.fetch import AuthError, ChecksumError, FetchError, HTMLInsteadOfData, NotFoundError, fetch_url
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -80,7 +80,7 @@ def recipe(tmp_path: Path, sources: dict | None = None) -> dict:
 
 
 # --------------------------------------------------------------------------- fetch_url
-KILL_SCRIPT = ("import sys; from pathlib import Path; from icmlab.fetch import fetch_url; "
+KILL_SCRIPT = ("import sys; from pathlib import Path; from icmlab.download.fetch import fetch_url; "
                "fetch_url(sys.argv[1], Path(sys.argv[2]), size=int(sys.argv[3]), sha256=sys.argv[4], progress=False)")
 
 
@@ -272,7 +272,7 @@ def test_disk_preflight_and_the_lock_refuse_before_fetching(server, tmp_path):
 # --------------------------------------------------------------------------- Hugging Face path (subprocess)
 HF_SCRIPT = r"""
 import json, sys
-from icmlab import download
+from icmlab.download import stage as download
 from icmlab.config import config_from_dict
 cfg = config_from_dict(json.loads(sys.argv[1]))
 try:

@@ -1,4 +1,4 @@
-"""Safe, resumable extraction and the OCR-VQA .jpg conversion (icmlab.extract)."""
+"""Safe, resumable extraction and the OCR-VQA .jpg conversion (icmlab.download.extract)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from icmlab.extract import (ArchiveError, UnsafeArchiveError, archive_format, convert_images_to_jpg, extract_archive,
+from icmlab.download.extract import (ArchiveError, UnsafeArchiveError, archive_format, convert_images_to_jpg, extract_archive,
                             list_members)
 
 

@@ -1,4 +1,4 @@
-"""Tests for icmlab.generation on a tiny native LLaVA-1.5 built in-process (no network, CPU).
+"""Tests for icmlab.evaluate.generation on a tiny native LLaVA-1.5 built in-process (no network, CPU).
 
 The tiny model follows environment-notes "Tiny LLaVA-1.5, fully offline": a byte-level BPE tokenizer
 trained with ``tokenizers``, a 32 px / patch 8 CLIP tower (16 image tokens) and a 2-layer Llama,
@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from icmlab.generation import (
+from icmlab.evaluate.generation import (
     PROMPT_FORMATS,
     PromptFormat,
     answer_token_plan,
@@ -24,9 +24,10 @@ from icmlab.generation import (
     encode_sample,
     generate_answers,
     left_pad,
-    llava_hf_prompt,
-    mplug_owl2_prompt,
 )
+
+llava_hf_prompt = PROMPT_FORMATS["llava15"].build
+mplug_owl2_prompt = PROMPT_FORMATS["mplug_owl2"].build
 
 QUESTIONS = [
     "Is this image blurry?",
@@ -42,8 +43,9 @@ QUESTIONS = [
 def tiny():
     """(model, processor, tokenizer, image_processor, image_token_id) of a ~150k-parameter LLaVA."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
+
+    from icmlab.models.llava15.tiny import build_tiny_config
 
     torch.set_num_threads(1)
     answers = (" Yes.", " No.", " A.", " B.", " C.", " D.")
@@ -63,17 +65,8 @@ def tiny():
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
     image_token_id = tok.convert_tokens_to_ids("<image>")
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=32, patch_size=8,
-                                       projection_dim=32, initializer_range=0.1),
-        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                max_position_embeddings=512, initializer_range=0.1,
-                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                pad_token_id=tok.pad_token_id),
-        image_token_index=image_token_id, image_seq_length=16,
-        vision_feature_select_strategy="default", vision_feature_layer=-2)
+    config = build_tiny_config(len(tok), image_token_id, text={
+        "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
     return model, processor, tok, image_processor, image_token_id
@@ -132,7 +125,7 @@ def test_encode_hook_replaces_template_and_tokenization(tiny, images):
     model, processor, tok, image_processor, image_token_id = tiny
     grey = Image.new("RGB", (32, 32))
 
-    def encode(q):  # stands in for icmlab.preprocess.encode_prompt (the training-side encoder)
+    def encode(q):  # stands in for icmlab.inputs.encode.encode_prompt (the training-side encoder)
         return processor(images=[grey], text=llava_hf_prompt(q), return_tensors="pt")["input_ids"][0].tolist()
 
     hooked = PromptFormat(build=llava_hf_prompt, image_token="<image>", encode=encode)

@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from icmlab.config import load_run_config
-from icmlab.evaluate import moderation_items
-from icmlab.icm_val import UPSTREAM_QUESTION, is_violating, questions_from_folders
+from icmlab.evaluate.stage import moderation_items
+from icmlab.evaluate.icm_val import UPSTREAM_QUESTION, is_violating, questions_from_folders
 
 # A few of the 35 real category names, harmless ones included.
 TREE = {"lower_hips": 2, "lower_normal": 1, "upper_bust": 1, "whole_normal": 2, "sexy_kiss": 1}

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from icmlab.images import (
+from icmlab.inputs.images import (
     CLIP_MEAN, CLIP_STD, build_image_processor, expand2square, load_and_preprocess, load_rgb, mean_background,
     preprocess_images,
 )

@@ -11,10 +11,11 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from icmlab import inspection, merge, validate
+from icmlab import merge, validate
+from icmlab.inspection import stage as inspection
 from icmlab.config import load_run_config
-from icmlab.lengths import record_length
-from icmlab.preprocess import encode_conversation, segments_for_display
+from icmlab.inputs.lengths import record_length
+from icmlab.inputs.encode import encode_conversation, segments_for_display
 
 from test_validate import image_bytes, rec, tok  # noqa: F401  (tok is a fixture)
 

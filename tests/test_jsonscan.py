@@ -1,4 +1,4 @@
-"""Tests of the parallel byte scanner (icmlab.jsonscan + icmlab.jsonscan_parallel) against a json.loads reference.
+"""Tests of the parallel byte scanner (icmlab.inputs.jsonscan + icmlab.inputs.jsonscan_parallel) against a json.loads reference.
 
 The scan cuts the file into fixed chunks scanned on threads; a chunk boundary may fall anywhere:
 inside a string, between a run of backslashes and the quote it escapes, inside a multi-byte
@@ -17,10 +17,11 @@ import numpy as np
 import orjson
 import pytest
 
-from icmlab.jsonscan import (DuplicateIds, _equal_keys, _hash_keys, id_hash, id_key, iter_blocks,
+from icmlab.inputs.jsonscan import (DuplicateIds, _equal_keys, _hash_keys, id_hash, id_key, iter_blocks,
                              iter_record_chunks)
-from icmlab.jsonscan_parallel import chunk_events
-from icmlab.merge import MergeSource, ProvenanceLines, convert_dialect, merge_files
+from icmlab.inputs.jsonscan_parallel import chunk_events
+from icmlab.merge.provenance import ProvenanceLines
+from icmlab.merge.stage import MergeSource, convert_dialect, merge_files
 
 # Strings that end in backslash runs, hold escaped quotes, braces, "id" look-alikes and multi-byte characters.
 TRICKY_VALUES = ["\\", "\\\\", "a\\\"b", "\\\"", "}{", "{\"id\": \"x\"}", "\"id\"", "é中😀", "|image|", "<|image|>",
@@ -226,7 +227,7 @@ def test_hash_matches_its_definition():
 
 def test_hash_of_ids_longer_than_the_power_tables(monkeypatch):
     """More id bytes than the power tables hold: hashed a few keys at a time, a huge id window by window."""
-    import icmlab.jsonscan as js
+    import icmlab.inputs.jsonscan as js
     monkeypatch.setattr(js, "_MAX_POWERS", 1 << 12)
     monkeypatch.setattr(js, "_powers", (np.ones(1, np.uint64), np.ones(1, np.uint64)))
     rng = np.random.default_rng(1)

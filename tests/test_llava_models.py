@@ -17,9 +17,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoProcessor,
-    CLIPVisionConfig,
     CLIPVisionModel,
-    LlamaConfig,
     LlamaForCausalLM,
     LlavaForConditionalGeneration,
     PreTrainedTokenizerFast,
@@ -28,8 +26,9 @@ from PIL import Image
 
 from icmlab.io import read_json
 from icmlab.models import get_family
-from icmlab.models import llava15 as L
-from icmlab.models import llava15_convert as C
+from icmlab.models.llava15 import adapter as L
+from icmlab.models.llava15 import convert as C
+from icmlab.models.llava15.tiny import tiny_text_config, tiny_vision_config
 
 FIX = Path(__file__).parent / "fixtures" / "tiny_llava_v15"
 MANIFESTS = Path(__file__).parent / "fixtures" / "manifests"
@@ -174,12 +173,10 @@ def parts(tmp_path_factory) -> SimpleNamespace:
     """Tiny Vicuna-like LLM + CLIP tower + stage-1 projector, saved as upstream ships them."""
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("parts")
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    llm = LlamaForCausalLM(tiny_text_config(300, hidden_size=48, intermediate_size=96, max_position_embeddings=128))
     llm.save_pretrained(d / "vicuna")
     make_tokenizer(300).save_pretrained(d / "vicuna")
-    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                            num_attention_heads=2, image_size=32, patch_size=8))
+    clip = CLIPVisionModel(tiny_vision_config(32, 8, num_hidden_layers=3))
     clip.save_pretrained(d / "clip")
     projector = {"model.mm_projector.0.weight": torch.randn(48, 32), "model.mm_projector.0.bias": torch.randn(48),
                  "model.mm_projector.2.weight": torch.randn(48, 48), "model.mm_projector.2.bias": torch.randn(48)}
@@ -243,8 +240,8 @@ def test_load_for_training_mix_freezes_vision(parts):
 # ------------------------------------------------------------------ training flags
 
 
-def _train_steps(model, inp, params, steps=3, groups=None):
-    opt = torch.optim.AdamW(groups if groups is not None else params, lr=1e-2)
+def _train_steps(model, inp, params, steps=3):
+    opt = torch.optim.AdamW(params, lr=1e-2)
     model.train()
     for _ in range(steps):
         out = model(**{k: inp[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")})
@@ -273,15 +270,12 @@ def test_full_finetune_changes_trainable_and_keeps_frozen(hf_inputs):
 def test_lora_trains_adapters_and_projector_only(hf_inputs):
     model = C.load_original_checkpoint(FIX, attn_implementation="eager")
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    peft_model, groups = L.apply_lora(model, r=4, alpha=8, dropout=0.0, mm_projector_lr=5e-3)
-    proj_groups = [g for g in groups if g["name"].startswith("projector")]
-    assert proj_groups and all(g["lr"] == 5e-3 for g in proj_groups)
-    assert all("lr" not in g for g in groups if not g["name"].startswith("projector"))
+    peft_model = L.apply_lora(model, r=4, alpha=8, dropout=0.0)
     lora_modules = {n.rsplit(".lora_A", 1)[0] for n, _ in peft_model.named_parameters() if ".lora_A." in n}
     assert len(lora_modules) == 2 * 7  # q k v o gate up down in each of the 2 layers
     assert all(".language_model.layers." in n for n in lora_modules)
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
-    _train_steps(peft_model, hf_inputs, None, groups=groups)
+    _train_steps(peft_model, hf_inputs, [p for p in peft_model.parameters() if p.requires_grad])
     for name, param in peft_model.named_parameters():
         if param.requires_grad:
             assert "lora_" in name or "modules_to_save" in name, name

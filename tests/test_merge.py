@@ -14,8 +14,8 @@ import pytest
 
 from icmlab import paths
 from icmlab.config import load_run_config
-from icmlab.jsonscan import DuplicateIds, count_records, id_hash, id_key, iter_blocks, iter_record_chunks
-from icmlab.merge import MergeSource, merge_files, merge_sources, run
+from icmlab.inputs.jsonscan import DuplicateIds, count_records, id_hash, id_key, iter_blocks, iter_record_chunks
+from icmlab.merge.stage import MergeSource, merge_files, merge_sources, run
 
 JQ = shutil.which("jq")
 

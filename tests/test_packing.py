@@ -17,11 +17,11 @@ from transformers.modeling_flash_attention_utils import _is_packed_sequence, pre
 
 import tiny_train_setup as T
 from icmlab import paths
-from icmlab.dataset import SupervisedDataset, TrainingCollator
+from icmlab.train.dataset import SupervisedDataset, TrainingCollator
 from icmlab.io import read_jsonl
 from icmlab.models import get_family
-from icmlab.packing import pack_samples, padding_fraction, plan_rows
-from icmlab.preprocess import IGNORE_INDEX
+from icmlab.train.packing import pack_samples, padding_fraction, plan_rows
+from icmlab.inputs.encode import IGNORE_INDEX
 
 torch.set_num_threads(1)
 
@@ -228,19 +228,19 @@ def test_mplug_owl2_packed_loss_equals_unpacked(tiny):
 
 # ------------------------------------------------------------------ through the train stage
 def test_train_run_with_packing_matches_unpacked_run(tiny, tmp_path, monkeypatch):
-    """``icmlab.train.run`` with packing: batches really packed, same losses as the padded run, model written."""
-    import icmlab.dataset
-    from icmlab.train import run
+    """``icmlab.train.stage.run`` with packing: batches really packed, same losses as the padded run, model written."""
+    import icmlab.train.dataset
+    from icmlab.train.stage import run
 
     seen = []
-    real_pack = icmlab.dataset.pack_samples
+    real_pack = icmlab.train.dataset.pack_samples
 
     def spy(samples, **kwargs):
         batch = real_pack(samples, **kwargs)
         seen.append((len(samples), tuple(batch["input_ids"].shape), kwargs))
         return batch
 
-    monkeypatch.setattr(icmlab.dataset, "pack_samples", spy)
+    monkeypatch.setattr(icmlab.train.dataset, "pack_samples", spy)
     tmp_path.joinpath("data").symlink_to(tiny["dir"] / "data")
     losses = {}
     for packing in (False, True):
@@ -259,7 +259,7 @@ def test_train_run_with_packing_matches_unpacked_run(tiny, tmp_path, monkeypatch
 def test_train_stage_flattens_rows_only_for_flash_attention(tmp_path):
     from types import SimpleNamespace
 
-    from icmlab.train import _build_collator
+    from icmlab.train.stage import _build_collator
 
     cfg = T.make_config(tmp_path, tmp_path / "model", packing=True)
     for attn, flatten in (("flash_attention_2", True), ("sdpa", False), ("eager", False)):

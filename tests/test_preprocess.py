@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from icmlab.conversation import (
+from icmlab.inputs.conversation import (
     TEMPLATES, move_image_token_to_front, render_conversation, render_prompt, turns_from_record,
 )
-from icmlab.preprocess import (
-    IGNORE_INDEX, PieceEncoder, collate_for_generation, collate_for_training, encode_conversation, encode_prompt,
-    segments_for_display, to_original_layout, truncate,
+from icmlab.inputs.collate import collate_for_generation, collate_for_training
+from icmlab.inputs.encode import (
+    IGNORE_INDEX, PieceEncoder, encode_conversation, encode_prompt, segments_for_display, to_original_layout, truncate,
 )
 
 FIX = Path(__file__).parent / "fixtures"

@@ -1,4 +1,4 @@
-"""Tests for icmlab.report: files written, numbers shown, figures decodable, gallery contents."""
+"""Tests for icmlab.evaluate.report: files written, numbers shown, figures decodable, gallery contents."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from icmlab.io import read_json
-from icmlab.report import (
+from icmlab.evaluate.report import (
     HTML,
     GalleryItem,
     build_report,
@@ -23,7 +23,7 @@ from icmlab.report import (
     qbench_bar_figure,
     qbench_table_html,
 )
-from icmlab.scoring import EvaluationResult, score_moderation, score_qbench
+from icmlab.evaluate.scoring import EvaluationResult, score_moderation, score_qbench
 
 ITEMS = [
     {"question": "Is the image <b>clear</b>?", "candidates": ["Yes", "No"], "correct_ans": "No", "type": 0, "concern": 0},

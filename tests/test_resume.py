@@ -39,7 +39,7 @@ import torch
 torch.set_num_threads(1)
 from transformers import TrainerCallback
 from icmlab.config import load_run_config
-from icmlab.train import run
+from icmlab.train.stage import run
 
 class Pause(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
@@ -150,8 +150,8 @@ def test_sigterm_saves_a_checkpoint_then_rerun_reproduces_the_run(setup, referen
 
 def test_resume_restores_weights_that_a_naive_trainer_resume_drops(setup, tmp_path):
     from icmlab.models import get_family
-    from icmlab.train import build_training_args, resolve_device, run
-    from icmlab.trainer import IcmTrainer
+    from icmlab.train.stage import build_training_args, resolve_device, run
+    from icmlab.train.trainer import IcmTrainer
 
     cfg = T.make_config(tmp_path, setup["model"], run_name="pitfall", max_steps=2, save_steps=2)
     tmp_path.joinpath("data").symlink_to(setup["dir"] / "data")
@@ -183,7 +183,7 @@ def test_lora_resume_continues_the_same_run(setup, tmp_path):
     """LoRA (adapters + projector as PEFT modules_to_save): 2 steps + resume + 2 steps == 4 steps."""
     import dataclasses
 
-    from icmlab.train import run
+    from icmlab.train.stage import run
 
     tmp_path.joinpath("data").symlink_to(setup["dir"] / "data")
     lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}

@@ -1,4 +1,4 @@
-"""Tests for icmlab.scoring: Q-Bench prompts, strict vs substring scoring, moderation metrics.
+"""Tests for icmlab.evaluate.scoring: Q-Bench prompts, strict vs substring scoring, moderation metrics.
 
 Every expected number below was worked out by hand from the inputs written next to it.
 """
@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from icmlab.scoring import (
+from icmlab.evaluate.scoring import (
     QBENCH_COLUMNS,
     EvaluationResult,
     ModerationScores,

@@ -21,10 +21,10 @@ from transformers import PreTrainedTokenizerFast
 
 from icmlab import paths
 from icmlab.config import load_run_config
-from icmlab.conversation import DIALECTS
-from icmlab.lengths import LengthSetup, record_length
-from icmlab.recordcheck import KINDS, check_file, check_record
-from icmlab.validate import DataValidationError, ValidationOutputs, run, validate_file
+from icmlab.models.spec import DIALECTS
+from icmlab.inputs.lengths import LengthSetup, record_length
+from icmlab.validate.records import KINDS, check_file, check_record
+from icmlab.validate.stage import DataValidationError, ValidationOutputs, run, validate_file
 
 WORDS = "what is the quality of this image blurry noise sharp yes no answer question good poor very a b c d".split()
 

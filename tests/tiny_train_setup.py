@@ -20,20 +20,13 @@ import numpy as np
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    PreTrainedTokenizerFast,
-)
+from transformers import CLIPVisionModel, LlamaForCausalLM, LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
 from icmlab import paths
 from icmlab.config import RunConfig, config_from_dict
-from icmlab.images import build_image_processor
+from icmlab.inputs.images import build_image_processor
 from icmlab.io import atomic_write_json
+from icmlab.models.llava15.tiny import build_tiny_config, tiny_text_config, tiny_vision_config
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 QUESTIONS = ["Is this image bright?", "Is the picture dark?", "Describe the image quality."]
@@ -63,24 +56,11 @@ def make_tokenizer(with_image_tokens: bool = True) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(**kwargs)
 
 
-def _vision_config() -> CLIPVisionConfig:
-    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                            image_size=32, patch_size=8, projection_dim=32, initializer_range=0.1)
-
-
-def _text_config(vocab: int) -> LlamaConfig:
-    return LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-
-
 def build_llava_hf(out: Path, seed: int = 0) -> Path:
     """A tiny llava-hf checkpoint (model + tokenizer + image processor) for ``strategy: after``."""
     torch.manual_seed(seed)
     tok = make_tokenizer()
-    cfg = LlavaConfig(vision_config=_vision_config(), text_config=_text_config(len(tok)),
-                      image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=16,
-                      vision_feature_select_strategy="default", vision_feature_layer=-2, pad_token_id=3)
+    cfg = build_tiny_config(len(tok), tok.convert_tokens_to_ids("<image>"), text={"pad_token_id": 3}, pad_token_id=3)
     model = LlavaForConditionalGeneration(cfg)
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -111,10 +91,10 @@ def build_mix_parts(out: Path, seed: int = 0) -> dict[str, Path]:
     """Vicuna-like LLM + CLIP tower + stage-1 projector, laid out as upstream ships them (``strategy: mix``)."""
     torch.manual_seed(seed)
     tok = make_tokenizer(with_image_tokens=False)
-    llm = LlamaForCausalLM(_text_config(len(tok)))
+    llm = LlamaForCausalLM(tiny_text_config(len(tok), pad_token_id=3))
     llm.save_pretrained(out / "vicuna")
     tok.save_pretrained(out / "vicuna")
-    CLIPVisionModel(_vision_config()).save_pretrained(out / "clip")
+    CLIPVisionModel(tiny_vision_config()).save_pretrained(out / "clip")
     g = torch.Generator().manual_seed(seed)
     projector = {"model.mm_projector.0.weight": torch.randn(64, 32, generator=g) * 0.1,
                  "model.mm_projector.0.bias": torch.zeros(64),

@@ -132,7 +132,7 @@ spec("train", "05 · Train",
      "`data.model_max_length` tokens (same samples and loss per step, no padding; off upstream).",
      ['''from icmlab import paths, train
 from icmlab.display import show_figure
-from icmlab.live import LiveMetricsPlot, plot_metrics
+from icmlab.train.live import LiveMetricsPlot, plot_metrics
 
 print(train.batch_message(cfg))''',
       '#md ## Training (live loss, learning rate, grad norm, throughput, ETA)',
@@ -149,7 +149,8 @@ spec("evaluate", "06 · Evaluate: baseline vs fine-tuned",
      "The real ICM validation set (`val/<category>/` folders only) gets its Yes/No questions built from the "
      "folders with upstream's ground truth (`*normal*` categories are harmless), saved in `runs/<run>/eval/`. "
      "The same figures are written to `runs/<run>/report/report.html`.",
-     ['''from icmlab import evaluate, report
+     ['''from icmlab import evaluate
+from icmlab.evaluate import report
 from icmlab.display import show_figure
 
 result = evaluate.run(cfg)

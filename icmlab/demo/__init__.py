@@ -35,7 +35,6 @@ from .tree import build_demo_tree
 # need them, so they load on first use.
 _LAZY = {
     "build_tiny_checkpoints": "checkpoints",
-    "register_checkpoint_builder": "checkpoints",
     "demo_tokenizer": "tokenizer",
 }
 
@@ -55,5 +54,4 @@ __all__ = [
     "build_tiny_checkpoints",
     "demo_tokenizer",
     "generate_bundle",
-    "register_checkpoint_builder",
 ]

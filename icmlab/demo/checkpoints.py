@@ -21,16 +21,10 @@ Sizes follow ``demo-learnability.md``: CLIP hidden 32, 2 layers, image 64, patch
 tokens); Llama hidden 64, 2 layers, 4 heads, 2 kv heads; ``initializer_range=0.1`` in both (the
 setting that removes the long loss plateau).
 
-Hook for other families (the tiny mPLUG-Owl2 lives in :mod:`icmlab.demo.owl2`, which
-:func:`build_tiny_checkpoints` imports so that its builder is always registered):
-:func:`register_checkpoint_builder` adds a builder that :func:`build_tiny_checkpoints` runs after
-the built-in ones, as ``icmlab/demo/owl2.py`` does::
-
-    def _tiny_owl2(dest: Path, seed: int) -> Path:   # writes a checkpoint folder at ``dest``
-        ...                                          # demo_tokenizer(image_token="<|image|>") etc.
-    register_checkpoint_builder("mplug_owl2", _tiny_owl2)
-
-The result then holds ``"mplug_owl2": out_dir / "mplug_owl2"`` and the manifest covers its files.
+Other families write one folder each, named after their key in :data:`FOLDER_BUILDERS` (the tiny
+mPLUG-Owl2 of :mod:`icmlab.demo.owl2`): the result then holds ``"mplug_owl2": out_dir / "mplug_owl2"``
+and the manifest covers its files. Every model config comes from the families' tiny builders
+(:mod:`icmlab.models.llava15.tiny`, :mod:`icmlab.models.mplug_owl2.tiny`).
 """
 
 from __future__ import annotations
@@ -41,9 +35,12 @@ from typing import Callable
 
 import torch
 
+from icmlab.models.llava15.tiny import TEXT_DEFAULTS, VISION_DEFAULTS, build_tiny_config, tiny_text_config
+
 from ..io import atomic_write_json, read_json
 from .bundle import DEMO_VERSION, IMAGE_SIZE
 from .pack import sha256_file
+from .owl2 import build_tiny_owl2
 from .tokenizer import demo_tokenizer
 
 MANIFEST_NAME = "checkpoints_manifest.json"
@@ -53,14 +50,13 @@ DIRS: dict[str, str] = {
     "clip": "clip-vit-demo-patch8-64",
     "mm_projector": "llava-v1.5-mlp2x-64px-pretrain-vicuna-demo-v1.5",
 }
-VISION_KWARGS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     image_size=IMAGE_SIZE, patch_size=8, projection_dim=32, initializer_range=0.1)
-TEXT_KWARGS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.1,
-                   bos_token_id=1, eos_token_id=2)
+PATCH_SIZE = 8
+#: The demo's CLIP tower and LLM: the tiny-builder defaults, 64 px / patch 8 and 2048 positions.
+VISION_KWARGS = {**VISION_DEFAULTS, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE}
+TEXT_KWARGS = {**TEXT_DEFAULTS, "max_position_embeddings": 2048}
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-NUM_IMAGE_TOKENS = (IMAGE_SIZE // VISION_KWARGS["patch_size"]) ** 2
+NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
 
 # llava-hf style chat template (no system prompt): "USER: <image>\n{text} ASSISTANT: {answer}</s>".
 CHAT_TEMPLATE = (
@@ -74,24 +70,10 @@ CHAT_TEMPLATE = (
 )
 
 CheckpointBuilder = Callable[[Path, int], Path]
-_EXTRA_BUILDERS: dict[str, CheckpointBuilder] = {}
-
-
-def register_checkpoint_builder(name: str, builder: CheckpointBuilder) -> None:
-    """Register an extra tiny-checkpoint builder (e.g. ``"mplug_owl2"``).
-
-    Args:
-        name: result key; must not clash with the built-in ``DIRS`` keys.
-        builder: ``builder(dest, seed) -> dest``; it creates the checkpoint folder ``dest`` (a
-            staging path, renamed to ``out_dir / name`` afterwards), writes nothing outside it,
-            and is deterministic in ``seed``.
-
-    Raises:
-        ValueError: on a clash with a built-in name.
-    """
-    if name in DIRS:
-        raise ValueError(f"register_checkpoint_builder: {name!r} is a built-in checkpoint name")
-    _EXTRA_BUILDERS[name] = builder
+#: Builders of the other families' checkpoints: ``builder(dest, seed) -> dest`` creates the folder
+#: ``dest`` (a staging path, renamed to ``out_dir / key``), writes nothing outside it and is
+#: deterministic in ``seed``.
+FOLDER_BUILDERS: dict[str, CheckpointBuilder] = {"mplug_owl2": build_tiny_owl2}
 
 
 def image_processor():
@@ -116,11 +98,12 @@ def _build_clip(dest: Path, seed: int):
 
 
 def _build_vicuna(dest: Path, seed: int) -> None:
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaForCausalLM
 
     tok = demo_tokenizer(image_token=None, pad_token=None)
     torch.manual_seed(seed + 1)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **TEXT_KWARGS)).eval()
+    model = LlamaForCausalLM(tiny_text_config(len(tok), max_position_embeddings=TEXT_KWARGS["max_position_embeddings"]))
+    model = model.eval()
     # Two shards plus model.safetensors.index.json, the layout of the real 7B checkpoint.
     model.save_pretrained(dest, max_shard_size="300KB")
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(dest)
@@ -166,17 +149,14 @@ def _to_hub_key_layout(weights: Path) -> None:
 
 
 def _build_llava_hf(dest: Path, seed: int, clip_model) -> None:
-    from transformers import (CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import GenerationConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tok = demo_tokenizer(image_token="<image>", pad_token="<pad>")
     vocab = -(-len(tok) // 64) * 64  # llava-hf pads the embeddings to a multiple of 64
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**VISION_KWARGS),
-        text_config=LlamaConfig(vocab_size=vocab, pad_token_id=tok.pad_token_id, **TEXT_KWARGS),
-        image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=NUM_IMAGE_TOKENS,
-        vision_feature_select_strategy="default", vision_feature_layer=-2, projector_hidden_act="gelu",
-        pad_token_id=tok.pad_token_id,
+    config = build_tiny_config(
+        vocab, tok.convert_tokens_to_ids("<image>"), image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+        text={"max_position_embeddings": TEXT_KWARGS["max_position_embeddings"], "pad_token_id": tok.pad_token_id},
+        projector_hidden_act="gelu", pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed + 3)
     model = LlavaForConditionalGeneration(config).eval()
@@ -185,7 +165,7 @@ def _build_llava_hf(dest: Path, seed: int, clip_model) -> None:
     model.save_pretrained(dest)
     _to_hub_key_layout(dest / "model.safetensors")
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=tok.pad_token_id).save_pretrained(dest)
-    processor = LlavaProcessor(image_processor=image_processor(), tokenizer=tok, patch_size=VISION_KWARGS["patch_size"],
+    processor = LlavaProcessor(image_processor=image_processor(), tokenizer=tok, patch_size=PATCH_SIZE,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(dest)
@@ -219,14 +199,10 @@ def build_tiny_checkpoints(out_dir: str | Path, seed: int = 0, force: bool = Fal
 
     Returns:
         ``{"llava_hf", "vicuna", "clip": dir, "mm_projector": .../mm_projector.bin}`` plus one entry
-        per registered extra builder (``"mplug_owl2"`` always).
+        per :data:`FOLDER_BUILDERS` entry (``"mplug_owl2"``).
     """
-    # The demo's own extra builders register when their module is first imported (here, not at
-    # module level, because owl2 imports this module); later calls find them registered.
-    from . import owl2  # noqa: F401  (adds "mplug_owl2")
-
     out_dir = Path(out_dir).resolve()
-    names = list(DIRS) + sorted(_EXTRA_BUILDERS)
+    names = list(DIRS) + sorted(FOLDER_BUILDERS)
     result = _result(out_dir, names)
     manifest_path = out_dir / MANIFEST_NAME
     if not force and manifest_path.is_file():
@@ -242,8 +218,8 @@ def build_tiny_checkpoints(out_dir: str | Path, seed: int = 0, force: bool = Fal
     _build_vicuna(staging / DIRS["vicuna"], seed)
     _build_projector(staging / DIRS["mm_projector"], seed, DIRS["clip"])
     _build_llava_hf(staging / DIRS["llava_hf"], seed, clip)
-    for name in sorted(_EXTRA_BUILDERS):
-        _EXTRA_BUILDERS[name](staging / name, seed)
+    for name in sorted(FOLDER_BUILDERS):
+        FOLDER_BUILDERS[name](staging / name, seed)
     for name in names:
         folder = DIRS.get(name, name)
         target = out_dir / folder

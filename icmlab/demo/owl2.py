@@ -1,7 +1,6 @@
-"""The demo's tiny mPLUG-Owl2 checkpoint, registered with :func:`register_checkpoint_builder`.
+"""The demo's tiny mPLUG-Owl2 checkpoint (``FOLDER_BUILDERS["mplug_owl2"]`` of :mod:`icmlab.demo.checkpoints`).
 
-Importing this module adds the ``"mplug_owl2"`` builder, so :func:`build_tiny_checkpoints` also
-writes ``<out_dir>/mplug_owl2/``: a random :class:`MPLUGOwl2ForCausalLM` in icmlab's native layout
+:func:`build_tiny_checkpoints` also writes ``<out_dir>/mplug_owl2/``: a random :class:`MPLUGOwl2ForCausalLM` in icmlab's native layout
 (``vision_config``/``abstractor_config`` config, safetensors), written by the family adapter's
 ``save_bundle`` exactly as a fine-tuned model is. ``load_for_training`` with
 ``model.base_format: hf`` and ``load_for_inference`` read it; the download stage places it at
@@ -17,7 +16,7 @@ The tokenizer is the demo BPE with mPLUG-Owl2's ``<|image|>`` appended and NO pa
 
 Usage::
 
-    from icmlab.demo import build_tiny_checkpoints       # build_tiny_checkpoints imports this module
+    from icmlab.demo import build_tiny_checkpoints
     path = build_tiny_checkpoints("/tmp/ckpts", seed=0)["mplug_owl2"]
     bundle = icmlab.models.mplug_owl2.load_for_inference(path)
 """
@@ -29,7 +28,6 @@ from pathlib import Path
 import torch
 
 from .bundle import IMAGE_SIZE
-from .checkpoints import register_checkpoint_builder
 from .tokenizer import demo_tokenizer
 
 BUILDER_NAME = "mplug_owl2"
@@ -51,9 +49,8 @@ def build_tiny_owl2(dest: Path, seed: int) -> Path:
     Raises:
         FileExistsError: ``dest`` already exists (the builder never writes over anything).
     """
-    # The model package registers the Auto classes; imported here so that registering the builder
-    # (at import of this module) stays cheap.
-    from icmlab.images import build_image_processor
+    # The model package imports transformers: only when a checkpoint is built.
+    from icmlab.inputs.images import build_image_processor
     from icmlab.models import ModelBundle
     from icmlab.models import mplug_owl2 as owl
 
@@ -72,5 +69,3 @@ def build_tiny_owl2(dest: Path, seed: int) -> Path:
                          family=owl.FAMILY, extra={"source": "icmlab.demo.owl2", "format": "hf"})
     return owl.save_bundle(bundle, dest)
 
-
-register_checkpoint_builder(BUILDER_NAME, build_tiny_owl2)

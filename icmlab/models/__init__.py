@@ -3,7 +3,7 @@
 The train, evaluate and inspect stages never branch on the model name; they ask this registry for
 the family's adapter module, which provides:
 
-- ``DIALECT``: the image token the family's JSON uses (``<image>`` / ``<|image|>``);
+- ``SPEC``: the family's row of :mod:`icmlab.models.spec` (image token, sizes, templates, parts);
 - ``MODULE_GROUPS``: ``{"vision_encoder": [...], "projector": [...], "llm": [...]}`` submodule
   names of the native model, used to freeze/unfreeze and to build optimizer groups;
 - ``load_for_training(cfg) -> ModelBundle`` and ``load_for_inference(path, ...) -> ModelBundle``;
@@ -22,10 +22,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
-FAMILIES: dict[str, str] = {
-    "llava15": "icmlab.models.llava15",
-    "mplug_owl2": "icmlab.models.mplug_owl2",
-}
+from icmlab.models.spec import FAMILY_SPECS
+
+#: family -> adapter module (from :data:`icmlab.models.spec.FAMILY_SPECS`).
+FAMILIES: dict[str, str] = {name: s.adapter for name, s in FAMILY_SPECS.items()}
 
 
 @dataclass

@@ -1,9 +1,8 @@
-"""Module groups shared by the model families: freezing by group and upstream-style optimizer groups.
+"""Module groups shared by the model families: freezing by group.
 
 Each family names its submodules in ``MODULE_GROUPS`` (``vision_encoder`` / ``projector`` / ``llm``);
-these functions apply ``requires_grad`` per group and split the trainable parameters into optimizer
-groups where the projector (LLaVA's ``multi_modal_projector``, mPLUG-Owl2's ``visual_abstractor``)
-can get its own learning rate.
+these functions apply ``requires_grad`` per group. The optimizer groups (the projector at its own
+learning rate) are built in one place, :meth:`icmlab.train.trainer.IcmTrainer.build_param_groups`.
 """
 
 from __future__ import annotations
@@ -42,25 +41,3 @@ def apply_trainable(model: nn.Module, module_groups: dict[str, list[str]], defau
         param.requires_grad_(flags[group])
         counts[group] += param.numel() if flags[group] else 0
     return counts
-
-
-def optimizer_param_groups(model: nn.Module, projector_marker: str, *, projector_lr: float | None = None,
-                           weight_decay: float = 0.0) -> list[dict]:
-    """Optimizer groups of the trainable parameters: (projector | rest) × (decay | no decay).
-
-    Parameters whose name contains ``projector_marker`` get ``projector_lr`` when set; tensors with
-    ``ndim < 2`` (biases, norms) get no weight decay. Empty groups are omitted; each carries a ``name``.
-    """
-    buckets: dict[tuple[str, bool], list] = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            part = "projector" if projector_marker in name else "rest"
-            buckets.setdefault((part, param.ndim >= 2), []).append(param)
-    out = []
-    for (part, decay), params in sorted(buckets.items()):
-        group = {"params": params, "weight_decay": weight_decay if decay else 0.0,
-                 "name": f"{part}_{'decay' if decay else 'no_decay'}"}
-        if part == "projector" and projector_lr is not None:
-            group["lr"] = projector_lr
-        out.append(group)
-    return out

@@ -15,7 +15,7 @@ Usage::
 
 The image placeholder id is ``config.image_token_index`` (default ``vocab_size`` = 32000 at full
 size, outside the embedding table); the tokenizer needs no ``<|image|>`` token because
-:mod:`icmlab.preprocess` splits the text on the dialect's image string itself.
+:mod:`icmlab.inputs.encode` splits the text on the dialect's image string itself.
 """
 
 from __future__ import annotations
@@ -32,14 +32,17 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from icmlab.io import read_json
 from icmlab.models import ModelBundle, write_bundle_dir
-from icmlab.models.llava15 import resolve_attn_implementation, resolve_dtype, training_dtype
-from icmlab.models.llava15_io import resolve_source
+from icmlab.models.llava15.adapter import resolve_attn_implementation, resolve_dtype, training_dtype
+from icmlab.models.llava15.files import resolve_source
+
+from icmlab.models.spec import FAMILY_SPECS
 
 from .convert import load_original
 from .modeling import MPLUGOwl2ForCausalLM
 
-FAMILY = "mplug_owl2"
-DIALECT = "<|image|>"
+SPEC = FAMILY_SPECS["mplug_owl2"]
+FAMILY = SPEC.name
+DIALECT = SPEC.image_token
 #: Submodule names (``model.get_submodule``) of each trainable group. The abstractor holds
 #: ``visual_fc`` and ``vit_eos`` too, so "projector" is the whole vision-to-LLM bridge.
 MODULE_GROUPS: dict[str, list[str]] = {
@@ -143,7 +146,7 @@ def load_for_training(cfg: Any) -> ModelBundle:
     lora = getattr(t, "lora", None)
     use_lora = bool(lora is not None and getattr(lora, "enabled", False))
     if use_lora:
-        bundle.model, _ = apply_lora(bundle.model, lora.r, lora.alpha, lora.dropout, train_projector=tune_projector)
+        bundle.model = apply_lora(bundle.model, lora.r, lora.alpha, lora.dropout, train_projector=tune_projector)
     bundle.extra.update(attn_implementation=attn, dtype=str(dtype).removeprefix("torch."), lora=use_lora)
     return bundle
 
@@ -206,29 +209,20 @@ def apply_trainable(model: nn.Module, groups: dict[str, bool] | None = None) -> 
     return _groups.apply_trainable(model, MODULE_GROUPS, DEFAULT_TRAINABLE, groups)
 
 
-def optimizer_param_groups(
-    model: nn.Module, *, projector_lr: float | None = None, weight_decay: float = 0.0
-) -> list[dict]:
-    """Upstream-style optimizer groups; parameters under ``visual_abstractor`` get ``projector_lr`` when set."""
-    return _groups.optimizer_param_groups(model, "visual_abstractor", projector_lr=projector_lr,
-                                          weight_decay=weight_decay)
-
-
 def apply_lora(
     model: nn.Module, r: int = 128, alpha: int = 256, dropout: float = 0.05, *,
-    projector_lr: float | None = None, weight_decay: float = 0.0, train_projector: bool = True,
-) -> tuple[nn.Module, list[dict]]:
+    train_projector: bool = True,
+) -> nn.Module:
     """Wrap the model with LoRA on the LLM's linear layers (both multiway copies of k/v).
 
     The vision tower and ``lm_head`` get no adapters; with ``train_projector`` the abstractor is
     trained fully as a PEFT ``modules_to_save`` copy, as upstream's ``finetune_lora.sh`` does.
 
     Returns:
-        ``(peft_model, optimizer_param_groups)``.
+        The PEFT model (the trainer builds the optimizer groups, projector lr included).
     """
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=LORA_TARGETS,
                         modules_to_save=["visual_abstractor"] if train_projector else None)
-    peft_model = get_peft_model(model, config)
-    return peft_model, optimizer_param_groups(peft_model, projector_lr=projector_lr, weight_decay=weight_decay)
+    return get_peft_model(model, config)

@@ -1,0 +1,91 @@
+"""Training curves for notebooks: loss, learning rate, grad norm, throughput and ETA from metrics.jsonl.
+
+``plot_metrics(path)`` draws the figure from a finished (or running) run's ``metrics.jsonl``;
+``LiveMetricsPlot`` is a Trainer callback that redraws it in place in the notebook while the
+in-process trainer runs. Multi-GPU runs happen in a launched subprocess: their notebook plots the
+same file when the subprocess ends.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+from matplotlib.figure import Figure
+from transformers import TrainerCallback
+
+# metrics.jsonl keys written by icmlab.train.callbacks.MetricsJsonlCallback
+PANELS = (("loss", "training loss"), ("lr", "learning rate"), ("grad_norm", "grad norm"),
+          ("samples_per_s", "samples / s"))
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of ``metrics.jsonl`` (a partially written last line is ignored)."""
+    rows = []
+    p = Path(path)
+    if not p.exists():
+        return rows
+    for line in p.read_bytes().splitlines():
+        try:
+            rows.append(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            continue
+    return rows
+
+
+def _value(row: dict, key: str) -> float | None:
+    v = row.get(key)
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def plot_metrics(rows_or_path: list[dict] | str | Path, title: str = "") -> Figure:
+    """A 2×2 figure of the curves against the optimizer step, with the ETA in the title when known."""
+    rows = read_metrics(rows_or_path) if isinstance(rows_or_path, (str, Path)) else rows_or_path
+    fig = Figure(figsize=(10, 6), layout="constrained")
+    axes = fig.subplots(2, 2).ravel()
+    for ax, (key, label) in zip(axes, PANELS):
+        pts = [(r["step"], v) for r in rows if "step" in r and (v := _value(r, key)) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    last = rows[-1] if rows else {}
+    eta = last.get("eta_s")
+    extra = f" — step {last.get('step', 0)}" + (f", ETA {eta:.0f} s" if isinstance(eta, (int, float)) else "")
+    fig.suptitle((title or "training") + (extra if rows else " — no metrics yet"))
+    return fig
+
+
+class LiveMetricsPlot(TrainerCallback):
+    """Redraw ``plot_metrics`` in one notebook output every ``every`` log events (in-process training)."""
+
+    def __init__(self, metrics_path: str | Path, every: int = 5, title: str = "") -> None:
+        self.path, self.every, self.title = Path(metrics_path), max(1, every), title
+        self._handle: Any = None
+        self._logs = 0
+
+    def _draw(self) -> None:
+        try:
+            from IPython.display import display
+        except ImportError:
+            return
+        from IPython.display import Image
+
+        from icmlab.display import figure_png
+
+        fig = Image(figure_png(plot_metrics(self.path, self.title)))
+        if self._handle is None:
+            self._handle = display(fig, display_id=True)
+        else:
+            self._handle.update(fig)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        self._logs += 1
+        if state.is_world_process_zero and self._logs % self.every == 0:
+            self._draw()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self._draw()

@@ -1,0 +1,335 @@
+"""Train stage: fine-tune the run's model on the training JSON with the HF Trainer.
+
+One entry point for the notebook, the CLI and the distributed workers::
+
+    from icmlab.train.stage import run
+    result = run(cfg)                # notebook 05_train / ``icmlab train parameters/X.yaml``
+    icmlab train runs/demo/config.resolved.yaml [--set train.max_steps=10 ...]   # also the launched workers' command
+
+What it does, in order:
+
+1. Decides how to run (:mod:`icmlab.train.launch`): in this process on CPU or one GPU; for several GPUs
+   it saves ``config.resolved.yaml`` and starts ``deepspeed``/``torchrun`` with ``icmlab train``,
+   whose workers come back here and train in-process.
+2. Loads the model through the family adapter (``load_for_training``: upstream's trainable parts,
+   LoRA when enabled, attention kernel), the records of ``paths.training_json(cfg)`` and the lazy
+   :class:`icmlab.train.dataset.SupervisedDataset`.
+3. Builds ``TrainingArguments`` from the config (:func:`icmlab.train.args.build_training_args`), keeping the global
+   batch at ``train.global_batch_size`` whatever the device count (gradient accumulation derived).
+4. Trains with :class:`icmlab.train.trainer.IcmTrainer`, resuming from the newest complete checkpoint in
+   ``<run_dir>/checkpoints`` with its weights really restored. SIGTERM saves a checkpoint and stops.
+5. Saves the final model with the adapter's ``save_bundle`` into ``<run_dir>/model`` (llava-hf
+   layout for LLaVA) and optionally pushes it to the hub. Metrics go to ``<run_dir>/metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from icmlab import paths
+from icmlab.config import RunConfig, find_project_root, load_run_config, save_resolved
+from icmlab.io import read_json, read_jsonl
+from icmlab.train.launch import STOPPED_BY_SIGTERM, build_launch_command, is_launched_worker, launch_mode, run_launched
+from icmlab.models import get_family
+from icmlab.train.args import (  # noqa: F401  (re-exported: the stage's configuration helpers)
+    DEEPSPEED_DIR, batch_message, build_training_args, deepspeed_config_path, projector_parameters, resolve_device,
+)
+
+log = logging.getLogger("icmlab.train.stage")
+
+
+@dataclass
+class TrainResult:
+    """What the train stage produced.
+
+    Attributes:
+        run_dir: the run directory.
+        model_dir: the final model (None when training was interrupted).
+        metrics_path: ``metrics.jsonl``.
+        global_step: optimizer steps done in total.
+        final_loss: last logged training loss.
+        resumed_from: the checkpoint training continued from, if any.
+        interrupted: SIGTERM stopped training after saving a checkpoint (rerun to resume).
+        mode: ``inprocess``, ``deepspeed`` or ``torchrun``.
+    """
+
+    run_dir: Path
+    model_dir: Path | None
+    metrics_path: Path
+    global_step: int
+    final_loss: float | None
+    resumed_from: Path | None = None
+    interrupted: bool = False
+    mode: str = "inprocess"
+
+    def summary(self) -> str:
+        """A few lines for the terminal or the notebook."""
+        state = "interrupted (checkpoint saved; rerun to resume)" if self.interrupted else "done"
+        loss = f"{self.final_loss:.4f}" if self.final_loss is not None else "n/a"
+        lines = [f"train {state}: {self.global_step} steps, final loss {loss} ({self.mode})"]
+        if self.resumed_from:
+            lines.append(f"resumed from {self.resumed_from}")
+        lines.append(f"model:   {self.model_dir}")
+        lines.append(f"metrics: {self.metrics_path}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the stage
+def run(cfg: RunConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
+    """Train the run's model; see the module docstring.
+
+    Args:
+        cfg: the run config.
+        callbacks: extra ``TrainerCallback`` objects (e.g. a notebook's live plot); in-process runs
+            only (a launched job's workers cannot receive them, the notebook reads metrics.jsonl).
+
+    Returns:
+        The :class:`TrainResult`.
+
+    Raises:
+        FileNotFoundError: the training JSON is missing (run merge/validate first).
+        ValueError: an impossible hardware/precision combination (names the key).
+        RuntimeError: a launched multi-process job failed.
+    """
+    _ensure_visible_logging()
+    cfg = resolve_device(cfg)
+    mode = launch_mode(cfg)
+    if mode != "inprocess":
+        return _run_launched(cfg, mode)
+    return _train_inprocess(cfg, callbacks)
+
+
+def _ensure_visible_logging() -> None:
+    """Show the stage's INFO lines (batch arithmetic, resume point) in a notebook or bare script.
+
+    Nothing is changed when the application configured logging itself (root or ``icmlab`` handlers).
+    """
+    pkg = logging.getLogger("icmlab")
+    if not pkg.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        pkg.addHandler(handler)
+        pkg.setLevel(logging.INFO)
+
+
+def _run_launched(cfg: RunConfig, mode: str) -> TrainResult:
+    config_path = save_resolved(cfg)
+    log.info(batch_message(cfg))
+    rc = run_launched(build_launch_command(cfg, config_path, mode), cwd=find_project_root())
+    return _result_from_disk(cfg, mode, interrupted=rc == STOPPED_BY_SIGTERM)
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _train_inprocess(cfg: RunConfig, callbacks: Sequence[Any]) -> TrainResult:
+    launched = is_launched_worker()
+    if launched and int(os.environ["WORLD_SIZE"]) != cfg.world_size:
+        raise ValueError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but hardware says {cfg.world_size} "
+                         "(num_gpus × num_nodes); the global batch arithmetic would be wrong")
+    added: list[str] = []
+    if cfg.hardware.deepspeed != "none" and not launched:
+        # A single in-process DeepSpeed engine still needs a (one-member) process group.
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
+                           ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+            if key not in os.environ:
+                os.environ[key] = value
+                added.append(key)
+    try:
+        return _train(cfg, callbacks, save_config=not launched)
+    finally:
+        for key in added:  # a later run in this kernel must not look like a launched worker
+            os.environ.pop(key, None)
+        if cfg.hardware.deepspeed != "none":
+            # Forget the ZeRO config, or every later from_pretrained in this kernel would partition weights.
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(cfg: RunConfig, callbacks: Sequence[Any], save_config: bool) -> TrainResult:
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from icmlab.train.dataset import SupervisedDataset
+    from icmlab.train.callbacks import GracefulStopCallback, MetricsJsonlCallback, ProgressBarCallback
+    from icmlab.train.trainer import IcmTrainer
+
+    data_file = paths.training_json(cfg)
+    if not data_file.is_file():
+        raise FileNotFoundError(f"training data {data_file} not found; run the merge (and validate) stage first")
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    if save_config:  # launched workers were started from the saved file
+        save_resolved(cfg)
+    set_seed(cfg.seed)
+    log.info(batch_message(cfg))
+
+    family = get_family(cfg.model.family)
+    args = build_training_args(cfg)  # before the model: ZeRO-3 must know about itself at load time
+    bundle = family.load_for_training(cfg)
+    ds_config = getattr(args, "hf_deepspeed_config", None)  # set only when a ZeRO config is given
+    if ds_config is not None and ds_config.is_zero3():
+        # transformers 5.24 attaches extra ZeRO-3-only key renames to a model loaded under zero.Init;
+        # reversed at save time they write "language_model.model.model.*" keys. Dropping them makes
+        # checkpoints and the final model use the same llava-hf layout as a plain run.
+        _unwrap_peft(bundle.model)._weight_conversions = None
+    records = read_json(data_file)
+    dataset = SupervisedDataset.from_bundle(records, bundle, cfg)
+    log.info("%d training samples from %s", len(dataset), data_file)
+
+    stop = GracefulStopCallback()
+    trainer = IcmTrainer(
+        model=bundle.model, args=args, train_dataset=dataset,
+        data_collator=_build_collator(cfg, bundle), processing_class=bundle.tokenizer,
+        callbacks=[MetricsJsonlCallback(paths.metrics_jsonl(cfg), cfg.train.global_batch_size),
+                   ProgressBarCallback(), stop, *callbacks],
+        projector_parameters=projector_parameters(bundle.model, family.MODULE_GROUPS["projector"]),
+        projector_lr=cfg.train.projector_lr,
+        modality_lengths=dataset.modality_lengths,
+        group_by_modality_length=cfg.train.group_by_modality_length,
+        dummy_pixel_values=dataset.dummy_pixel_values(),
+        vision_module=family.MODULE_GROUPS["vision_encoder"][0],
+    )
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+
+    resume = _prepare_resume(cfg) if cfg.train.resume else None
+    if resume:
+        log.info("resuming from %s", resume)
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stop.stopped_at is not None:
+        log.warning("stopped by SIGTERM at step %d; checkpoint saved, rerun to resume", stop.stopped_at)
+        return _result_from_disk(cfg, "inprocess", resumed_from=resume, interrupted=True,
+                                 step=trainer.state.global_step)
+
+    model_dir = _save_final(trainer, bundle, family, cfg)
+    if cfg.train.push_to_hub and _is_main_process():
+        push_to_hub(model_dir, cfg.train.push_to_hub)
+    result = _result_from_disk(cfg, "inprocess", resumed_from=resume, step=trainer.state.global_step)
+    result.model_dir = model_dir
+    log.info("train loss %.4f over %d steps", output.training_loss, output.global_step)
+    return result
+
+
+def _build_collator(cfg: RunConfig, bundle: Any) -> Any:
+    """The micro-batch collator: right padding, or packing into ``data.model_max_length`` rows (``train.packing``).
+
+    flash-attention 2 reads packed segments from position ids only for a one-row batch, so its
+    packed rows are flattened into one (see :mod:`icmlab.train.packing`); sdpa/eager keep the rows.
+    """
+    from icmlab.train.dataset import TrainingCollator
+
+    if not cfg.train.packing:
+        return TrainingCollator(bundle.tokenizer.pad_token_id)
+    attn = bundle.extra.get("attn_implementation") or getattr(bundle.model.config, "_attn_implementation", None)
+    flatten = attn == "flash_attention_2"
+    log.info("packing each micro-batch of %d samples into rows of <= %d tokens (%s attention%s)",
+             cfg.train.per_device_batch_size, cfg.data.model_max_length, attn,
+             ", rows flattened into one varlen row" if flatten else ", block-diagonal mask from position ids")
+    return TrainingCollator(bundle.tokenizer.pad_token_id, packing=True, max_length=cfg.data.model_max_length,
+                            flatten=flatten)
+
+
+def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _prepare_resume(cfg: RunConfig) -> Path | None:
+    """The checkpoint to resume from; incomplete ones (killed mid-save) are removed first."""
+    from icmlab.train.trainer import find_resume_checkpoint
+
+    ckdir = paths.checkpoints_dir(cfg)
+    resume = find_resume_checkpoint(ckdir)
+    if _is_main_process() and ckdir.is_dir():
+        for d in ckdir.glob("checkpoint-*"):
+            if d.is_dir() and d != resume and not (d / "trainer_state.json").exists():
+                log.warning("removing incomplete checkpoint %s (the process was killed while saving it)", d)
+                shutil.rmtree(d)
+    return resume
+
+
+def _save_final(trainer: Any, bundle: Any, family: Any, cfg: RunConfig) -> Path:
+    """Write the final model with the family's ``save_bundle`` on rank 0.
+
+    Under ZeRO-3 the weights are partitioned over the ranks. Full fine-tunes are consolidated the
+    Trainer's memory-frugal way (``save_model``: layer by layer into rank 0's CPU memory, then a
+    staging folder) and reloaded on rank 0's CPU for ``save_bundle``; LoRA models (whose adapter
+    the Trainer saves alone) gather all weights on every rank for the merge.
+    """
+    out = paths.final_model_dir(cfg)
+    bundle.model = trainer.model
+    bundle.model.config.use_cache = True  # inference default for the saved model
+    ds_cfg = getattr(trainer.args, "hf_deepspeed_config", None)
+    if ds_cfg is None or not ds_cfg.is_zero3():
+        if _is_main_process():
+            family.save_bundle(bundle, out)
+    elif not hasattr(bundle.model, "get_base_model"):
+        from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+        staging = cfg.run_dir / ".model-staging"
+        trainer.save_model(str(staging))
+        if _is_main_process():
+            unset_hf_deepspeed_config()  # load a whole, unpartitioned copy on the CPU
+            try:
+                full = type(bundle.model).from_pretrained(staging, dtype=next(iter(bundle.model.parameters())).dtype)
+            finally:
+                set_hf_deepspeed_config(ds_cfg)
+            family.save_bundle(dataclasses.replace(bundle, model=full), out)
+            shutil.rmtree(staging, ignore_errors=True)
+    else:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(bundle.model.parameters()), modifier_rank=None):
+            if _is_main_process():
+                family.save_bundle(bundle, out)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return out
+
+
+def push_to_hub(model_dir: Path, repo_id: str) -> str:
+    """Upload the final model folder to a hub model repo (created private if missing).
+
+    Returns:
+        The commit URL.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, private=True, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(model_dir), commit_message="icmlab train stage")
+    log.info("pushed %s to %s", model_dir, repo_id)
+    return str(getattr(info, "commit_url", info))
+
+
+def _result_from_disk(cfg: RunConfig, mode: str, *, resumed_from: Path | None = None,
+                      interrupted: bool = False, step: int | None = None) -> TrainResult:
+    metrics = paths.metrics_jsonl(cfg)
+    rows = read_jsonl(metrics) if metrics.exists() else []
+    model_dir = paths.final_model_dir(cfg)
+    last_loss = next((r["loss"] for r in reversed(rows) if r.get("loss") is not None), None)
+    return TrainResult(
+        run_dir=cfg.run_dir, model_dir=model_dir if model_dir.exists() and not interrupted else None,
+        metrics_path=metrics, global_step=step if step is not None else (rows[-1]["step"] if rows else 0),
+        final_loss=last_loss if last_loss is None or math.isfinite(last_loss) else None,
+        resumed_from=resumed_from, interrupted=interrupted, mode=mode,
+    )
