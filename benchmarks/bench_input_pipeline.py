@@ -38,11 +38,11 @@ from transformers import AutoTokenizer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from icmlab.inputs.conversation import conversation_segments, get_template, turns_from_record  # noqa: E402
-from icmlab.train.dataset import SupervisedDataset, TrainingCollator  # noqa: E402
 from icmlab.demo.bundle import generate_bundle  # noqa: E402
 from icmlab.demo.images import render_bytes  # noqa: E402
+from icmlab.inputs.conversation import conversation_segments, get_template, turns_from_record  # noqa: E402
 from icmlab.inputs.images import build_image_processor, load_and_preprocess  # noqa: E402
+from icmlab.train.dataset import SupervisedDataset, TrainingCollator  # noqa: E402
 
 TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "llama2-tokenizer"
 
@@ -55,7 +55,7 @@ def make_data(root: Path, n_images: int, size: tuple[int, int]) -> list[dict]:
         for rec in ds.payload:
             if "image" in rec:
                 records.append((rec, ds.images[rec["image"]]))
-    records = records[: n_images]
+    records = records[:n_images]
     out = []
     for i, (rec, spec) in enumerate(records):
         spec = dataclasses.replace(spec, width=size[0], height=size[1], fmt="JPEG")
@@ -87,8 +87,15 @@ def rate(fn, items, repeat: int = 1) -> float:
 
 def loader_rate(ds, workers: int, batch: int, n_batches: int, collate) -> float:
     """Samples per second through a DataLoader (after its first batch, i.e. without worker start-up)."""
-    dl = DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate,
-                    persistent_workers=False, prefetch_factor=4 if workers else None)
+    dl = DataLoader(
+        ds,
+        batch_size=batch,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
     it = iter(dl)
     next(it)
     t = time.perf_counter()
@@ -115,8 +122,17 @@ def main() -> None:
         print(f"rendered {len(records)} images {size[0]}x{size[1]} JPEG in {time.perf_counter() - t0:.1f} s")
         tok = llava_tokenizer()
         proc = build_image_processor(336)
-        ds = SupervisedDataset(records, tokenizer=tok, image_processor=proc, data_root=root, family="llava15",
-                               image_token_id=32000, num_image_tokens=576, model_max_length=2048, aspect_ratio="pad")
+        ds = SupervisedDataset(
+            records,
+            tokenizer=tok,
+            image_processor=proc,
+            data_root=root,
+            family="llava15",
+            image_token_id=32000,
+            num_image_tokens=576,
+            model_max_length=2048,
+            aspect_ratio="pad",
+        )
         paths = [root / r["image"] for r in records]
 
         base = rate(lambda q: Image.open(q).convert("RGB"), paths, repeat=2)
@@ -130,14 +146,23 @@ def main() -> None:
         n_batches = max(2, len(ds) // args.batch - 2)
         for w in args.workers:
             r = loader_rate(ds, w, args.batch, n_batches, collate)
-            print(f"{f'DataLoader {w} worker(s) + collate, batch {args.batch}':<52} {r:>10.1f} {base / r:>16.2f}"
-                  f"   ({r / w:.1f} per worker)")
+            print(
+                f"{f'DataLoader {w} worker(s) + collate, batch {args.batch}':<52} {r:>10.1f} {base / r:>16.2f}"
+                f"   ({r / w:.1f} per worker)"
+            )
 
         # tokenization + masking alone, per 1,000 samples, vs a plain tokenizer call on the same prompts
         idx = [i % len(ds) for i in range(1000)]
         tmpl = get_template("vicuna_v1")
-        prompts = ["".join(s.text for s in conversation_segments(
-            tmpl, turns_from_record(records[i]["conversations"], image_token="<image>"))) for i in idx]
+        prompts = [
+            "".join(
+                s.text
+                for s in conversation_segments(
+                    tmpl, turns_from_record(records[i]["conversations"], image_token="<image>")
+                )
+            )
+            for i in idx
+        ]
         t = time.perf_counter()
         for i in idx:
             ds.encode(i)
@@ -147,9 +172,11 @@ def main() -> None:
             tok(s)
         plain = time.perf_counter() - t
         n_tok = sum(len(ds.encode(i)["input_ids"]) for i in idx[:100]) / 100
-        print(f"\ntokenize + mask (encode_conversation), per 1,000 samples: {ours:.3f} s "
-              f"({ours / plain:.2f} × a plain fast-tokenizer call on the rendered prompt: {plain:.3f} s); "
-              f"mean length {n_tok:.0f} tokens incl. 576 image tokens")
+        print(
+            f"\ntokenize + mask (encode_conversation), per 1,000 samples: {ours:.3f} s "
+            f"({ours / plain:.2f} × a plain fast-tokenizer call on the rendered prompt: {plain:.3f} s); "
+            f"mean length {n_tok:.0f} tokens incl. 576 image tokens"
+        )
 
 
 if __name__ == "__main__":

@@ -34,12 +34,20 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 N_LOW, N_HIGH = 200_000, 665_298
 # llava_v1_5_mix665k composition by image prefix (LLaVA issue #657).
-MIX_PARTS = [("coco/train2017", 364_100), ("vg/VG_100K", 86_417), ("gqa/images", 72_140),
-             ("ocr_vqa/images", 80_000), ("textvqa/train_images", 21_953), (None, 40_688)]
-WORDS = ("image quality clarity blur noise exposure lighting color composition detail sharp soft "
-         "bright dark the a of in on with and is are this that very slightly good poor fair high "
-         "low level texture focus background subject overall person car tree sky building table "
-         "what which how where why would could visible left right top bottom center there").split()
+MIX_PARTS = [
+    ("coco/train2017", 364_100),
+    ("vg/VG_100K", 86_417),
+    ("gqa/images", 72_140),
+    ("ocr_vqa/images", 80_000),
+    ("textvqa/train_images", 21_953),
+    (None, 40_688),
+]
+WORDS = (
+    "image quality clarity blur noise exposure lighting color composition detail sharp soft "
+    "bright dark the a of in on with and is are this that very slightly good poor fair high "
+    "low level texture focus background subject overall person car tree sky building table "
+    "what which how where why would could visible left right top bottom center there"
+).split()
 
 
 def _pool(rng: random.Random, n: int, lo: int, hi: int) -> list[str]:
@@ -61,12 +69,22 @@ def low_level_records(n: int, seed: int = 0, n_images: int = 18_973) -> list[dic
             q, a = "Is this image " + rng.choice(WORDS) + "?", rng.choice(("Yes.", "No."))
         elif kind < 0.85:
             opts = "\n".join(f"{c}. {rng.choice(WORDS)}" for c in "ABCD")
-            q = rng.choice(short).rstrip(".") + "?\n" + opts + "\nAnswer with the option's letter from the given choices directly."
+            q = (
+                rng.choice(short).rstrip(".")
+                + "?\n"
+                + opts
+                + "\nAnswer with the option's letter from the given choices directly."
+            )
             a = rng.choice("ABCD") + "."
         else:
             q, a = "Describe the quality of this image.", rng.choice(long_)
-        out.append({"id": f"{folder}_{img:05d}_{i}", "image": f"{folder}/{img:05d}.jpg",
-                    "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]})
+        out.append(
+            {
+                "id": f"{folder}_{img:05d}_{i}",
+                "image": f"{folder}/{img:05d}.jpg",
+                "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}],
+            }
+        )
     return out
 
 
@@ -82,8 +100,15 @@ def high_level_records(n: int = N_HIGH, seed: int = 1) -> list[dict]:
             if prefix is None:
                 for _ in range(rng.randint(2, 5)):
                     turns += [rng.choice(mid), rng.choice(long_)]
-                out.append({"id": f"sharegpt_{j}", "model": "", "conversations": [
-                    {"from": "human" if k % 2 == 0 else "gpt", "value": t} for k, t in enumerate(turns)]})
+                out.append(
+                    {
+                        "id": f"sharegpt_{j}",
+                        "model": "",
+                        "conversations": [
+                            {"from": "human" if k % 2 == 0 else "gpt", "value": t} for k, t in enumerate(turns)
+                        ],
+                    }
+                )
                 continue
             for k in range(rng.randint(1, 6)):
                 q = rng.choice(short).rstrip(".") + "?"
@@ -91,10 +116,15 @@ def high_level_records(n: int = N_HIGH, seed: int = 1) -> list[dict]:
             # COCO images are shared by several records (118,287 files for 364,100 records), and the
             # record ids are the image ids, so they repeat as well.
             stem = f"{j % 118_287 if prefix.startswith('coco') else j:012d}"
-            out.append({"id": stem if prefix.startswith("coco") else f"{prefix.split('/')[0]}_{stem}",
-                        "image": f"{prefix}/{stem}.jpg",
-                        "conversations": [{"from": "human" if k % 2 == 0 else "gpt", "value": t}
-                                          for k, t in enumerate(turns)]})
+            out.append(
+                {
+                    "id": stem if prefix.startswith("coco") else f"{prefix.split('/')[0]}_{stem}",
+                    "image": f"{prefix}/{stem}.jpg",
+                    "conversations": [
+                        {"from": "human" if k % 2 == 0 else "gpt", "value": t} for k, t in enumerate(turns)
+                    ],
+                }
+            )
     random.Random(seed + 1).shuffle(out)
     return out[:n]
 
@@ -107,8 +137,7 @@ def generate_pair(out_dir: Path, scale: float = 1.0, seed: int = 0) -> tuple[Pat
     if not stamp.exists():
         t = time.perf_counter()
         low.write_bytes(orjson.dumps(low_level_records(round(N_LOW * scale), seed)))
-        high.write_bytes(orjson.dumps(high_level_records(round(N_HIGH * scale), seed + 1),
-                                      option=orjson.OPT_INDENT_2))
+        high.write_bytes(orjson.dumps(high_level_records(round(N_HIGH * scale), seed + 1), option=orjson.OPT_INDENT_2))
         for old in out_dir.glob("generated-*"):
             old.unlink()
         stamp.touch()
@@ -139,13 +168,21 @@ def main() -> None:
     jq = shutil.which("jq")
     low, high = generate_pair(args.out, args.scale)
     size = (low.stat().st_size + high.stat().st_size) / 2**20
-    print(f"inputs: {low.name} {low.stat().st_size / 2**20:.1f} MiB + {high.name} "
-          f"{high.stat().st_size / 2**20:.1f} MiB = {size:.0f} MiB")
-    ours_out, prov, jq_out = args.out / "merged.icmlab.json", args.out / "merged.provenance.jsonl", args.out / "merged.jq.json"
-    code = ("import sys; from pathlib import Path; from icmlab.merge.stage import MergeSource, merge_files; "
-            "r = merge_files([MergeSource('q_instruct', Path(sys.argv[1])), MergeSource('llava_v1_5_mix665k', "
-            "Path(sys.argv[2]))], Path(sys.argv[3]), Path(sys.argv[4]), image_token='<image>'); "
-            "print(r.num_records, r.duplicate_ids)")
+    print(
+        f"inputs: {low.name} {low.stat().st_size / 2**20:.1f} MiB + {high.name} "
+        f"{high.stat().st_size / 2**20:.1f} MiB = {size:.0f} MiB"
+    )
+    ours_out, prov, jq_out = (
+        args.out / "merged.icmlab.json",
+        args.out / "merged.provenance.jsonl",
+        args.out / "merged.jq.json",
+    )
+    code = (
+        "import sys; from pathlib import Path; from icmlab.merge.stage import MergeSource, merge_files; "
+        "r = merge_files([MergeSource('q_instruct', Path(sys.argv[1])), MergeSource('llava_v1_5_mix665k', "
+        "Path(sys.argv[2]))], Path(sys.argv[3]), Path(sys.argv[4]), image_token='<image>'); "
+        "print(r.num_records, r.duplicate_ids)"
+    )
 
     def run_ours() -> tuple[float, float, float]:
         # A fresh output each time, as jq's: replacing a big file costs ext4 a flush (auto_da_alloc) on top.
@@ -156,8 +193,10 @@ def main() -> None:
     jq_out.unlink(missing_ok=True)
     load = os.getloadavg()[0]
     ours = min(run_ours() for _ in range(args.repeat))
-    print(f"icmlab merge : {ours[0]:7.2f} s wall  {ours[2]:7.2f} s CPU  peak RSS {ours[1]:8.0f} MiB  "
-          f"(load average {load:.1f} at start)")
+    print(
+        f"icmlab merge : {ours[0]:7.2f} s wall  {ours[2]:7.2f} s CPU  peak RSS {ours[1]:8.0f} MiB  "
+        f"(load average {load:.1f} at start)"
+    )
     if not jq or args.no_jq:
         print("jq not installed (apt-get install -y jq): no baseline measured" if not jq else "jq skipped (--no-jq)")
         for p in (ours_out, prov):
@@ -166,8 +205,10 @@ def main() -> None:
     load = os.getloadavg()[0]
     base = min(timed([jq, "-s", "add", str(low), str(high)], stdout=jq_out) for _ in range(args.repeat))
     version = subprocess.run([jq, "--version"], capture_output=True, text=True).stdout.strip()
-    print(f"jq -s add    : {base[0]:7.2f} s wall  {base[2]:7.2f} s CPU  peak RSS {base[1]:8.0f} MiB  ({version}, "
-          f"load average {load:.1f} at start)")
+    print(
+        f"jq -s add    : {base[0]:7.2f} s wall  {base[2]:7.2f} s CPU  peak RSS {base[1]:8.0f} MiB  ({version}, "
+        f"load average {load:.1f} at start)"
+    )
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes slow both tools)")
     t = time.perf_counter()
     a, b = orjson.loads(ours_out.read_bytes()), orjson.loads(jq_out.read_bytes())
@@ -175,8 +216,10 @@ def main() -> None:
     print(f"records: icmlab {len(a):,}, jq {len(b):,}; equal: {equal} (checked in {time.perf_counter() - t:.1f} s)")
     del a, b
     speed, mem = base[0] / ours[0], ours[1] / base[1]
-    print(f"speed-up {speed:.1f}x wall, {base[2] / ours[2]:.1f}x CPU (target >= 10x: {'met' if speed >= 10 else 'NOT met'}); "
-          f"memory {100 * mem:.1f}% of jq's (target <= 20%: {'met' if mem <= 0.2 else 'NOT met'})")
+    print(
+        f"speed-up {speed:.1f}x wall, {base[2] / ours[2]:.1f}x CPU (target >= 10x: {'met' if speed >= 10 else 'NOT met'}); "
+        f"memory {100 * mem:.1f}% of jq's (target <= 20%: {'met' if mem <= 0.2 else 'NOT met'})"
+    )
     for p in (ours_out, prov, jq_out):
         p.unlink(missing_ok=True)
     if not equal:

@@ -72,10 +72,15 @@ def batch_stats(batch: list[int]) -> dict[str, float]:
     row_len = [sum(batch[i] for i in r) for r in rows]
     width_u, width_p = max(batch), max(row_len)
     return {
-        "pad_u": padding_fraction(batch), "pad_p": padding_fraction(row_len),
-        "tok_row_u": sum(batch) / len(batch), "tok_row_p": sum(batch) / len(rows), "rows_p": len(rows),
-        "tok_u": len(batch) * width_u, "tok_p": len(rows) * width_p,
-        "attn_u": len(batch) * width_u ** 2, "attn_p": len(rows) * width_p ** 2,
+        "pad_u": padding_fraction(batch),
+        "pad_p": padding_fraction(row_len),
+        "tok_row_u": sum(batch) / len(batch),
+        "tok_row_p": sum(batch) / len(rows),
+        "rows_p": len(rows),
+        "tok_u": len(batch) * width_u,
+        "tok_p": len(rows) * width_p,
+        "attn_u": len(batch) * width_u**2,
+        "attn_p": len(rows) * width_p**2,
         "attn_varlen": sum(n * n for n in batch),
     }
 
@@ -87,22 +92,32 @@ def summarize(name: str, batches: list[list[int]]) -> None:
         return statistics.fmean(s[key] for s in stats)
 
     print(f"\n{name}: {len(batches)} micro-batches of {len(batches[0])}")
-    print(f"  padding share           padded {mean('pad_u'):6.1%}   packed {mean('pad_p'):6.1%}   "
-          "flash-attn flattened 0.0%")
-    print(f"  real tokens per row     padded {mean('tok_row_u'):6.0f}   packed {mean('tok_row_p'):6.0f}   "
-          f"(rows per batch {mean('rows_p'):.2f} instead of {len(batches[0])})")
-    print(f"  positions computed      padded {mean('tok_u'):6.0f}   packed {mean('tok_p'):6.0f}   "
-          f"packed/padded {mean('tok_p') / mean('tok_u'):.2f}x")
-    print(f"  attention entries       packed sdpa/padded {mean('attn_p') / mean('attn_u'):.2f}x   "
-          f"varlen flash/padded {mean('attn_varlen') / mean('attn_u'):.2f}x")
+    print(
+        f"  padding share           padded {mean('pad_u'):6.1%}   packed {mean('pad_p'):6.1%}   "
+        "flash-attn flattened 0.0%"
+    )
+    print(
+        f"  real tokens per row     padded {mean('tok_row_u'):6.0f}   packed {mean('tok_row_p'):6.0f}   "
+        f"(rows per batch {mean('rows_p'):.2f} instead of {len(batches[0])})"
+    )
+    print(
+        f"  positions computed      padded {mean('tok_u'):6.0f}   packed {mean('tok_p'):6.0f}   "
+        f"packed/padded {mean('tok_p') / mean('tok_u'):.2f}x"
+    )
+    print(
+        f"  attention entries       packed sdpa/padded {mean('attn_p') / mean('attn_u'):.2f}x   "
+        f"varlen flash/padded {mean('attn_varlen') / mean('attn_u'):.2f}x"
+    )
     # LLaMA-7B estimate: ~6.5e9 weights x 2 FLOP per position, 4 x 4096 x 32 FLOP per attention entry
     # (forward; backward scales both alike). The frozen CLIP tower costs the same either way; left out.
     lin, att = 2 * 6.5e9, 4 * 4096 * 32
     padded_flop = lin * mean("tok_u") + att * mean("attn_u")
     sdpa_flop = lin * mean("tok_p") + att * mean("attn_p")
     flash_flop = lin * mean("tok_u") * (1 - mean("pad_u")) + att * mean("attn_varlen")
-    print(f"  LLM FLOP estimate, 7B   packed sdpa/padded {sdpa_flop / padded_flop:.2f}x   "
-          f"packed flash-attn/padded {flash_flop / padded_flop:.2f}x")
+    print(
+        f"  LLM FLOP estimate, 7B   packed sdpa/padded {sdpa_flop / padded_flop:.2f}x   "
+        f"packed flash-attn/padded {flash_flop / padded_flop:.2f}x"
+    )
 
 
 # --------------------------------------------------------------------------- step time
@@ -113,8 +128,9 @@ def build_tiny_llava() -> torch.nn.Module:
     from icmlab.models.llava15.tiny import build_tiny_config
 
     torch.manual_seed(0)
-    cfg = build_tiny_config(VOCAB, IMAGE_ID, image_size=336, patch_size=14,
-                            text={"max_position_embeddings": 4096, "pad_token_id": PAD_ID})
+    cfg = build_tiny_config(
+        VOCAB, IMAGE_ID, image_size=336, patch_size=14, text={"max_position_embeddings": 4096, "pad_token_id": PAD_ID}
+    )
     assert cfg.image_seq_length == IMAGE_TOKENS
     cfg._attn_implementation = "sdpa"
     model = LlavaForConditionalGeneration(cfg)
@@ -160,11 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     n = args.batches * args.batch
     signed = synthetic_lengths(n)
     lengths = [abs(x) for x in signed]
-    random_order = [lengths[i:i + args.batch] for i in range(0, n, args.batch)]
+    random_order = [lengths[i : i + args.batch] for i in range(0, n, args.batch)]
     order = modality_length_grouped_indices(signed, args.batch, 8, torch.Generator().manual_seed(0))
-    grouped = [[lengths[i] for i in order[k:k + args.batch]] for k in range(0, n, args.batch)]
-    print(f"synthetic MSFT-like lengths: median {statistics.median(lengths):.0f}, "
-          f"{sum(x < 0 for x in signed) / n:.1%} text-only, {sum(x == MAX_LEN for x in lengths) / n:.1%} at the cut")
+    grouped = [[lengths[i] for i in order[k : k + args.batch]] for k in range(0, n, args.batch)]
+    print(
+        f"synthetic MSFT-like lengths: median {statistics.median(lengths):.0f}, "
+        f"{sum(x < 0 for x in signed) / n:.1%} text-only, {sum(x == MAX_LEN for x in lengths) / n:.1%} at the cut"
+    )
     summarize("random order (plain sampler)", random_order)
     summarize("modality-length grouped (group_by_modality_length, megabatch 8 x 16)", grouped)
 
@@ -172,14 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     padded, packed = TrainingCollator(PAD_ID), TrainingCollator(PAD_ID, packing=True, max_length=MAX_LEN)
     times_u, times_p = [], []
     for k in range(args.timed + 1):  # the first pair warms up and is not counted
-        samples = make_samples(signed[k * args.batch:(k + 1) * args.batch], seed=k)
+        samples = make_samples(signed[k * args.batch : (k + 1) * args.batch], seed=k)
         bu, bp = padded(samples), packed(samples)
         tu, tp = step_time(model, bu), step_time(model, bp)
         if k:
             times_u.append(tu)
             times_p.append(tp)
-            print(f"  batch {k}: padded {tuple(bu['input_ids'].shape)} {tu:.2f} s   "
-                  f"packed {tuple(bp['input_ids'].shape)} {tp:.2f} s")
+            print(
+                f"  batch {k}: padded {tuple(bu['input_ids'].shape)} {tu:.2f} s   "
+                f"packed {tuple(bp['input_ids'].shape)} {tp:.2f} s"
+            )
     tu, tp = statistics.median(times_u), statistics.median(times_p)
     print(f"\ntiny LLaVA forward+backward, sdpa, {args.threads} CPU thread(s), random-order batches of {args.batch}:")
     print(f"  padded {tu:.2f} s/step   packed {tp:.2f} s/step   packed/padded = {tp / tu:.2f}")

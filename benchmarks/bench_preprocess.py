@@ -26,12 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from icmlab.inputs.conversation import TEMPLATES, render_conversation, turns_from_record  # noqa: E402
-from icmlab.inputs.images import build_image_processor, load_and_preprocess  # noqa: E402
 from icmlab.inputs.encode import PieceEncoder, encode_conversation  # noqa: E402
+from icmlab.inputs.images import build_image_processor, load_and_preprocess  # noqa: E402
 
 TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "llama2-tokenizer"
-WORDS = ("the image shows a slightly blurry scene with low contrast noise sharp details clear focus bright "
-         "dark overexposed colourful lighting texture sky building person tree water road").split()
+WORDS = (
+    "the image shows a slightly blurry scene with low contrast noise sharp details clear focus bright "
+    "dark overexposed colourful lighting texture sky building person tree water road"
+).split()
 
 
 def _sentence(rng: random.Random, n: int) -> str:
@@ -46,10 +48,19 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
         kind = rng.random()
         if kind < 0.4:
             opts = "\n".join(f"{c}. {_sentence(rng, 3)}" for c in "ABCD")
-            conv = [("human", f"<image>\nHow is the clarity of this image?\n{opts}\n"
-                              "Answer with the option's letter from the given choices directly."), ("gpt", "B.")]
+            conv = [
+                (
+                    "human",
+                    f"<image>\nHow is the clarity of this image?\n{opts}\n"
+                    "Answer with the option's letter from the given choices directly.",
+                ),
+                ("gpt", "B."),
+            ]
         elif kind < 0.7:
-            conv = [("human", f"{_sentence(rng, 12)}\n<image>"), ("gpt", " ".join(_sentence(rng, 15) for _ in range(6)))]
+            conv = [
+                ("human", f"{_sentence(rng, 12)}\n<image>"),
+                ("gpt", " ".join(_sentence(rng, 15) for _ in range(6))),
+            ]
         elif kind < 0.9:
             conv = [("human", "<image>\n" + _sentence(rng, 8))]
             for t in range(rng.randint(2, 4)):
@@ -67,16 +78,30 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
 def bench_text(n: int = 1000, repeats: int = 3) -> None:
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json"),
-                                  bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json"),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<unk>",
+    )
     records = make_records(n)
     encoder = PieceEncoder(tok, dialect="llava15")
-    prompts = [render_conversation(TEMPLATES["vicuna_v1"], turns_from_record(
-        r["conversations"], image_token="<image>" if "image" in r else None)) for r in records]
+    prompts = [
+        render_conversation(
+            TEMPLATES["vicuna_v1"],
+            turns_from_record(r["conversations"], image_token="<image>" if "image" in r else None),
+        )
+        for r in records
+    ]
 
     def ours() -> int:
-        return sum(encode_conversation(r, tok, image_token_id=32000, num_image_tokens=576, model_max_length=2048,
-                                       encoder=encoder).num_tokens for r in records)
+        return sum(
+            encode_conversation(
+                r, tok, image_token_id=32000, num_image_tokens=576, model_max_length=2048, encoder=encoder
+            ).num_tokens
+            for r in records
+        )
 
     def baseline() -> int:
         return sum(len(tok(p)["input_ids"]) for p in prompts)
@@ -90,12 +115,18 @@ def bench_text(n: int = 1000, repeats: int = 3) -> None:
             fn()
             times.append(time.perf_counter() - t0)
         best[name] = min(times) * 1000 * 1000 / n  # ms per 1,000 samples
-    supervised = sum(encode_conversation(r, tok, image_token_id=32000, num_image_tokens=576, model_max_length=2048,
-                                         encoder=encoder).num_supervised for r in records)
+    supervised = sum(
+        encode_conversation(
+            r, tok, image_token_id=32000, num_image_tokens=576, model_max_length=2048, encoder=encoder
+        ).num_supervised
+        for r in records
+    )
     print(f"text: {n} records, {supervised} supervised tokens, best of {repeats}")
     for name, ms in best.items():
         print(f"  {name:22s} {ms:8.1f} ms / 1,000 samples")
-    print(f"  ratio encode_conversation / tokenizer(prompt): {best['encode_conversation'] / best['tokenizer(prompt)']:.2f}x")
+    print(
+        f"  ratio encode_conversation / tokenizer(prompt): {best['encode_conversation'] / best['tokenizer(prompt)']:.2f}x"
+    )
 
 
 def bench_images(n: int = 48, size: int = 336) -> None:

@@ -31,9 +31,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_merge import ROOT, generate_pair, timed  # noqa: E402
-
 import orjson  # noqa: E402
+from bench_merge import ROOT, generate_pair, timed  # noqa: E402
 
 BASELINE = r"""
 import json, os, sys
@@ -72,8 +71,12 @@ def build_inputs(out: Path, scale: float) -> tuple[Path, Path, int]:
     stamp = out / "validate" / f"tree-{low.stat().st_mtime_ns}-{high.stat().st_mtime_ns}"
     if not stamp.exists():
         t = time.perf_counter()
-        merge_files([MergeSource("q_instruct", low), MergeSource("llava_v1_5_mix665k", high)], train,
-                    train.with_name("train.provenance.jsonl"), image_token="<image>")
+        merge_files(
+            [MergeSource("q_instruct", low), MergeSource("llava_v1_5_mix665k", high)],
+            train,
+            train.with_name("train.provenance.jsonl"),
+            image_token="<image>",
+        )
         images = sorted({r["image"] for src in (low, high) for r in orjson.loads(src.read_bytes()) if "image" in r})
         for folder in sorted({os.path.dirname(p) for p in images}):
             (root / folder).mkdir(parents=True, exist_ok=True)
@@ -108,16 +111,22 @@ def main() -> None:
         n, errors, rest = text.strip().split(" ", 2)
         counts, phases = rest.rsplit(" {", 1)
         walls[workers] = wall
-        print(f"icmlab validate, {workers} worker(s): {wall:6.2f} s wall {cpu:6.2f} s CPU  peak RSS {rss:5.0f} MiB; "
-              f"{int(n):,} records, {int(errors):,} with errors; phases {{{phases}")
+        print(
+            f"icmlab validate, {workers} worker(s): {wall:6.2f} s wall {cpu:6.2f} s CPU  peak RSS {rss:5.0f} MiB; "
+            f"{int(n):,} records, {int(errors):,} with errors; phases {{{phases}"
+        )
     print(f"   problems found: {counts}")
     wall, rss, cpu, text = run_timed([sys.executable, "-c", BASELINE, str(train), str(root)], log)
-    print(f"baseline (json.load + loop + os.path.exists): {wall:6.2f} s wall {cpu:6.2f} s CPU  peak RSS {rss:5.0f} MiB; "
-          f"{text.strip()}")
+    print(
+        f"baseline (json.load + loop + os.path.exists): {wall:6.2f} s wall {cpu:6.2f} s CPU  peak RSS {rss:5.0f} MiB; "
+        f"{text.strip()}"
+    )
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes slow every run)")
     limit = 30 * min(1.0, args.scale)
-    print(f"target <= {limit:.1f} s on 2 cores: {'met' if walls[2] <= limit else 'NOT met'} ({walls[2]:.1f} s); "
-          f"{wall / walls[2]:.1f}x faster than the baseline; 2 workers vs 1: {walls[1] / walls[2]:.2f}x")
+    print(
+        f"target <= {limit:.1f} s on 2 cores: {'met' if walls[2] <= limit else 'NOT met'} ({walls[2]:.1f} s); "
+        f"{wall / walls[2]:.1f}x faster than the baseline; 2 workers vs 1: {walls[1] / walls[2]:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ class HTML(str):
         return str(self)
 
 
-def table_html(headers: Sequence[str], rows: Iterable[Sequence[Any]], caption: str = "",
-               row_classes: Sequence[str] | None = None) -> HTML:
+def table_html(
+    headers: Sequence[str], rows: Iterable[Sequence[Any]], caption: str = "", row_classes: Sequence[str] | None = None
+) -> HTML:
     """A plain HTML table (cells are escaped; no pandas)."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = []

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
-from contextlib import contextmanager
 
 import orjson
 

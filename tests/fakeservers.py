@@ -105,8 +105,13 @@ class _Base:
 
     # ---------------------------------------------------------------- plumbing
     def _log(self, h: BaseHTTPRequestHandler, method: str) -> dict:
-        rec = {"method": method, "path": h.path, "range": h.headers.get("Range"), "sent": 0,
-               "auth": h.headers.get("Authorization")}
+        rec = {
+            "method": method,
+            "path": h.path,
+            "range": h.headers.get("Range"),
+            "sent": 0,
+            "auth": h.headers.get("Authorization"),
+        }
         with self._lock:
             self.requests.append(rec)
         return rec
@@ -121,8 +126,18 @@ class _Base:
     def handle(self, h: BaseHTTPRequestHandler, method: str, rec: dict) -> None:
         raise NotImplementedError
 
-    def send(self, h: BaseHTTPRequestHandler, method: str, rec: dict, status: int, body: bytes = b"",
-             headers: dict | None = None, *, cut_after: int | None = None, stall_after: int | None = None) -> None:
+    def send(
+        self,
+        h: BaseHTTPRequestHandler,
+        method: str,
+        rec: dict,
+        status: int,
+        body: bytes = b"",
+        headers: dict | None = None,
+        *,
+        cut_after: int | None = None,
+        stall_after: int | None = None,
+    ) -> None:
         """Send a response; the body optionally cut or stalled part-way."""
         h.send_response(status)
         for k, v in (headers or {}).items():
@@ -137,7 +152,7 @@ class _Base:
         limit = min(x for x in (cut_after, stall_after, len(body)) if x is not None)
         pos = 0
         while pos < limit:
-            chunk = body[pos:min(limit, pos + 64 * 1024)]
+            chunk = body[pos : min(limit, pos + 64 * 1024)]
             h.wfile.write(chunk)
             h.wfile.flush()
             pos += len(chunk)
@@ -225,28 +240,59 @@ class FakeHub(_Base):
             return
         body = repo.files.get(m.group(4))
         if body is None:
-            return self.send(h, method, rec, 404, b"{}", {"X-Error-Code": "EntryNotFound",
-                                                           "X-Error-Message": "Entry not found",
-                                                           "X-Repo-Commit": repo.commit})
+            return self.send(
+                h,
+                method,
+                rec,
+                404,
+                b"{}",
+                {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found", "X-Repo-Commit": repo.commit},
+            )
         common = {"X-Repo-Commit": repo.commit, "Content-Type": "application/octet-stream"}
         if len(body) >= self.lfs_min:
             sha = hashlib.sha256(body).hexdigest()
-            return self.send(h, method, rec, 302, b"", {**common, "Location": self.cdn.url(f"/lfs/{sha}"),
-                                                         "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": len(body),
-                                                         "ETag": f'"{sha}"'})
+            return self.send(
+                h,
+                method,
+                rec,
+                302,
+                b"",
+                {
+                    **common,
+                    "Location": self.cdn.url(f"/lfs/{sha}"),
+                    "X-Linked-Etag": f'"{sha}"',
+                    "X-Linked-Size": len(body),
+                    "ETag": f'"{sha}"',
+                },
+            )
         etag = hashlib.sha1(b"blob %d\0" % len(body) + body).hexdigest()
         self.send(h, method, rec, 200, body, {**common, "ETag": f'"{etag}"'})
 
     def _repo(self, h, method, rec, repo_type: str, repo_id: str) -> _Repo | None:
         repo = self.repos.get((repo_type, repo_id))
         if repo is None:
-            self.send(h, method, rec, 404, b'{"error":"Repository not found"}',
-                      {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found",
-                       "Content-Type": "application/json"})
+            self.send(
+                h,
+                method,
+                rec,
+                404,
+                b'{"error":"Repository not found"}',
+                {
+                    "X-Error-Code": "RepoNotFound",
+                    "X-Error-Message": "Repository not found",
+                    "Content-Type": "application/json",
+                },
+            )
         elif repo.gated:
             msg = f"Access to {repo_type} {repo_id} is restricted. You must have access to it and be authenticated."
-            self.send(h, method, rec, 403, json.dumps({"error": msg}).encode(),
-                      {"X-Error-Code": "GatedRepo", "X-Error-Message": msg, "Content-Type": "application/json"})
+            self.send(
+                h,
+                method,
+                rec,
+                403,
+                json.dumps({"error": msg}).encode(),
+                {"X-Error-Code": "GatedRepo", "X-Error-Message": msg, "Content-Type": "application/json"},
+            )
             return None
         return repo
 
@@ -261,7 +307,6 @@ class FakeHub(_Base):
             for p, data in sorted(repo.files.items()):
                 entry = {"type": "file", "path": p, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
                 if len(data) >= self.lfs_min:
-                    entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data),
-                                    "pointerSize": 134}
+                    entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
                 body.append(entry)
         self.send(h, method, rec, 200, json.dumps(body).encode(), {"Content-Type": "application/json"})

@@ -66,8 +66,10 @@ def test_strategy_aliases_msft_csft():
         ({"train": {"global_batch_size": 100}}, "train.global_batch_size: 100 is not a multiple"),
         ({"data": {"datasets": ["custom"]}}, "data.custom_json: required"),
         ({"data": {"datasets": ["laion"]}}, "data.datasets: unknown dataset 'laion'"),
-        ({"hardware": {"device": "cpu", "attn_implementation": "flash_attention_2"}, "train": {"bf16": False}},
-         "flash_attention_2 needs CUDA"),
+        (
+            {"hardware": {"device": "cpu", "attn_implementation": "flash_attention_2"}, "train": {"bf16": False}},
+            "flash_attention_2 needs CUDA",
+        ),
         ({"hardware": {"device": "cpu"}}, "train.bf16: bfloat16 training needs"),
         ({"hardware": {"num_nodes": 2}}, "hardware.hostfile: required"),
         ({"train": {"strategy": "mix"}, "data": {"high_level": None}}, "data.high_level: the 'mix' strategy"),

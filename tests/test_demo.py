@@ -215,9 +215,11 @@ def test_low_level_pixels_carry_the_labels(sources):
     assert sharp["blur"] < 0.6 * sharp["none"] and sharp["noise"] > sharp["none"]
 
     files = archive_files(sources["icm_instruct_train"])
+
     def red_pixels(data: bytes) -> int:
         a = _luma(data)
         return int(((a[..., 0] > 190) & (a[..., 1] < 70) & (a[..., 2] < 70)).sum())
+
     symbol = [red_pixels(d) for n, d in files.items() if "_symbol_" in n]
     normal = [red_pixels(d) for n, d in files.items() if "whole_normal_" in n]
     assert np.median(symbol) >= 10 and np.median(normal) <= 2
@@ -244,7 +246,7 @@ def test_mix665k_layout_and_images(sources):
             continue
         prefix = next(p for p in HIGH_LEVEL_ARCHIVES if rec["image"].startswith(p))
         name, member = HIGH_LEVEL_ARCHIVES[prefix]
-        assert member + rec["image"][len(prefix):] in archives[name], rec["image"]
+        assert member + rec["image"][len(prefix) :] in archives[name], rec["image"]
         assert rec["image"].endswith(".jpg")
         seen.add(prefix)
     assert seen == set(HIGH_LEVEL_ARCHIVES)
@@ -386,15 +388,20 @@ def test_msft_parts_have_the_real_layouts(ckpts):
     assert CLIPImageProcessor.from_pretrained(ckpts["clip"]).crop_size["height"] == 64
     state = torch.load(ckpts["mm_projector"], map_location="cpu", weights_only=True)
     assert {k: tuple(v.shape) for k, v in state.items()} == {
-        "model.mm_projector.0.weight": (64, 32), "model.mm_projector.0.bias": (64,),
-        "model.mm_projector.2.weight": (64, 64), "model.mm_projector.2.bias": (64,)}
+        "model.mm_projector.0.weight": (64, 32),
+        "model.mm_projector.0.bias": (64,),
+        "model.mm_projector.2.weight": (64, 64),
+        "model.mm_projector.2.bias": (64,),
+    }
     from safetensors.torch import load_file
+
     llava = load_file(ckpts["llava_hf"] / "model.safetensors")
     # Hub key layout (llava-hf/llava-1.5-7b-hf), and CLIP stays frozen in LLaVA: same vision weights.
     assert {k.split(".")[0] for k in llava} == {"vision_tower", "multi_modal_projector", "language_model"}
     assert all(k.startswith("vision_tower.vision_model.") for k in llava if k.startswith("vision_tower."))
-    assert torch.equal(llava["vision_tower.vision_model.embeddings.patch_embedding.weight"],
-                       vision.embeddings.patch_embedding.weight)
+    assert torch.equal(
+        llava["vision_tower.vision_model.embeddings.patch_embedding.weight"], vision.embeddings.patch_embedding.weight
+    )
 
 
 def test_checkpoints_are_deterministic_and_take_folder_builders(ckpts, tmp_path, monkeypatch):

@@ -21,10 +21,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from fakeservers import FakeHub, FileServer
-from icmlab.download import stage as download
+
 from icmlab.config import config_from_dict, load_run_config
+from icmlab.download import stage as download
 from icmlab.download.fetch import AuthError, ChecksumError, FetchError, HTMLInsteadOfData, NotFoundError, fetch_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,9 +60,19 @@ def zip_of(files: dict[str, bytes]) -> bytes:
 
 
 def labels(images: list[str]) -> bytes:
-    return json.dumps([{"id": str(i), "image": im, "conversations": [
-        {"from": "human", "value": "<image>\nHow is the quality?"}, {"from": "gpt", "value": "Good."}]}
-        for i, im in enumerate(images)]).encode()
+    return json.dumps(
+        [
+            {
+                "id": str(i),
+                "image": im,
+                "conversations": [
+                    {"from": "human", "value": "<image>\nHow is the quality?"},
+                    {"from": "gpt", "value": "Good."},
+                ],
+            }
+            for i, im in enumerate(images)
+        ]
+    ).encode()
 
 
 def recipe(tmp_path: Path, sources: dict | None = None) -> dict:
@@ -70,18 +80,23 @@ def recipe(tmp_path: Path, sources: dict | None = None) -> dict:
     model = tmp_path / "model"
     model.mkdir(parents=True, exist_ok=True)
     (model / "config.json").write_text("{}")
-    raw = {"run_name": "t", "model": {"family": "llava15", "size": "tiny", "base": str(model)},
-           "data": {"root": str(tmp_path / "data"), "datasets": ["q_instruct"], "sources": sources or {}},
-           "train": {"strategy": "after", "bf16": False},
-           "eval": {"benchmarks": ["qbench_a1"], "baseline": True},
-           "hardware": {"device": "cpu", "num_gpus": 1, "deepspeed": "none"},
-           "download": {"concurrency": 2, "retries": 2, "min_free_gb": 0.0}}
+    raw = {
+        "run_name": "t",
+        "model": {"family": "llava15", "size": "tiny", "base": str(model)},
+        "data": {"root": str(tmp_path / "data"), "datasets": ["q_instruct"], "sources": sources or {}},
+        "train": {"strategy": "after", "bf16": False},
+        "eval": {"benchmarks": ["qbench_a1"], "baseline": True},
+        "hardware": {"device": "cpu", "num_gpus": 1, "deepspeed": "none"},
+        "download": {"concurrency": 2, "retries": 2, "min_free_gb": 0.0},
+    }
     return raw
 
 
 # --------------------------------------------------------------------------- fetch_url
-KILL_SCRIPT = ("import sys; from pathlib import Path; from icmlab.download.fetch import fetch_url; "
-               "fetch_url(sys.argv[1], Path(sys.argv[2]), size=int(sys.argv[3]), sha256=sys.argv[4], progress=False)")
+KILL_SCRIPT = (
+    "import sys; from pathlib import Path; from icmlab.download.fetch import fetch_url; "
+    "fetch_url(sys.argv[1], Path(sys.argv[2]), size=int(sys.argv[3]), sha256=sys.argv[4], progress=False)"
+)
 
 
 def test_sigkilled_download_resumes_without_fetching_its_bytes_again(server, tmp_path):
@@ -89,8 +104,11 @@ def test_sigkilled_download_resumes_without_fetching_its_bytes_again(server, tmp
     url = server.add("/big.bin", data, stall_after=MiB + MiB // 2)  # the first GET hangs after 1.5 MiB
     dest = tmp_path / "dl" / "big.bin"
     part = dest.with_name("big.bin.part")
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, url, str(dest), str(len(data)), sha(data)],
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, url, str(dest), str(len(data)), sha(data)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     deadline = time.monotonic() + 60
     while not (part.exists() and part.stat().st_size >= MiB):
         assert proc.poll() is None and time.monotonic() < deadline, "the download never got going"
@@ -143,8 +161,11 @@ def test_checksum_or_size_mismatch_leaves_nothing_in_place(server, tmp_path):
 
 def test_html_instead_of_data_is_refused_with_the_right_url(server, tmp_path):
     page = b"<!DOCTYPE html><html><head><title>llava_v1_5_mix665k.json</title></head><body>...</body></html>"
-    url = server.add("/datasets/liuhaotian/LLaVA-Instruct-150K/blob/main/llava_v1_5_mix665k.json", page,
-                     content_type="text/html; charset=utf-8")
+    url = server.add(
+        "/datasets/liuhaotian/LLaVA-Instruct-150K/blob/main/llava_v1_5_mix665k.json",
+        page,
+        content_type="text/html; charset=utf-8",
+    )
     with pytest.raises(HTMLInsteadOfData) as ei:
         fetch_url(url, tmp_path / "mix.json", progress=False)
     assert server.url("/datasets/liuhaotian/LLaVA-Instruct-150K/resolve/main/llava_v1_5_mix665k.json") in str(ei.value)
@@ -180,15 +201,25 @@ def test_stage_lays_out_the_tree_and_a_second_run_does_no_network_work(server, t
     sources = serve_recipe_data(server)
     cfg = config_from_dict(recipe(tmp_path, sources))
     items = download.plan(cfg)
-    assert [i.name for i in items] == ["q_instruct_labels", "q_instruct_images", "qbench_dev_json", "qbench_images",
-                                       "model.base"]
+    assert [i.name for i in items] == [
+        "q_instruct_labels",
+        "q_instruct_images",
+        "qbench_dev_json",
+        "qbench_images",
+        "model.base",
+    ]
     assert server.requests == []  # the dry run touches nothing
     res = download.run(cfg, progress=False)
     root = tmp_path / "data"
     assert res.ok, res.summary()
     assert {o.action for o in res.outcomes} == {"fetched"}
-    for rel in ("cleaned_labels.json", "spaq_koniq/00001.jpg", "livefb_liveitw_aigc/a/0002.png",
-                "eval/qbench/llvisionqa_dev.json", "eval/qbench/images_llvisionqa/q1.jpg"):
+    for rel in (
+        "cleaned_labels.json",
+        "spaq_koniq/00001.jpg",
+        "livefb_liveitw_aigc/a/0002.png",
+        "eval/qbench/llvisionqa_dev.json",
+        "eval/qbench/images_llvisionqa/q1.jpg",
+    ):
         assert (root / rel).is_file(), rel
     rows = {r.path: r for r in res.layout}
     assert rows["spaq_koniq"].found == rows["spaq_koniq"].expected == 1
@@ -206,8 +237,11 @@ def test_stage_lays_out_the_tree_and_a_second_run_does_no_network_work(server, t
 def test_stage_failures_are_collected_with_actionable_messages(server, tmp_path):
     outside = tmp_path / "outside.txt"
     sources = {
-        "q_instruct_labels": server.add("/datasets/teowu/Q-Instruct/blob/main/cleaned_labels.json",
-                                        b"<!doctype html><html>page</html>", content_type="text/html"),
+        "q_instruct_labels": server.add(
+            "/datasets/teowu/Q-Instruct/blob/main/cleaned_labels.json",
+            b"<!doctype html><html>page</html>",
+            content_type="text/html",
+        ),
         "q_instruct_images": server.add("/evil.tar", tar_of({"spaq_koniq/1.jpg": b"x", "../../outside.txt": b"x"})),
         "qbench_dev_json": server.add("/gated.json", status=401),
         "qbench_images": server.add("/corrupt.tar", tar_of({"images_llvisionqa/1.jpg": os.urandom(9000)})[:6000]),
@@ -238,9 +272,12 @@ def test_local_overrides_go_through_the_same_checks(tmp_path):
     saved_page.write_bytes(b"<!DOCTYPE html><html>the dataset page</html>")
     qb = tmp_path / "dev.json"
     qb.write_bytes(b"[]")
-    sources = {"q_instruct_labels": f"{good.as_uri()}#sha256={sha(good.read_bytes())}",
-               "q_instruct_images": f"{tar}#sha256={'1' * 64}",   # wrong checksum
-               "qbench_dev_json": str(qb), "qbench_images": str(saved_page)}
+    sources = {
+        "q_instruct_labels": f"{good.as_uri()}#sha256={sha(good.read_bytes())}",
+        "q_instruct_images": f"{tar}#sha256={'1' * 64}",  # wrong checksum
+        "qbench_dev_json": str(qb),
+        "qbench_images": str(saved_page),
+    }
     cfg = config_from_dict(recipe(tmp_path, sources))
     with pytest.raises(download.DownloadError) as ei:
         download.run(cfg, progress=False)
@@ -286,10 +323,23 @@ print(json.dumps({"error": err, "outcomes": [[o.name, o.action] for o in res.out
 
 def run_hf(raw: dict, hub: FakeHub, hf_home: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env |= {"HF_ENDPOINT": hub.base, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
-            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", HF_SCRIPT, json.dumps(raw)], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
+    env |= {
+        "HF_ENDPOINT": hub.base,
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", HF_SCRIPT, json.dumps(raw)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -298,15 +348,23 @@ def test_hugging_face_sources_through_huggingface_hub(tmp_path):
     imgs = {"spaq_koniq/00001.jpg": os.urandom(1500), "livefb_liveitw_aigc/2.jpg": os.urandom(1500)}
     with FileServer() as cdn, FakeHub(cdn) as hub:
         # Q-Instruct only under its newer name: the catalog's alt_repos fallback must find it
-        hub.add_repo("q-future/Q-Instruct-DB", {"cleaned_labels.json": labels(sorted(imgs)),
-                                                "q-instruct-images.tar": tar_of(imgs)})
+        hub.add_repo(
+            "q-future/Q-Instruct-DB",
+            {"cleaned_labels.json": labels(sorted(imgs)), "q-instruct-images.tar": tar_of(imgs)},
+        )
         qb_images = tar_of({"images_llvisionqa/a.jpg": b"a"})
         hub.add_repo("nanyangtu/LLVisionQA-QBench", {"llvisionqa_dev.json": b"[]", "images_llvisionqa.tar": qb_images})
         bin_weights = os.urandom(4096)
-        hub.add_repo("llava-hf/llava-1.5-7b-hf", {"config.json": b'{"model_type": "llava"}',
-                                                  "model.safetensors": os.urandom(4096),
-                                                  "pytorch_model.bin": bin_weights, "tf_model.h5": b"h5" * 900},
-                     repo_type="model")
+        hub.add_repo(
+            "llava-hf/llava-1.5-7b-hf",
+            {
+                "config.json": b'{"model_type": "llava"}',
+                "model.safetensors": os.urandom(4096),
+                "pytorch_model.bin": bin_weights,
+                "tf_model.h5": b"h5" * 900,
+            },
+            repo_type="model",
+        )
         hub.add_repo("wumengyangok/ICM-Instruct", {"icm-instruct-train.zip": zip_of({"a": b"b"})}, gated=True)
         raw = recipe(tmp_path)
         raw["model"] = {"family": "llava15", "size": "7b", "base": "llava-hf/llava-1.5-7b-hf"}
@@ -339,28 +397,67 @@ def names(cfg) -> set[str]:
     return {i.name for i in download.plan(cfg)}
 
 
-HIGH = {"llava_mix665k", "coco_train2017", "gqa_images", "ocr_vqa_images", "textvqa_train_val_images", "vg_images",
-        "vg_images2"}
+HIGH = {
+    "llava_mix665k",
+    "coco_train2017",
+    "gqa_images",
+    "ocr_vqa_images",
+    "textvqa_train_val_images",
+    "vg_images",
+    "vg_images2",
+}
 
 
 def real(family: str, strategy: str, dataset: str, **model) -> dict:
-    return {"run_name": "r", "model": {"family": family, **model},
-            "data": {"root": "/tmp/icmlab-dry-run-data", "datasets": [dataset]}, "train": {"strategy": strategy}}
+    return {
+        "run_name": "r",
+        "model": {"family": family, **model},
+        "data": {"root": "/tmp/icmlab-dry-run-data", "datasets": [dataset]},
+        "train": {"strategy": strategy},
+    }
 
 
 def test_dry_run_llava_after_icm():
-    cfg = config_from_dict(real("llava15", "after", "icm_instruct", base="liuhaotian/llava-v1.5-7b",
-                                base_format="original", vision_tower="openai/clip-vit-large-patch14-336"))
+    cfg = config_from_dict(
+        real(
+            "llava15",
+            "after",
+            "icm_instruct",
+            base="liuhaotian/llava-v1.5-7b",
+            base_format="original",
+            vision_tower="openai/clip-vit-large-patch14-336",
+        )
+    )
     assert names(cfg) == {"icm_instruct_train", "qbench_dev_json", "qbench_images", "llava_v15_7b", "clip_l14_336"}
 
 
 def test_dry_run_llava_mix_q_instruct():
-    cfg = config_from_dict(real("llava15", "mix", "q_instruct", base="llava-hf/llava-1.5-7b-hf",
-                                llm="lmsys/vicuna-7b-v1.5", vision_tower="openai/clip-vit-large-patch14-336",
-                                mm_projector="liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5"))
+    cfg = config_from_dict(
+        real(
+            "llava15",
+            "mix",
+            "q_instruct",
+            base="llava-hf/llava-1.5-7b-hf",
+            llm="lmsys/vicuna-7b-v1.5",
+            vision_tower="openai/clip-vit-large-patch14-336",
+            mm_projector="liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5",
+        )
+    )
     items = {i.name: i for i in download.plan(cfg)}
-    assert set(items) == {"q_instruct_labels", "q_instruct_images", "qbench_dev_json", "qbench_images", "llava_hf_7b",
-                          "vicuna_7b", "clip_l14_336", "projector_7b"} | HIGH
+    assert (
+        set(items)
+        == {
+            "q_instruct_labels",
+            "q_instruct_images",
+            "qbench_dev_json",
+            "qbench_images",
+            "llava_hf_7b",
+            "vicuna_7b",
+            "clip_l14_336",
+            "projector_7b",
+        }
+        | HIGH
+    )
     assert items["coco_train2017"].target == "coco" and items["coco_train2017"].size > 18e9
     assert items["ocr_vqa_images"].target == "ocr_vqa/images"
     assert items["vicuna_7b"].target == "HF cache"
@@ -370,8 +467,9 @@ def test_dry_run_llava_mix_q_instruct():
 
 
 def test_dry_run_mplug_owl2_after_q_instruct():
-    cfg = config_from_dict(real("mplug_owl2", "after", "q_instruct", base="MAGAer13/mplug-owl2-llama2-7b",
-                                base_format="original"))
+    cfg = config_from_dict(
+        real("mplug_owl2", "after", "q_instruct", base="MAGAer13/mplug-owl2-llama2-7b", base_format="original")
+    )
     assert names(cfg) == {"q_instruct_labels", "q_instruct_images", "qbench_dev_json", "qbench_images", "mplug_owl2_7b"}
 
 
@@ -419,14 +517,29 @@ def image_refs_resolve(root: Path, name: str) -> int:
 
 def test_demo_lays_out_the_exact_trees(tmp_path, demo_sources):
     root = tmp_path / "data"
-    cfg = load_run_config(ROOT / "parameters" / "demo.yaml", {
-        "data.root": str(root), "demo.source_dir": str(demo_sources), "demo.scale": 0.1,
-        "model.base": str(root / "models" / "llava-tiny-hf")})
+    cfg = load_run_config(
+        ROOT / "parameters" / "demo.yaml",
+        {
+            "data.root": str(root),
+            "demo.source_dir": str(demo_sources),
+            "demo.scale": 0.1,
+            "model.base": str(root / "models" / "llava-tiny-hf"),
+        },
+    )
     res = download.run(cfg, progress=False)
     assert res.ok, res.summary()
-    for rel in ("cleaned_labels.json", "spaq_koniq", "livefb_liveitw_aigc", "icm_llava_train.json", "sexy_check_all",
-                "eval/qbench/llvisionqa_dev.json", "eval/qbench/images_llvisionqa", "eval/icm/val", "eval/icm/val_MEQ",
-                "models/llava-tiny-hf/config.json"):
+    for rel in (
+        "cleaned_labels.json",
+        "spaq_koniq",
+        "livefb_liveitw_aigc",
+        "icm_llava_train.json",
+        "sexy_check_all",
+        "eval/qbench/llvisionqa_dev.json",
+        "eval/qbench/images_llvisionqa",
+        "eval/icm/val",
+        "eval/icm/val_MEQ",
+        "models/llava-tiny-hf/config.json",
+    ):
         assert (root / rel).exists(), rel
     assert not (root / "coco").exists() and not (root / "llava_v1_5_mix665k.json").exists()  # 'after' needs none
     image_refs_resolve(root, "cleaned_labels.json")
@@ -440,16 +553,33 @@ def test_demo_lays_out_the_exact_trees(tmp_path, demo_sources):
 def test_demo_mix_converts_ocr_vqa_and_lays_out_the_high_level_trees(tmp_path, demo_sources):
     root = tmp_path / "data"
     models = root / "models"
-    cfg = load_run_config(ROOT / "parameters" / "demo.yaml", {
-        "data.root": str(root), "demo.source_dir": str(demo_sources), "demo.scale": 0.1, "train.strategy": "mix",
-        "eval.benchmarks": [], "eval.baseline": False, "model.llm": str(models / "vicuna-tiny"),
-        "model.vision_tower": str(models / "clip-tiny"),
-        "model.mm_projector": str(models / "llava-tiny-pretrain" / "mm_projector.bin")})
+    cfg = load_run_config(
+        ROOT / "parameters" / "demo.yaml",
+        {
+            "data.root": str(root),
+            "demo.source_dir": str(demo_sources),
+            "demo.scale": 0.1,
+            "train.strategy": "mix",
+            "eval.benchmarks": [],
+            "eval.baseline": False,
+            "model.llm": str(models / "vicuna-tiny"),
+            "model.vision_tower": str(models / "clip-tiny"),
+            "model.mm_projector": str(models / "llava-tiny-pretrain" / "mm_projector.bin"),
+        },
+    )
     res = download.run(cfg, progress=False)
     assert res.ok, res.summary()
-    for rel in ("coco/train2017", "gqa/images", "ocr_vqa/images", "textvqa/train_images", "vg/VG_100K", "vg/VG_100K_2",
-                "models/vicuna-tiny/config.json", "models/clip-tiny/config.json",
-                "models/llava-tiny-pretrain/mm_projector.bin"):
+    for rel in (
+        "coco/train2017",
+        "gqa/images",
+        "ocr_vqa/images",
+        "textvqa/train_images",
+        "vg/VG_100K",
+        "vg/VG_100K_2",
+        "models/vicuna-tiny/config.json",
+        "models/clip-tiny/config.json",
+        "models/llava-tiny-pretrain/mm_projector.bin",
+    ):
         assert (root / rel).exists(), rel
     assert image_refs_resolve(root, "llava_v1_5_mix665k.json") > 0
     from PIL import Image

@@ -11,8 +11,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from icmlab.download.extract import (ArchiveError, UnsafeArchiveError, archive_format, convert_images_to_jpg, extract_archive,
-                            list_members)
+from icmlab.download.extract import (
+    ArchiveError,
+    UnsafeArchiveError,
+    archive_format,
+    convert_images_to_jpg,
+    extract_archive,
+    list_members,
+)
 
 
 def make_zip(path: Path, files: dict[str, bytes], symlinks: dict[str, str] | None = None) -> Path:
@@ -27,8 +33,9 @@ def make_zip(path: Path, files: dict[str, bytes], symlinks: dict[str, str] | Non
     return path
 
 
-def make_tar(path: Path, files: dict[str, bytes], symlinks: dict[str, str] | None = None,
-             hardlinks: dict[str, str] | None = None) -> Path:
+def make_tar(
+    path: Path, files: dict[str, bytes], symlinks: dict[str, str] | None = None, hardlinks: dict[str, str] | None = None
+) -> Path:
     with tarfile.open(path, "w") as tf:
         for name, data in files.items():
             ti = tarfile.TarInfo(name)
@@ -47,8 +54,11 @@ def tree(root: Path) -> set[str]:
 
 
 def test_zip_and_tar_extract_into_exact_tree(tmp_path):
-    files = {"train2017/000000000009.jpg": b"a" * 100, "train2017/000000000025.jpg": b"b" * 50,
-             "__MACOSX/train2017/._x": b"junk"}
+    files = {
+        "train2017/000000000009.jpg": b"a" * 100,
+        "train2017/000000000025.jpg": b"b" * 50,
+        "__MACOSX/train2017/._x": b"junk",
+    }
     z = make_zip(tmp_path / "train2017.zip", files)
     t = make_tar(tmp_path / "q.tar", {"spaq_koniq/1.jpg": b"x", "livefb_liveitw_aigc/sub/2.png": b"yy"})
     assert archive_format(z) == "zip" and archive_format(t) == "tar"
@@ -85,14 +95,22 @@ def test_traversal_archive_writes_nothing_anywhere(tmp_path, fmt):
     outside = tmp_path / "outside"
     outside.mkdir()
     target = tmp_path / "a" / "b" / "target"
-    evil = {"ok.txt": b"fine", "../../../outside/evil.txt": b"x", "/tmp/icmlab-abs-evil.txt": b"x",
-            "dir/../../escape.txt": b"x"}
+    evil = {
+        "ok.txt": b"fine",
+        "../../../outside/evil.txt": b"x",
+        "/tmp/icmlab-abs-evil.txt": b"x",
+        "dir/../../escape.txt": b"x",
+    }
     links = {"link": "../../../outside", "abs_link": "/etc"}
     if fmt == "zip":
         arc = make_zip(tmp_path / "evil.zip", evil, symlinks=links)
     else:
-        arc = make_tar(tmp_path / "evil.tar", evil | {"link/evil2.txt": b"x"}, symlinks=links,
-                       hardlinks={"hl": "../../../outside/evil.txt"})
+        arc = make_tar(
+            tmp_path / "evil.tar",
+            evil | {"link/evil2.txt": b"x"},
+            symlinks=links,
+            hardlinks={"hl": "../../../outside/evil.txt"},
+        )
     with pytest.raises(UnsafeArchiveError) as ei:
         extract_archive(arc, target, progress=False)
     msg = str(ei.value)
@@ -105,8 +123,12 @@ def test_traversal_archive_writes_nothing_anywhere(tmp_path, fmt):
 
 
 def test_internal_links_are_allowed(tmp_path):
-    arc = make_tar(tmp_path / "l.tar", {"images/a.jpg": b"img"}, symlinks={"alias.jpg": "images/a.jpg"},
-                   hardlinks={"copy.jpg": "images/a.jpg"})
+    arc = make_tar(
+        tmp_path / "l.tar",
+        {"images/a.jpg": b"img"},
+        symlinks={"alias.jpg": "images/a.jpg"},
+        hardlinks={"copy.jpg": "images/a.jpg"},
+    )
     extract_archive(arc, tmp_path / "t", progress=False)
     assert os.readlink(tmp_path / "t/alias.jpg") == "images/a.jpg"
     assert (tmp_path / "t/alias.jpg").read_bytes() == b"img"
@@ -144,15 +166,15 @@ def test_ocr_vqa_images_become_real_jpegs_and_dead_ones_are_listed(tmp_path):
     src = tmp_path / "staging" / "images"
     src.mkdir(parents=True)
     jpeg = _img_bytes("JPEG")
-    (src / "0001.jpg").write_bytes(jpeg)                                    # a real JPEG
-    (src / "0002.jpg").write_bytes(_img_bytes("GIF", "P"))                  # GIF data under .jpg
-    (src / "0003.gif").write_bytes(_img_bytes("GIF", "P"))                  # GIF under its own name
-    (src / "0004.png").write_bytes(_img_bytes("PNG", "RGBA"))               # PNG with alpha
-    (src / "0005.jpg").write_bytes(jpeg[: len(jpeg) // 2])                  # truncated JPEG: dead
-    (src / "0006.jpg").write_bytes(b"")                                     # empty file: dead
-    (src / "0007.jpg").write_bytes(b"<html>404</html>")                    # not an image: dead
+    (src / "0001.jpg").write_bytes(jpeg)  # a real JPEG
+    (src / "0002.jpg").write_bytes(_img_bytes("GIF", "P"))  # GIF data under .jpg
+    (src / "0003.gif").write_bytes(_img_bytes("GIF", "P"))  # GIF under its own name
+    (src / "0004.png").write_bytes(_img_bytes("PNG", "RGBA"))  # PNG with alpha
+    (src / "0005.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # truncated JPEG: dead
+    (src / "0006.jpg").write_bytes(b"")  # empty file: dead
+    (src / "0007.jpg").write_bytes(b"<html>404</html>")  # not an image: dead
     (src / "sub").mkdir()
-    (src / "sub" / "0001.png").write_bytes(_img_bytes("PNG"))               # duplicate stem
+    (src / "sub" / "0001.png").write_bytes(_img_bytes("PNG"))  # duplicate stem
     dst = tmp_path / "ocr_vqa" / "images"
     rep = convert_images_to_jpg(src, dst, progress=False)
     assert sorted(p.name for p in dst.iterdir()) == ["0001.jpg", "0002.jpg", "0003.jpg", "0004.jpg"]

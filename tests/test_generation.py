@@ -54,19 +54,39 @@ def tiny():
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(corpus * 20, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        corpus * 20,
+        trainers.BpeTrainer(
+            vocab_size=320,
+            special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     bpe.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bpe.token_to_id("<s>"))])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bpe.token_to_id("<s>"))]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
     image_token_id = tok.convert_tokens_to_ids("<image>")
-    config = build_tiny_config(len(tok), image_token_id, text={
-        "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
+    config = build_tiny_config(
+        len(tok),
+        image_token_id,
+        text={"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
+    )
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
     return model, processor, tok, image_processor, image_token_id
@@ -104,16 +124,26 @@ def test_bare_tokenizer_path_matches_processor(tiny, images):
     model, processor, tok, image_processor, image_token_id = tiny
     text = llava_hf_prompt(QUESTIONS[1])
     ids_p, px_p = encode_sample(processor, None, text, images[0], image_token="<image>")
-    ids_t, px_t = encode_sample(tok, image_processor, text, images[0], image_token="<image>",
-                                image_token_id=image_token_id, num_image_tokens=16)
+    ids_t, px_t = encode_sample(
+        tok, image_processor, text, images[0], image_token="<image>", image_token_id=image_token_id, num_image_tokens=16
+    )
     assert ids_p == ids_t
     assert ids_p.count(image_token_id) == 16 and ids_p[0] == tok.bos_token_id
     assert torch.equal(px_p, px_t)
     # a family with its own template/tag plugs in through PromptFormat + a bare tokenizer
     fmt = PromptFormat(build=lambda q: f"USER: <|image|>{q} ASSISTANT:", image_token="<|image|>")
-    a = generate_answers(model, tok, image_processor, QUESTIONS[:3], images[:3], batch_size=2,
-                         max_new_tokens=4, prompt_format=fmt, image_token_id=image_token_id,
-                         num_image_tokens=16)
+    a = generate_answers(
+        model,
+        tok,
+        image_processor,
+        QUESTIONS[:3],
+        images[:3],
+        batch_size=2,
+        max_new_tokens=4,
+        prompt_format=fmt,
+        image_token_id=image_token_id,
+        num_image_tokens=16,
+    )
     assert len(a) == 3
     with pytest.raises(ValueError, match="image_token_id"):
         encode_sample(tok, image_processor, text, images[0], image_token="<image>")
@@ -130,10 +160,18 @@ def test_encode_hook_replaces_template_and_tokenization(tiny, images):
 
     hooked = PromptFormat(build=llava_hf_prompt, image_token="<image>", encode=encode)
     plain = generate_answers(model, processor, None, QUESTIONS, images, batch_size=2, max_new_tokens=5)
-    assert generate_answers(model, processor, None, QUESTIONS, images, batch_size=2, max_new_tokens=5,
-                            prompt_format=hooked) == plain
-    assert generate_answers(model, tok, image_processor, QUESTIONS, images, batch_size=3, max_new_tokens=5,
-                            prompt_format=hooked) == plain
+    assert (
+        generate_answers(
+            model, processor, None, QUESTIONS, images, batch_size=2, max_new_tokens=5, prompt_format=hooked
+        )
+        == plain
+    )
+    assert (
+        generate_answers(
+            model, tok, image_processor, QUESTIONS, images, batch_size=3, max_new_tokens=5, prompt_format=hooked
+        )
+        == plain
+    )
     a = choice_logits_answer(model, tok, image_processor, QUESTIONS, images, ["A", "B"], prompt_format=hooked)
     b = choice_logits_answer(model, processor, None, QUESTIONS, images, ["A", "B"])
     assert [r.answer for r in a] == [r.answer for r in b]
@@ -158,15 +196,14 @@ def test_derangement_and_controls(images):
 
 def test_control_modes_feed_the_replaced_images(tiny, images):
     model, processor, *_ = tiny
-    blank = generate_answers(model, processor, None, QUESTIONS, images, batch_size=2,
-                             max_new_tokens=5, control="blank")
+    blank = generate_answers(model, processor, None, QUESTIONS, images, batch_size=2, max_new_tokens=5, control="blank")
     grey = [Image.new("RGB", im.size, (128, 128, 128)) for im in images]
     assert blank == generate_answers(model, processor, None, QUESTIONS, grey, batch_size=2, max_new_tokens=5)
-    shuffled = generate_answers(model, processor, None, QUESTIONS, images, batch_size=2,
-                                max_new_tokens=5, control="shuffled", seed=5)
+    shuffled = generate_answers(
+        model, processor, None, QUESTIONS, images, batch_size=2, max_new_tokens=5, control="shuffled", seed=5
+    )
     permuted = [images[j] for j in derangement(len(images), 5)]
-    assert shuffled == generate_answers(model, processor, None, QUESTIONS, permuted, batch_size=2,
-                                        max_new_tokens=5)
+    assert shuffled == generate_answers(model, processor, None, QUESTIONS, permuted, batch_size=2, max_new_tokens=5)
 
 
 def test_choice_logits_batched_matches_single_forward(tiny, images):
@@ -199,7 +236,7 @@ def test_choice_logits_per_prompt_choices_and_errors(tiny, images):
     common, token_of = answer_token_plan(tok, " ASSISTANT:", ["Yes", "No"])
     base = tok(" ASSISTANT:", add_special_tokens=False).input_ids
     full = tok(" ASSISTANT: Yes.", add_special_tokens=False).input_ids
-    assert full[len(base):len(base) + len(common) + 1] == common + [token_of["Yes"]]
+    assert full[len(base) : len(base) + len(common) + 1] == common + [token_of["Yes"]]
 
 
 def test_input_errors(tiny, images, tmp_path):
@@ -221,8 +258,9 @@ def test_image_paths_are_loaded(tiny, images, tmp_path):
     path = tmp_path / "im.png"
     images[0].convert("L").save(path)  # grayscale on disk -> RGB in memory
     from_path = generate_answers(model, processor, None, QUESTIONS[:1], [path], max_new_tokens=4)
-    from_image = generate_answers(model, processor, None, QUESTIONS[:1], [images[0].convert("L").convert("RGB")],
-                                  max_new_tokens=4)
+    from_image = generate_answers(
+        model, processor, None, QUESTIONS[:1], [images[0].convert("L").convert("RGB")], max_new_tokens=4
+    )
     assert from_path == from_image
 
 
@@ -250,10 +288,10 @@ def test_choice_logits_appends_the_shared_prefix(tiny, images):
     model, _, _, image_processor, image_token_id = tiny
     tok = CharTokenizer()
     kw = dict(image_token_id=image_token_id, num_image_tokens=16)
-    res = choice_logits_answer(model, tok, image_processor, QUESTIONS[:3], images[:3], ["A", "B"],
-                               batch_size=3, **kw)
-    ids, pixels = encode_sample(tok, image_processor, llava_hf_prompt(QUESTIONS[1]), images[1],
-                                image_token="<image>", **kw)
+    res = choice_logits_answer(model, tok, image_processor, QUESTIONS[:3], images[:3], ["A", "B"], batch_size=3, **kw)
+    ids, pixels = encode_sample(
+        tok, image_processor, llava_hf_prompt(QUESTIONS[1]), images[1], image_token="<image>", **kw
+    )
     with torch.inference_mode():
         last = model(input_ids=torch.tensor([ids + [ord(" ")]]), pixel_values=pixels[None]).logits[0, -1]
     assert abs(res[1].logits["A"] - float(last[ord("A")])) < 1e-4
@@ -268,6 +306,8 @@ def test_batched_equals_unbatched_on_gpu(tiny, images):
     gpu_model.load_state_dict(model.state_dict())
     gpu_model.to("cuda")
     one = generate_answers(gpu_model, processor, None, QUESTIONS, images, batch_size=1, max_new_tokens=6, device="cuda")
-    many = generate_answers(gpu_model, processor, None, QUESTIONS, images, batch_size=5, max_new_tokens=6, device="cuda")
+    many = generate_answers(
+        gpu_model, processor, None, QUESTIONS, images, batch_size=5, max_new_tokens=6, device="cuda"
+    )
     cpu = generate_answers(model, processor, None, QUESTIONS, images, batch_size=5, max_new_tokens=6)
     assert one == many == cpu

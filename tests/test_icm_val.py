@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from icmlab.config import load_run_config
-from icmlab.evaluate.stage import moderation_items
 from icmlab.evaluate.icm_val import UPSTREAM_QUESTION, is_violating, questions_from_folders
+from icmlab.evaluate.stage import moderation_items
 
 # A few of the 35 real category names, harmless ones included.
 TREE = {"lower_hips": 2, "lower_normal": 1, "upper_bust": 1, "whole_normal": 2, "sexy_kiss": 1}
@@ -54,9 +54,15 @@ def test_folder_errors(tmp_path):
 
 
 def test_evaluate_builds_and_records_the_questions(tmp_path):
-    cfg = load_run_config("parameters/demo.yaml", {"data.root": str(tmp_path / "data"), "run_name": "run",
-                                                   "runs_root": str(tmp_path),
-                                                   "eval.moderation_question": "Does this image break the rule?"})
+    cfg = load_run_config(
+        "parameters/demo.yaml",
+        {
+            "data.root": str(tmp_path / "data"),
+            "run_name": "run",
+            "runs_root": str(tmp_path),
+            "eval.moderation_question": "Does this image break the rule?",
+        },
+    )
     with pytest.raises(FileNotFoundError, match="ICM moderation validation set"):
         moderation_items(cfg)
     _make_tree(tmp_path / "data" / "eval" / "icm")
@@ -66,7 +72,15 @@ def test_evaluate_builds_and_records_the_questions(tmp_path):
     assert saved == items
     assert not (tmp_path / "data" / "eval" / "icm" / "icm_val_questions.json").exists()  # input left alone
     # A questions JSON in the data root (the demo's) wins over the folders.
-    own = [{"id": "x", "kind": "yes_no", "image": "val/lower_hips/000.png", "category": "lower_hips",
-            "question": "q", "answer": "Yes"}]
+    own = [
+        {
+            "id": "x",
+            "kind": "yes_no",
+            "image": "val/lower_hips/000.png",
+            "category": "lower_hips",
+            "question": "q",
+            "answer": "Yes",
+        }
+    ]
     (tmp_path / "data" / "eval" / "icm" / "icm_val_questions.json").write_text(json.dumps(own))
     assert moderation_items(cfg) == own

@@ -10,14 +10,13 @@ import orjson
 import pytest
 from matplotlib.figure import Figure
 from PIL import Image
+from test_validate import image_bytes, rec, tok  # noqa: F401  (tok is a fixture)
 
 from icmlab import merge, validate
-from icmlab.inspection import stage as inspection
 from icmlab.config import load_run_config
-from icmlab.inputs.lengths import record_length
 from icmlab.inputs.encode import encode_conversation, segments_for_display
-
-from test_validate import image_bytes, rec, tok  # noqa: F401  (tok is a fixture)
+from icmlab.inputs.lengths import record_length
+from icmlab.inspection import stage as inspection
 
 FIGURES = {"source_mix", "turns", "token_lengths", "image_sizes", "samples"}
 
@@ -30,19 +29,33 @@ def make_run(tmp_path: Path, tok, model: bool = True):
     for i in range(4):
         sizes[f"imgs/q{i}.png"] = (20 + 4 * i, 16 + i)
         (root / f"imgs/q{i}.png").write_bytes(image_bytes("PNG", sizes[f"imgs/q{i}.png"], (40 * i, 90, 200)))
-    q = [rec(f"q{i}", image=f"imgs/q{i % 4}.png", answer="The clarity is good." if i % 2 else "Yes.")
-         for i in range(10)]
+    q = [
+        rec(f"q{i}", image=f"imgs/q{i % 4}.png", answer="The clarity is good." if i % 2 else "Yes.") for i in range(10)
+    ]
     q.append(rec("q-missing", image="imgs/none.png"))
-    icm = [rec(f"i{i}", question="Is it blurry?\nA. yes\nB. no\nAnswer with the letter.", answer="B.",
-               image=f"imgs/q{i % 4}.png") for i in range(6)] + [rec("i-text", image=None)]
+    icm = [
+        rec(
+            f"i{i}",
+            question="Is it blurry?\nA. yes\nB. no\nAnswer with the letter.",
+            answer="B.",
+            image=f"imgs/q{i % 4}.png",
+        )
+        for i in range(6)
+    ] + [rec("i-text", image=None)]
     (root / "cleaned_labels.json").write_bytes(orjson.dumps(q))
     (root / "icm_llava_train.json").write_bytes(orjson.dumps(icm))
     mdir = tmp_path / "model"
     tok.save_pretrained(mdir)
     (mdir / "config.json").write_text(json.dumps({"model_type": "llava", "image_seq_length": 16}))
-    cfg = load_run_config("parameters/demo.yaml", {
-        "runs_root": str(tmp_path / "runs"), "data.root": str(root), "data.invalid_records": "drop",
-        "model.base": str(mdir if model else tmp_path / "absent")})
+    cfg = load_run_config(
+        "parameters/demo.yaml",
+        {
+            "runs_root": str(tmp_path / "runs"),
+            "data.root": str(root),
+            "data.invalid_records": "drop",
+            "model.base": str(mdir if model else tmp_path / "absent"),
+        },
+    )
     merge.run(cfg)
     validate.run(cfg, workers=1)
     return cfg, sizes
@@ -79,8 +92,15 @@ def test_model_input_matches_the_trainer(tmp_path, tok):
     res = inspection.run(cfg, save=False)
     record = next(s.record for s in res.samples if s.record.get("id") == "q1")
     markup = inspection.model_input_html(record, res.setup)
-    enc = encode_conversation(record, tok, template="vicuna_v1", dialect="llava15", image_token_id=-200,
-                              num_image_tokens=16, model_max_length=cfg.data.model_max_length)
+    enc = encode_conversation(
+        record,
+        tok,
+        template="vicuna_v1",
+        dialect="llava15",
+        image_token_id=-200,
+        num_image_tokens=16,
+        model_max_length=cfg.data.model_max_length,
+    )
     runs = segments_for_display(enc, tok)
     trained = "".join(t for t, k in runs if k == "trained")
     assert trained == " The clarity is good.</s>"

@@ -17,15 +17,36 @@ import numpy as np
 import orjson
 import pytest
 
-from icmlab.inputs.jsonscan import (DuplicateIds, _equal_keys, _hash_keys, id_hash, id_key, iter_blocks,
-                             iter_record_chunks)
+from icmlab.inputs.jsonscan import (
+    DuplicateIds,
+    _equal_keys,
+    _hash_keys,
+    id_hash,
+    id_key,
+    iter_blocks,
+    iter_record_chunks,
+)
 from icmlab.inputs.jsonscan_parallel import chunk_events
 from icmlab.merge.provenance import ProvenanceLines
 from icmlab.merge.stage import MergeSource, convert_dialect, merge_files
 
 # Strings that end in backslash runs, hold escaped quotes, braces, "id" look-alikes and multi-byte characters.
-TRICKY_VALUES = ["\\", "\\\\", "a\\\"b", "\\\"", "}{", "{\"id\": \"x\"}", "\"id\"", "é中😀", "|image|", "<|image|>",
-                 "\\\\\\\"}", "", "\"", "]},{"]
+TRICKY_VALUES = [
+    "\\",
+    "\\\\",
+    'a\\"b',
+    '\\"',
+    "}{",
+    '{"id": "x"}',
+    '"id"',
+    "é中😀",
+    "|image|",
+    "<|image|>",
+    '\\\\\\"}',
+    "",
+    '"',
+    "]},{",
+]
 
 
 def tricky_records(n: int, seed: int = 0) -> list[dict]:
@@ -34,7 +55,7 @@ def tricky_records(n: int, seed: int = 0) -> list[dict]:
     out = []
     for i in range(n):
         value = "".join(rng.choice(TRICKY_VALUES) for _ in range(rng.randint(0, 4)))
-        rid = rng.choice([f"r{i}", f"r{i}\\\"q", i, float(i) + 0.5, None, True, "é" * (i % 3), ""])
+        rid = rng.choice([f"r{i}", f'r{i}\\"q', i, float(i) + 0.5, None, True, "é" * (i % 3), ""])
         rec = {"conversations": [{"from": "human", "value": value}, {"id": "inner", "value": {"id": 3}}]}
         if rng.random() < 0.3:
             rec["meta"] = {"id": value, "deep": [{"id": i}]}
@@ -55,7 +76,7 @@ def reference(path) -> tuple[list, list[bytes]]:
 def scanned(path, chunk: int, workers: int) -> tuple[list, list[bytes], list]:
     blocks = list(iter_blocks(path, chunk, workers=workers))
     records = [json.loads(b.record(i)) for b in blocks for i in range(len(b))]
-    keys = [b.id_keys[b.id_offsets[j]:b.id_offsets[j + 1]].tobytes() for b in blocks for j in range(len(b))]
+    keys = [b.id_keys[b.id_offsets[j] : b.id_offsets[j + 1]].tobytes() for b in blocks for j in range(len(b))]
     return records, keys, blocks
 
 
@@ -78,9 +99,9 @@ def test_every_byte_on_a_chunk_boundary(tmp_path, indent):
 @pytest.mark.parametrize("run", range(1, 7))
 def test_backslash_run_split_before_its_quote(tmp_path, run):
     """A run of backslashes cut from the quote it may escape by a chunk boundary, at every split point."""
-    value = "x" + "\\" * run + ("\"" if run % 2 else "") + "}{"
+    value = "x" + "\\" * run + ('"' if run % 2 else "") + "}{"
     text = json.dumps([{"id": "a", "v": value}, {"v": value, "id": value}, {"id": 7}]).encode()
-    quote = text.index(b'\\' * run) + run  # the byte after the run
+    quote = text.index(b"\\" * run) + run  # the byte after the run
     for cut in range(quote - run - 1, quote + 2):
         for chunk in (max(1, cut), cut + 1):
             f = tmp_path / "b.json"
@@ -124,10 +145,14 @@ def test_random_documents_against_reference(tmp_path):
     for case in range(40):
         recs = tricky_records(rng.randint(0, 15), seed=case)
         ws = [" ", "\n", "\t", "\r\n  ", ""]
-        text = json.dumps(recs, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 1, 4]),
-                          separators=(rng.choice([",", ", ", " ,\n"]), rng.choice([":", ": ", " : "])))
+        text = json.dumps(
+            recs,
+            ensure_ascii=rng.random() < 0.5,
+            indent=rng.choice([None, 1, 4]),
+            separators=(rng.choice([",", ", ", " ,\n"]), rng.choice([":", ": ", " : "])),
+        )
         if rng.random() < 0.2 and recs:  # a non-object element: valid JSON the scan hands to the full parse
-            text = text[:-1].rstrip() + ", 5, \"}{\"]"
+            text = text[:-1].rstrip() + ', 5, "}{"]'
         text = rng.choice(ws) + text + rng.choice(ws)
         f = tmp_path / "r.json"
         f.write_text(text, encoding="utf-8")
@@ -143,8 +168,12 @@ def test_workers_do_not_change_blocks(tmp_path):
     f.write_bytes(orjson.dumps(tricky_records(300), option=orjson.OPT_INDENT_2))
     runs = []
     for workers in (0, 1, 4):
-        runs.append([(b.first, b.starts.tolist(), b.ends.tolist(), b.id_keys.tobytes(), b.id_hash.tolist())
-                     for b in iter_blocks(f, 512, workers=workers)])
+        runs.append(
+            [
+                (b.first, b.starts.tolist(), b.ends.tolist(), b.id_keys.tobytes(), b.id_hash.tolist())
+                for b in iter_blocks(f, 512, workers=workers)
+            ]
+        )
     assert runs[0] == runs[1] == runs[2]
 
 
@@ -162,15 +191,18 @@ def test_blocks_group_records_by_the_chunk_of_their_closing_brace(tmp_path):
 
 
 # --------------------------------------------------------------------------- broken files and fallback
-@pytest.mark.parametrize("content", [
-    b'[{"id": "a", "v": "never closed}]',          # unterminated string
-    b'[{"id": "a"}, {"id": "b"',                   # truncated record
-    b'[{"id": "a"}}, {"id": "b"}]',                # a stray closing brace
-    b'[{"id": "a"} {"id": "b"}]',                  # missing comma
-    b'[{"id": "a"},, {"id": "b"}]',                # two commas
-    b'[{"id": "a"}] {"id": "b"}',                  # content after the array
-    b'[{"id": "a\\"}, {"id": "b"}]',              # an escaped quote leaves the string open
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'[{"id": "a", "v": "never closed}]',  # unterminated string
+        b'[{"id": "a"}, {"id": "b"',  # truncated record
+        b'[{"id": "a"}}, {"id": "b"}]',  # a stray closing brace
+        b'[{"id": "a"} {"id": "b"}]',  # missing comma
+        b'[{"id": "a"},, {"id": "b"}]',  # two commas
+        b'[{"id": "a"}] {"id": "b"}',  # content after the array
+        b'[{"id": "a\\"}, {"id": "b"}]',  # an escaped quote leaves the string open
+    ],
+)
 @pytest.mark.parametrize("chunk", [3, 16, 4096])
 def test_broken_files_name_file_and_offset(tmp_path, content, chunk):
     f = tmp_path / "broken.json"
@@ -228,6 +260,7 @@ def test_hash_matches_its_definition():
 def test_hash_of_ids_longer_than_the_power_tables(monkeypatch):
     """More id bytes than the power tables hold: hashed a few keys at a time, a huge id window by window."""
     import icmlab.inputs.jsonscan as js
+
     monkeypatch.setattr(js, "_MAX_POWERS", 1 << 12)
     monkeypatch.setattr(js, "_powers", (np.ones(1, np.uint64), np.ones(1, np.uint64)))
     rng = np.random.default_rng(1)
@@ -283,12 +316,12 @@ def test_merge_equals_json_reference_and_keeps_block_runs(tmp_path):
             for i in range(len(blk)):
                 converted, k = convert_dialect(json.loads(blk.record(i)), "<image>")
                 if k:
-                    pieces += [text[run[0]:run[1]]] if run else []
+                    pieces += [text[run[0] : run[1]]] if run else []
                     pieces.append(orjson.dumps(converted))
                     run = []
                 else:
                     run = [run[0] if run else int(blk.starts[i]), int(blk.ends[i])]
-            pieces += [text[run[0]:run[1]]] if run else []
+            pieces += [text[run[0] : run[1]]] if run else []
     assert out.read_bytes() == b"[\n" + b",\n".join(pieces) + b"\n]\n"
     lines = prov.read_bytes().splitlines()
     assert [json.loads(x)["index"] for x in lines] == list(range(120)) + list(range(90))

@@ -34,9 +34,13 @@ def _imports(path: Path) -> set[str]:
     package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
     out: set[str] = set()
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                   and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
-                   for stmt in block.body for n in ast.walk(stmt)}
+    typing_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+        for stmt in block.body
+        for n in ast.walk(stmt)
+    }
     for node in ast.walk(tree):
         if id(node) in typing_only:  # annotations only: never imported at run time
             continue
@@ -104,6 +108,7 @@ def test_stages_do_not_reach_into_each_other():
 
 def test_no_import_cycles():
     graph = _graph()
+
     # Package __init__ files re-export their children; an edge child -> parent package is the normal
     # way Python imports a submodule and does not form a real cycle.
     def deps(m: str) -> set[str]:
@@ -118,7 +123,7 @@ def test_no_import_cycles():
         stack.append(m)
         for d in sorted(deps(m)):
             if state.get(d) == 1:
-                cycles.append(stack[stack.index(d):] + [d])
+                cycles.append(stack[stack.index(d) :] + [d])
             elif d not in state:
                 visit(d)
         stack.pop()
@@ -142,9 +147,14 @@ def test_family_facts_live_only_in_the_spec():
             continue
         code = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
         tree = ast.parse(code)
-        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                      if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
-                      and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        docstrings = {
+            id(n.body[0].value)
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+            and n.body
+            and isinstance(n.body[0], ast.Expr)
+            and isinstance(n.body[0].value, ast.Constant)
+        }
         for node in ast.walk(tree):
             if isinstance(node, ast.Dict):
                 seg = ast.get_source_segment(code, node) or ""

@@ -11,17 +11,17 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import tiny_train_setup as T
 import torch
 from transformers.masking_utils import find_packed_sequence_indices
 from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
 
-import tiny_train_setup as T
 from icmlab import paths
-from icmlab.train.dataset import SupervisedDataset, TrainingCollator
+from icmlab.inputs.encode import IGNORE_INDEX
 from icmlab.io import read_jsonl
 from icmlab.models import get_family
+from icmlab.train.dataset import SupervisedDataset, TrainingCollator
 from icmlab.train.packing import pack_samples, padding_fraction, plan_rows
-from icmlab.inputs.encode import IGNORE_INDEX
 
 torch.set_num_threads(1)
 
@@ -86,7 +86,7 @@ def test_label_boundary_masks_the_first_label_of_every_sample():
     starts = [0, 5, 9]
     for s, n in zip(starts, (5, 4, 3)):
         assert labels[s] == IGNORE_INDEX  # nothing predicts across the boundary into this sample
-        assert labels[s + 1:s + n] == ids[s + 1:s + n]  # the rest is trained exactly as before
+        assert labels[s + 1 : s + n] == ids[s + 1 : s + n]  # the rest is trained exactly as before
 
 
 def test_pixel_values_follow_the_placeholder_runs():
@@ -149,8 +149,12 @@ def test_collator_switches_and_errors():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("packing")
-    return {"dir": d, "hf": T.build_llava_hf(d / "base"), "owl": T.build_mplug_owl2(d / "owl"),
-            "records": T.build_records(d / "data", n_image=10, n_text=4)}
+    return {
+        "dir": d,
+        "hf": T.build_llava_hf(d / "base"),
+        "owl": T.build_mplug_owl2(d / "owl"),
+        "records": T.build_records(d / "data", n_image=10, n_text=4),
+    }
 
 
 def _bundle_and_samples(tiny: dict, family: str = "llava15", attn: str = "sdpa", n: int = 8):
@@ -205,8 +209,13 @@ def test_packed_logits_equal_each_sample_run_alone(tiny, attn):
             for i in row:
                 alone = model(**TrainingCollator(pad)([samples[i]])).logits[0]
                 n = alone.shape[0]
-                torch.testing.assert_close(logits[r, offset:offset + n], alone, rtol=1e-5, atol=1e-5,
-                                           msg=f"sample {i} (row {r}, offset {offset})")
+                torch.testing.assert_close(
+                    logits[r, offset : offset + n],
+                    alone,
+                    rtol=1e-5,
+                    atol=1e-5,
+                    msg=f"sample {i} (row {r}, offset {offset})",
+                )
                 offset += n
 
 
@@ -263,8 +272,9 @@ def test_train_stage_flattens_rows_only_for_flash_attention(tmp_path):
 
     cfg = T.make_config(tmp_path, tmp_path / "model", packing=True)
     for attn, flatten in (("flash_attention_2", True), ("sdpa", False), ("eager", False)):
-        bundle = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=PAD), extra={"attn_implementation": attn},
-                                 model=None)
+        bundle = SimpleNamespace(
+            tokenizer=SimpleNamespace(pad_token_id=PAD), extra={"attn_implementation": attn}, model=None
+        )
         collator = _build_collator(cfg, bundle)
         assert (collator.packing, collator.flatten, collator.max_length) == (True, flatten, 256)
     off = T.make_config(tmp_path, tmp_path / "model")
@@ -288,8 +298,13 @@ def test_flash_attention_packed_matches_unpacked(tiny):
     from transformers import LlavaForConditionalGeneration
 
     bundle, samples = _bundle_and_samples(tiny)  # CPU bundle: tokenizer/processor for the samples
-    model = LlavaForConditionalGeneration.from_pretrained(
-        tiny["hf"], dtype=torch.bfloat16, attn_implementation="flash_attention_2").to("cuda").eval()
+    model = (
+        LlavaForConditionalGeneration.from_pretrained(
+            tiny["hf"], dtype=torch.bfloat16, attn_implementation="flash_attention_2"
+        )
+        .to("cuda")
+        .eval()
+    )
     pad = bundle.tokenizer.pad_token_id
     packed = TrainingCollator(pad, packing=True, max_length=300, flatten=True)(samples)
     assert packed["input_ids"].shape[0] == 1
@@ -303,6 +318,6 @@ def test_flash_attention_packed_matches_unpacked(tiny):
             alone = model(**_to(TrainingCollator(pad)([samples[i]]), "cuda", torch.bfloat16)).logits[0].float()
             n = alone.shape[0]
             # bf16 noise is ~1e-2; attention leaking across samples moves these logits by ~3 (fp32 CPU measurement)
-            diff = (out.logits[0, offset:offset + n].float() - alone).abs().max().item()
+            diff = (out.logits[0, offset : offset + n].float() - alone).abs().max().item()
             assert diff < 0.25, f"sample {i}: max |logit diff| {diff:.3f}"
             offset += n

@@ -26,9 +26,19 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("demo")
-    cmd = [sys.executable, "-m", "icmlab", "run", "parameters/demo.yaml",
-           "--set", f"runs_root={base / 'runs'}", "--set", f"data.root={base / 'data'}",
-           "--set", f"demo.source_dir={base / 'sources'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "icmlab",
+        "run",
+        "parameters/demo.yaml",
+        "--set",
+        f"runs_root={base / 'runs'}",
+        "--set",
+        f"data.root={base / 'data'}",
+        "--set",
+        f"demo.source_dir={base / 'sources'}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return base / "runs" / "demo", proc
@@ -67,9 +77,19 @@ def test_demo_learns_from_pixels(demo_run):
 def test_second_run_skips_every_stage(demo_run, tmp_path):
     run_dir, _ = demo_run
     base = run_dir.parent.parent
-    cmd = [sys.executable, "-m", "icmlab", "run", "parameters/demo.yaml",
-           "--set", f"runs_root={base / 'runs'}", "--set", f"data.root={base / 'data'}",
-           "--set", f"demo.source_dir={base / 'sources'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "icmlab",
+        "run",
+        "parameters/demo.yaml",
+        "--set",
+        f"runs_root={base / 'runs'}",
+        "--set",
+        f"data.root={base / 'data'}",
+        "--set",
+        f"demo.source_dir={base / 'sources'}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [line.split()[1] for line in proc.stdout.splitlines()[: len(STAGES)]] == ["skipped"] * len(STAGES)

@@ -37,9 +37,20 @@ def sources(tmp_path_factory) -> Path:
 
 def _run(params: str, base: Path, sources: Path) -> tuple[Path, subprocess.CompletedProcess]:
     stem = Path(params).stem
-    cmd = [sys.executable, "-m", "icmlab", "run", params, *SHORT,
-           "--set", f"runs_root={base / 'runs'}", "--set", f"data.root={base / 'data'}",
-           "--set", f"demo.source_dir={sources}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "icmlab",
+        "run",
+        params,
+        *SHORT,
+        "--set",
+        f"runs_root={base / 'runs'}",
+        "--set",
+        f"data.root={base / 'data'}",
+        "--set",
+        f"demo.source_dir={sources}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return base / "runs" / stem, proc
@@ -108,8 +119,14 @@ def test_mix_demo_runs_every_stage(mix_run):
     assert {s["name"] for s in merged["sources"]} >= {"q_instruct", "icm_instruct", "llava_v1_5_mix665k"}
     data = run_dir.parent.parent / "data"
     # the mix's image archives were fetched and laid out; OCR-VQA converted to real .jpg files
-    for folder in ("coco/train2017", "gqa/images", "ocr_vqa/images", "textvqa/train_images", "vg/VG_100K",
-                   "vg/VG_100K_2"):
+    for folder in (
+        "coco/train2017",
+        "gqa/images",
+        "ocr_vqa/images",
+        "textvqa/train_images",
+        "vg/VG_100K",
+        "vg/VG_100K_2",
+    ):
         assert any((data / folder).iterdir()), folder
     assert all(p.suffix == ".jpg" for p in (data / "ocr_vqa" / "images").iterdir())
 

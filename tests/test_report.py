@@ -10,7 +10,6 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from icmlab.io import read_json
 from icmlab.evaluate.report import (
     HTML,
     GalleryItem,
@@ -24,18 +23,39 @@ from icmlab.evaluate.report import (
     qbench_table_html,
 )
 from icmlab.evaluate.scoring import EvaluationResult, score_moderation, score_qbench
+from icmlab.io import read_json
 
 ITEMS = [
-    {"question": "Is the image <b>clear</b>?", "candidates": ["Yes", "No"], "correct_ans": "No", "type": 0, "concern": 0},
-    {"question": "What distortion?", "candidates": ["noise", "blur", "glare"], "correct_ans": "blur", "type": 1, "concern": 1},
+    {
+        "question": "Is the image <b>clear</b>?",
+        "candidates": ["Yes", "No"],
+        "correct_ans": "No",
+        "type": 0,
+        "concern": 0,
+    },
+    {
+        "question": "What distortion?",
+        "candidates": ["noise", "blur", "glare"],
+        "correct_ans": "blur",
+        "type": 1,
+        "concern": 1,
+    },
     {"question": "How is the light?", "candidates": ["good", "poor"], "correct_ans": "good", "type": 2, "concern": 2},
     {"question": "Is it noisy?", "candidates": ["Yes", "No"], "correct_ans": "Yes", "type": 0, "concern": 3},
-    {"question": "What is wrong?", "candidates": ["nothing", "blur"], "correct_ans": "nothing", "type": 1, "concern": 0},
+    {
+        "question": "What is wrong?",
+        "candidates": ["nothing", "blur"],
+        "correct_ans": "nothing",
+        "type": 1,
+        "concern": 0,
+    },
 ]
-MOD_ITEMS = [{"category": "symbol", "label": True, "question": "Forbidden symbol?"},
-             {"category": "symbol", "label": False, "question": "Forbidden symbol?"},
-             {"category": "plain", "label": False, "question": "Forbidden symbol?"},
-             {"category": "plain", "label": True, "question": "Forbidden symbol?"}]
+MOD_ITEMS = [
+    {"category": "symbol", "label": True, "question": "Forbidden symbol?"},
+    {"category": "symbol", "label": False, "question": "Forbidden symbol?"},
+    {"category": "plain", "label": False, "question": "Forbidden symbol?"},
+    {"category": "plain", "label": True, "question": "Forbidden symbol?"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +65,17 @@ def evaluations():
     # fine-tuned: all right
     ft_q = score_qbench(ITEMS, ["B", "B.", "(A)", "A", "A"])
     blank_q = score_qbench(ITEMS, ["A", "A", "A", "A", "A"])  # always A: 3/5
-    base_m = score_moderation(MOD_ITEMS, ["Yes", "Yes", "No", "dunno"])   # acc 2/4
-    ft_m = score_moderation(MOD_ITEMS, ["Yes", "No", "No", "Yes"])        # acc 4/4
-    blank_m = score_moderation(MOD_ITEMS, ["No", "No", "No", "No"])       # acc 2/4
+    base_m = score_moderation(MOD_ITEMS, ["Yes", "Yes", "No", "dunno"])  # acc 2/4
+    ft_m = score_moderation(MOD_ITEMS, ["Yes", "No", "No", "Yes"])  # acc 4/4
+    blank_m = score_moderation(MOD_ITEMS, ["No", "No", "No", "No"])  # acc 2/4
     return {
         "baseline": EvaluationResult(qbench=base_q, moderation=base_m, meta={"checkpoint": "llava-1.5-7b"}),
         "fine-tuned": EvaluationResult(
-            qbench=ft_q, moderation=ft_m, meta={"checkpoint": "runs/x"},
-            controls={"blank": EvaluationResult(qbench=blank_q, moderation=blank_m)}),
+            qbench=ft_q,
+            moderation=ft_m,
+            meta={"checkpoint": "runs/x"},
+            controls={"blank": EvaluationResult(qbench=blank_q, moderation=blank_m)},
+        ),
     }
 
 
@@ -100,18 +123,18 @@ def test_html_embeds_the_figures(report):
 def test_html_shows_the_input_numbers(report):
     _, _, page = report
     # the strict table comes first, then the substring one: the same row labels appear in both
-    strict = page[page.index("Q-Bench A1, strict"):]
+    strict = page[page.index("Q-Bench A1, strict") :]
     strict_base = _cells(strict, "baseline")
     assert strict_base[-2] == "40.00" and strict_base[-1] == "1"  # overall; unparsed: "I cannot tell"
     assert strict_base[0] == "50.00"  # Yes/No, see test_yes_no_column_by_hand
-    substring_part = page[page.index("Q-Bench A1, substring"):]
+    substring_part = page[page.index("Q-Bench A1, substring") :]
     assert _cells(substring_part, "baseline")[-2] == "60.00"
     assert _cells(strict, "fine-tuned")[-2] == "100.00"
     assert _cells(strict, "Δ fine-tuned vs baseline")[-2:] == ["+60.00", ""]
     assert _cells(strict, "fine-tuned · blank")[-2] == "60.00"
     assert _cells(strict, "items") == ["2", "2", "1", "2", "1", "1", "1", "5", ""]
     # moderation: n, accuracy, precision, recall, F1, TP, FP, FN, TN, unknown
-    mod = page[page.index("<h2>Moderation</h2>"):]
+    mod = page[page.index("<h2>Moderation</h2>") :]
     assert _cells(mod, "baseline") == ["4", "50.00", "50.00", "50.00", "50.00", "1", "1", "0", "1", "1"]
     assert _cells(mod, "fine-tuned")[:2] == ["4", "100.00"]
     assert "tiny &lt;eval&gt;" in page and "llava-1.5-7b" in page
@@ -169,7 +192,10 @@ def test_notebook_helpers(evaluations):
         assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
     # three confusion panels: baseline, fine-tuned, fine-tuned · blank
     assert [ax.get_title() for ax in confusion_figure(evaluations).axes] == [
-        "baseline", "fine-tuned", "fine-tuned · blank"]
+        "baseline",
+        "fine-tuned",
+        "fine-tuned · blank",
+    ]
 
 
 def test_errors(tmp_path, evaluations, images):

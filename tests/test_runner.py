@@ -17,8 +17,10 @@ from icmlab.runner import STAGES, StageFailed, run_pipeline, select_stages
 def _nb(path, body: str) -> None:
     nb = new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [new_code_cell('params_file = "x"\noverrides = {}', metadata={"tags": ["parameters"]}),
-                new_code_cell(body)]
+    nb.cells = [
+        new_code_cell('params_file = "x"\noverrides = {}', metadata={"tags": ["parameters"]}),
+        new_code_cell(body),
+    ]
     nbformat.write(nb, path)
 
 
@@ -28,13 +30,16 @@ def mini_project(tmp_path):
     (tmp_path / "parameters").mkdir()
     (tmp_path / "notebooks").mkdir()
     for i, stage in enumerate(STAGES):
-        body = (f"from pathlib import Path\nimport os\n"
-                f"log = Path(params_file).parent / 'stages.log'\n"
-                f"assert not (Path(params_file).parent / 'fail_{stage}').exists(), 'told to fail'\n"
-                f"log.write_text((log.read_text() if log.exists() else '') + '{stage}\\n')")
+        body = (
+            f"from pathlib import Path\nimport os\n"
+            f"log = Path(params_file).parent / 'stages.log'\n"
+            f"assert not (Path(params_file).parent / 'fail_{stage}').exists(), 'told to fail'\n"
+            f"log.write_text((log.read_text() if log.exists() else '') + '{stage}\\n')"
+        )
         _nb(tmp_path / "notebooks" / f"{i:02d}_{stage}.ipynb", body)
     (tmp_path / "parameters" / "p.yaml").write_text(
-        "run_name: r\nhardware: {device: cpu}\ntrain: {bf16: false, global_batch_size: 16}\n")
+        "run_name: r\nhardware: {device: cpu}\ntrain: {bf16: false, global_batch_size: 16}\n"
+    )
     return tmp_path
 
 
@@ -59,9 +64,11 @@ def test_runs_in_order_skips_when_unchanged_and_names_failures(mini_project):
     assert [s.status for s in res.stages] == ["skipped"] * 3
     assert log.read_text().split() == ["setup", "download", "merge"]
     # a changed notebook re-runs that stage and the ones after it
-    _nb(mini_project / "notebooks" / "01_download.ipynb",
+    _nb(
+        mini_project / "notebooks" / "01_download.ipynb",
         "from pathlib import Path\nlog = Path(params_file).parent / 'stages.log'\n"
-        "log.write_text(log.read_text() + 'download2\\n')")
+        "log.write_text(log.read_text() + 'download2\\n')",
+    )
     res = run_pipeline(cfg, only=["setup", "download", "merge"], root=mini_project)
     assert [s.status for s in res.stages] == ["skipped", "ran", "ran"]
     # a failure stops the run, names notebook and cell, keeps the executed notebook, writes no marker
@@ -69,7 +76,10 @@ def test_runs_in_order_skips_when_unchanged_and_names_failures(mini_project):
     with pytest.raises(StageFailed) as e:
         run_pipeline(cfg, root=mini_project)
     msg = str(e.value)
-    assert "stage 'validate' failed in 03_validate.ipynb, cell [3] ('from pathlib import Path'): AssertionError: told to fail" in msg
+    assert (
+        "stage 'validate' failed in 03_validate.ipynb, cell [3] ('from pathlib import Path'): AssertionError: told to fail"
+        in msg
+    )
     assert str(run_dir / "03_validate.ipynb") in msg
     assert nbformat.read(run_dir / "03_validate.ipynb", as_version=4).metadata.papermill.exception is True
     assert not (run_dir / ".markers" / "validate.json").exists()
@@ -85,7 +95,10 @@ def test_cli_reports_bad_key_and_exit_code(tmp_path):
 
 
 def test_cli_setup_prints_environment_table(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "icmlab", "setup", "parameters/demo.yaml",
-                           "--set", f"data.root={tmp_path}"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "icmlab", "setup", "parameters/demo.yaml", "--set", f"data.root={tmp_path}"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "torch" in proc.stdout and "disk free at data root" in proc.stdout

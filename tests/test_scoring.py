@@ -25,27 +25,41 @@ from icmlab.evaluate.scoring import (
     substring_correct,
 )
 
-BLUR = {"img_path": "a.jpg", "question": "What distortion affects the image?",
-        "candidates": ["noise", "blurry", "overexposure"], "correct_ans": "blurry", "type": 1, "concern": 0}
+BLUR = {
+    "img_path": "a.jpg",
+    "question": "What distortion affects the image?",
+    "candidates": ["noise", "blurry", "overexposure"],
+    "correct_ans": "blurry",
+    "type": 1,
+    "concern": 0,
+}
 
 
 def item(correct: str, candidates=("Yes", "No"), type_=0, concern=0, q="Is the image clear?") -> dict:
-    return {"img_path": "x.jpg", "question": q, "candidates": list(candidates), "correct_ans": correct,
-            "type": type_, "concern": concern}
+    return {
+        "img_path": "x.jpg",
+        "question": q,
+        "candidates": list(candidates),
+        "correct_ans": correct,
+        "type": type_,
+        "concern": concern,
+    }
 
 
 # --------------------------------------------------------------------------- prompt
 def test_prompt_llava_puts_instruction_before_options():
     assert qbench_prompt(BLUR) == (
         "What distortion affects the image?\nAnswer with the option's letter from the given choices directly.\n"
-        "A. noise\nB. blurry\nC. overexposure\n")
+        "A. noise\nB. blurry\nC. overexposure\n"
+    )
     assert qbench_prompt(BLUR, style="llava") == qbench_prompt(BLUR)
 
 
 def test_prompt_mplug_puts_instruction_after_options():
     assert qbench_prompt(BLUR, style="mplug") == (
         "What distortion affects the image?A. noise\nB. blurry\nC. overexposure\n"
-        "\nAnswer with the option's letter from the given choices directly.\n")
+        "\nAnswer with the option's letter from the given choices directly.\n"
+    )
 
 
 def test_prompt_errors():
@@ -68,16 +82,38 @@ def test_correct_letter():
 
 
 # --------------------------------------------------------------------------- parsing
-@pytest.mark.parametrize("output, expected", [
-    ("B", "B"), ("B.", "B"), ("(B)", "B"), ("B)", "B"), ("[B]", "B"), ("B. blurry", "B"),
-    ("B blurry", "B"), ("  B.\n", "B"), ("B</s>", "B"), ("The answer is B", "B"),
-    ("The answer is B.", "B"), ("Answer: (C)", "C"), ("The correct option is A.", "A"),
-    ("blurry", "B"), ("Blurry.", "B"), ("OVEREXPOSURE", "C"),
-    ("A. blurry, but B is possible", "A"),  # the first letter is the choice
-    ("I cannot tell", None), ("", None), ("   ", None), ("A blurry image", None),
-    ("D", None), ("The answer is D", None), ("Answer: A or option B", None),
-    ("The image is Blurry", None), ("b", None), ("sharp", None),
-])
+@pytest.mark.parametrize(
+    "output, expected",
+    [
+        ("B", "B"),
+        ("B.", "B"),
+        ("(B)", "B"),
+        ("B)", "B"),
+        ("[B]", "B"),
+        ("B. blurry", "B"),
+        ("B blurry", "B"),
+        ("  B.\n", "B"),
+        ("B</s>", "B"),
+        ("The answer is B", "B"),
+        ("The answer is B.", "B"),
+        ("Answer: (C)", "C"),
+        ("The correct option is A.", "A"),
+        ("blurry", "B"),
+        ("Blurry.", "B"),
+        ("OVEREXPOSURE", "C"),
+        ("A. blurry, but B is possible", "A"),  # the first letter is the choice
+        ("I cannot tell", None),
+        ("", None),
+        ("   ", None),
+        ("A blurry image", None),
+        ("D", None),
+        ("The answer is D", None),
+        ("Answer: A or option B", None),
+        ("The image is Blurry", None),
+        ("b", None),
+        ("sharp", None),
+    ],
+)
 def test_parse_choice(output, expected):
     assert parse_choice(output, 3, BLUR["candidates"]) == expected
 
@@ -105,7 +141,10 @@ def test_item_columns_codes_and_words():
     assert item_columns(item("Yes", type_=0, concern=0)) == ["yes_no", "distortion", "overall"]
     assert item_columns(item("Yes", type_=2, concern=3)) == ["how", "in_context_other", "overall"]
     assert item_columns({"type": "yes-or-no", "concern": "In-context Distortion"}) == [
-        "yes_no", "in_context_distortion", "overall"]
+        "yes_no",
+        "in_context_distortion",
+        "overall",
+    ]
     assert item_columns({"question_type": 1, "question_concern": "others"}) == ["what", "other", "overall"]
     assert item_columns({}) == ["overall"]
     with pytest.raises(ValueError, match="type 7"):
@@ -117,26 +156,50 @@ def test_item_columns_codes_and_words():
 # --------------------------------------------------------------------------- score_qbench
 def test_score_qbench_strict_vs_substring_per_column():
     items = [
-        item("Yes", type_=0, concern=0),                                   # 0 yes/no, distortion
-        item("No", type_=0, concern=1),                                    # 1 yes/no, other
-        {**BLUR, "type": 1, "concern": 0},                                 # 2 what, distortion (B)
-        {**BLUR, "type": 2, "concern": 2},                                 # 3 how, i-c distortion (B)
-        {**BLUR, "correct_ans": "noise", "type": 1, "concern": 3},         # 4 what, i-c other (A)
+        item("Yes", type_=0, concern=0),  # 0 yes/no, distortion
+        item("No", type_=0, concern=1),  # 1 yes/no, other
+        {**BLUR, "type": 1, "concern": 0},  # 2 what, distortion (B)
+        {**BLUR, "type": 2, "concern": 2},  # 3 how, i-c distortion (B)
+        {**BLUR, "correct_ans": "noise", "type": 1, "concern": 3},  # 4 what, i-c other (A)
     ]
     outputs = [
-        "A",                              # strict ok, substring ok
-        "A. Yes, but B",                  # strict wrong (A), substring ok (contains B)
-        "blurry",                         # strict ok via text, substring wrong (no "B")
-        "I cannot tell",                  # both wrong; unparsed
-        "Answer: C",                      # strict wrong (C), substring ok ("A" of "Answer")
+        "A",  # strict ok, substring ok
+        "A. Yes, but B",  # strict wrong (A), substring ok (contains B)
+        "blurry",  # strict ok via text, substring wrong (no "B")
+        "I cannot tell",  # both wrong; unparsed
+        "Answer: C",  # strict wrong (C), substring ok ("A" of "Answer")
     ]
     s = score_qbench(items, outputs)
-    assert s.counts == {"yes_no": 2, "what": 2, "how": 1, "distortion": 2, "other": 1,
-                        "in_context_distortion": 1, "in_context_other": 1, "overall": 5}
-    assert s.strict_correct == {"yes_no": 1, "what": 1, "how": 0, "distortion": 2, "other": 0,
-                                "in_context_distortion": 0, "in_context_other": 0, "overall": 2}
-    assert s.substring_correct == {"yes_no": 2, "what": 1, "how": 0, "distortion": 1, "other": 1,
-                                   "in_context_distortion": 0, "in_context_other": 1, "overall": 3}
+    assert s.counts == {
+        "yes_no": 2,
+        "what": 2,
+        "how": 1,
+        "distortion": 2,
+        "other": 1,
+        "in_context_distortion": 1,
+        "in_context_other": 1,
+        "overall": 5,
+    }
+    assert s.strict_correct == {
+        "yes_no": 1,
+        "what": 1,
+        "how": 0,
+        "distortion": 2,
+        "other": 0,
+        "in_context_distortion": 0,
+        "in_context_other": 0,
+        "overall": 2,
+    }
+    assert s.substring_correct == {
+        "yes_no": 2,
+        "what": 1,
+        "how": 0,
+        "distortion": 1,
+        "other": 1,
+        "in_context_distortion": 0,
+        "in_context_other": 1,
+        "overall": 3,
+    }
     assert s.strict["overall"] == pytest.approx(0.4) and s.substring["overall"] == pytest.approx(0.6)
     assert s.strict["yes_no"] == 0.5 and s.substring["yes_no"] == 1.0
     assert s.unparsed == 1
@@ -166,33 +229,45 @@ def test_score_qbench_errors_name_the_item():
 
 
 # --------------------------------------------------------------------------- moderation
-@pytest.mark.parametrize("output, expected", [
-    ("Yes", "yes"), ("yes.", "yes"), ("Yes, the image shows a bare back.", "yes"), ("No.", "no"),
-    ("no, it does not", "no"), ("The answer is yes", "yes"), ("It is not. No.", "no"),
-    ("", None), ("I cannot tell", None), ("Yes or no, hard to say", "yes"), ("Maybe yes, maybe no", None),
-    (None, None), ("Nothing here", None),
-])
+@pytest.mark.parametrize(
+    "output, expected",
+    [
+        ("Yes", "yes"),
+        ("yes.", "yes"),
+        ("Yes, the image shows a bare back.", "yes"),
+        ("No.", "no"),
+        ("no, it does not", "no"),
+        ("The answer is yes", "yes"),
+        ("It is not. No.", "no"),
+        ("", None),
+        ("I cannot tell", None),
+        ("Yes or no, hard to say", "yes"),
+        ("Maybe yes, maybe no", None),
+        (None, None),
+        ("Nothing here", None),
+    ],
+)
 def test_parse_yes_no(output, expected):
     assert parse_yes_no(output) == expected
 
 
 def test_score_moderation_metrics_and_confusion():
     items = [
-        {"category": "backless", "label": True},     # yes -> "Yes"      tp
-        {"category": "backless", "label": True},     # yes -> "No"       fn
-        {"category": "backless", "label": "yes"},    # yes -> "unclear"  unknown_pos
-        {"category": "normal", "answer": "No."},     # no  -> "No"       tn
-        {"category": "normal", "label": 0},          # no  -> "Yes."     fp
-        {"category": "normal", "label": False},      # no  -> ""         unknown_neg
-        {"label": 1},                                # yes -> "yes"      tp (category "all")
+        {"category": "backless", "label": True},  # yes -> "Yes"      tp
+        {"category": "backless", "label": True},  # yes -> "No"       fn
+        {"category": "backless", "label": "yes"},  # yes -> "unclear"  unknown_pos
+        {"category": "normal", "answer": "No."},  # no  -> "No"       tn
+        {"category": "normal", "label": 0},  # no  -> "Yes."     fp
+        {"category": "normal", "label": False},  # no  -> ""         unknown_neg
+        {"label": 1},  # yes -> "yes"      tp (category "all")
     ]
     outputs = ["Yes", "No", "unclear", "No", "Yes.", "", "yes"]
     m = score_moderation(items, outputs)
     assert m.confusion == {"tp": 2, "fp": 1, "fn": 1, "tn": 1, "unknown_pos": 1, "unknown_neg": 1}
     assert m.n == 7 and m.correct == 3 and m.unknown == 2
     assert m.accuracy == pytest.approx(3 / 7)
-    assert m.precision == pytest.approx(2 / 3)       # tp / (tp + fp)
-    assert m.recall == pytest.approx(2 / 4)          # tp / all positives (unknown counts as a miss)
+    assert m.precision == pytest.approx(2 / 3)  # tp / (tp + fp)
+    assert m.recall == pytest.approx(2 / 4)  # tp / all positives (unknown counts as a miss)
     assert m.f1 == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
     assert m.per_category == {
         "all": {"n": 1, "correct": 1, "unknown": 0, "accuracy": 1.0},
@@ -227,8 +302,7 @@ def test_score_moderation_errors():
 def test_evaluation_result_round_trips_through_json():
     q = score_qbench([item("Yes"), {**BLUR, "type": 1, "concern": 0}], ["A", "C"])
     m = score_moderation([{"label": 1, "category": "c"}], ["No"])
-    res = EvaluationResult(qbench=q, moderation=m, meta={"ckpt": "x"},
-                           controls={"blank": EvaluationResult(qbench=q)})
+    res = EvaluationResult(qbench=q, moderation=m, meta={"ckpt": "x"}, controls={"blank": EvaluationResult(qbench=q)})
     back = EvaluationResult.from_dict(json.loads(json.dumps(res.to_dict())))
     assert back == res
     assert isinstance(back.controls["blank"].qbench, QBenchScores)

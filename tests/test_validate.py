@@ -21,8 +21,8 @@ from transformers import PreTrainedTokenizerFast
 
 from icmlab import paths
 from icmlab.config import load_run_config
-from icmlab.models.spec import DIALECTS
 from icmlab.inputs.lengths import LengthSetup, record_length
+from icmlab.models.spec import DIALECTS
 from icmlab.validate.records import KINDS, check_file, check_record
 from icmlab.validate.stage import DataValidationError, ValidationOutputs, run, validate_file
 
@@ -35,11 +35,17 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 4 + ["USER: ASSISTANT: A chat between"]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -53,10 +59,17 @@ def image_bytes(fmt: str, size=(24, 16), color=(200, 30, 30)) -> bytes:
     return buf.getvalue()
 
 
-def rec(rid, question="What is the quality of this image?", answer="Good.", image="imgs/good0.png", token="<image>",
-        **extra) -> dict:
-    out = {"id": rid, "conversations": [{"from": "human", "value": (f"{token}\n" if image else "") + question},
-                                        {"from": "gpt", "value": answer}], **extra}
+def rec(
+    rid, question="What is the quality of this image?", answer="Good.", image="imgs/good0.png", token="<image>", **extra
+) -> dict:
+    out = {
+        "id": rid,
+        "conversations": [
+            {"from": "human", "value": (f"{token}\n" if image else "") + question},
+            {"from": "gpt", "value": answer},
+        ],
+        **extra,
+    }
     if image is not None:
         out["image"] = image
     return out
@@ -80,10 +93,17 @@ def build_tree(root: Path, setup: LengthSetup | None) -> tuple[Path, dict[str, i
     (imgs / "dot.png").write_bytes(image_bytes("PNG", (2, 2)))
     long_answer = " ".join(WORDS * 6)
     records = [rec(f"ok{i}", image=f"imgs/good{i % 3}.png") for i in range(6)] + [
-        rec("ok-jpg", image="imgs/photo.jpg"), rec("ok-text", image=None),
-        rec("ok-multi", image="imgs/good1.png") | {"conversations": [
-            {"from": "human", "value": "Q1?\n<image>"}, {"from": "gpt", "value": "A1."},
-            {"from": "human", "value": "Q2?"}, {"from": "gpt", "value": "A2."}]},
+        rec("ok-jpg", image="imgs/photo.jpg"),
+        rec("ok-text", image=None),
+        rec("ok-multi", image="imgs/good1.png")
+        | {
+            "conversations": [
+                {"from": "human", "value": "Q1?\n<image>"},
+                {"from": "gpt", "value": "A1."},
+                {"from": "human", "value": "Q2?"},
+                {"from": "gpt", "value": "A2."},
+            ]
+        },
     ]
     expected: dict[str, int] = {}
 
@@ -94,26 +114,82 @@ def build_tree(root: Path, setup: LengthSetup | None) -> tuple[Path, dict[str, i
     bad("missing_id", 2, {k: v for k, v in rec("x").items() if k != "id"}, rec("  "))
     bad("missing_conversations", 2, {"id": "nc1", "image": "imgs/good0.png"}, {"id": "nc2", "conversations": []})
     bad("bad_turn", 1, rec("bt") | {"conversations": [{"from": "human"}, {"from": "gpt", "value": "x"}]})
-    bad("unknown_role", 1, rec("ur") | {"conversations": [{"from": "human", "value": "<image>\nQ"},
-                                                          {"from": "bot", "value": "A"}]})
-    bad("first_turn_not_human", 1, rec("ft") | {"conversations": [
-        {"from": "gpt", "value": "Hi."}, {"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]})
-    bad("roles_not_alternating", 1, rec("ra") | {"conversations": [
-        {"from": "human", "value": "<image>\nQ"}, {"from": "human", "value": "Q again"}, {"from": "gpt", "value": "A"}]})
-    bad("empty_value", 1, rec("ev") | {"conversations": [
-        {"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"},
-        {"from": "human", "value": "Q2"}, {"from": "gpt", "value": "  "}]})
+    bad(
+        "unknown_role",
+        1,
+        rec("ur") | {"conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "bot", "value": "A"}]},
+    )
+    bad(
+        "first_turn_not_human",
+        1,
+        rec("ft")
+        | {
+            "conversations": [
+                {"from": "gpt", "value": "Hi."},
+                {"from": "human", "value": "<image>\nQ"},
+                {"from": "gpt", "value": "A"},
+            ]
+        },
+    )
+    bad(
+        "roles_not_alternating",
+        1,
+        rec("ra")
+        | {
+            "conversations": [
+                {"from": "human", "value": "<image>\nQ"},
+                {"from": "human", "value": "Q again"},
+                {"from": "gpt", "value": "A"},
+            ]
+        },
+    )
+    bad(
+        "empty_value",
+        1,
+        rec("ev")
+        | {
+            "conversations": [
+                {"from": "human", "value": "<image>\nQ"},
+                {"from": "gpt", "value": "A"},
+                {"from": "human", "value": "Q2"},
+                {"from": "gpt", "value": "  "},
+            ]
+        },
+    )
     bad("no_answer", 1, rec("na") | {"conversations": [{"from": "human", "value": "<image>\nQ"}]})
-    bad("ends_with_human", 1, rec("eh") | {"conversations": [
-        {"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}, {"from": "human", "value": "Q2"}]})
-    bad("bad_image_field", 1, rec("bi", image=None) | {"image": ["imgs/good0.png"],
-                                                       "conversations": rec("")["conversations"]})
-    bad("image_token_count", 3, rec("tc0", token=""), rec("tc1", image=None, question="<image>\nQ"),
-        rec("tc2", question="<image> twice"))
+    bad(
+        "ends_with_human",
+        1,
+        rec("eh")
+        | {
+            "conversations": [
+                {"from": "human", "value": "<image>\nQ"},
+                {"from": "gpt", "value": "A"},
+                {"from": "human", "value": "Q2"},
+            ]
+        },
+    )
+    bad(
+        "bad_image_field",
+        1,
+        rec("bi", image=None) | {"image": ["imgs/good0.png"], "conversations": rec("")["conversations"]},
+    )
+    bad(
+        "image_token_count",
+        3,
+        rec("tc0", token=""),
+        rec("tc1", image=None, question="<image>\nQ"),
+        rec("tc2", question="<image> twice"),
+    )
     bad("wrong_dialect", 2, rec("wd0", token="<|image|>"), rec("wd1", token="<|image|>", image="imgs/good2.png"))
     bad("duplicate_id", 2, rec("ok0"), rec("ok1", image="imgs/good1.png"))
-    bad("image_missing", 3, rec("im0", image="imgs/nothere.jpg"), rec("im1", image="imgs/nothere.jpg"),
-        rec("im2", image="imgs/case.jpg"))
+    bad(
+        "image_missing",
+        3,
+        rec("im0", image="imgs/nothere.jpg"),
+        rec("im1", image="imgs/nothere.jpg"),
+        rec("im2", image="imgs/case.jpg"),
+    )
     bad("image_format_mismatch", 1, rec("fm", image="imgs/anim.jpg"))
     bad("image_corrupt", 1, rec("cj", image="imgs/cut.jpg"))
     bad("image_unreadable", 2, rec("ue", image="imgs/empty.png"), rec("uh", image="imgs/page.jpg"))
@@ -137,8 +213,15 @@ def setup(tok) -> LengthSetup:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_every_problem_kind_is_counted(tmp_path, setup, workers):
     path, expected, n = build_tree(tmp_path / "data", setup)
-    res = validate_file(path, data_root=tmp_path / "data", family="llava15", setup=setup, workers=workers,
-                        outputs=ValidationOutputs.in_dir(tmp_path / "out"), images="decode")
+    res = validate_file(
+        path,
+        data_root=tmp_path / "data",
+        family="llava15",
+        setup=setup,
+        workers=workers,
+        outputs=ValidationOutputs.in_dir(tmp_path / "out"),
+        images="decode",
+    )
     assert res.num_records == n
     assert res.counts == expected
     report = json.loads(res.report.read_text())
@@ -175,29 +258,50 @@ def test_drop_policy_writes_clean_file_and_reasons(tmp_path, setup):
     kept_ids = {r.get("id") for r in clean}
     assert {"tr", "fm", "dg", "eh"} <= kept_ids  # warnings never drop a record
     # Validating the cleaned file finds no error left.
-    again = validate_file(out.clean, data_root=tmp_path / "data", family="llava15", setup=setup,
-                          outputs=ValidationOutputs.in_dir(tmp_path / "out2"))
+    again = validate_file(
+        out.clean,
+        data_root=tmp_path / "data",
+        family="llava15",
+        setup=setup,
+        outputs=ValidationOutputs.in_dir(tmp_path / "out2"),
+    )
     assert again.records_with_errors == 0 and again.ok
 
 
 def test_mplug_dialect_flips_the_dialect_kinds(tmp_path, setup):
     path, expected, n = build_tree(tmp_path / "data", None)
-    res = validate_file(path, data_root=tmp_path / "data", family="mplug_owl2", images="exists",
-                        outputs=ValidationOutputs.in_dir(tmp_path / "out"))
-    llava_records = [r for r in orjson.loads(path.read_bytes()) if isinstance(r, dict) and any(
-        "<image>" in str(t.get("value")) for t in r.get("conversations") or [] if isinstance(t, dict))]
+    res = validate_file(
+        path,
+        data_root=tmp_path / "data",
+        family="mplug_owl2",
+        images="exists",
+        outputs=ValidationOutputs.in_dir(tmp_path / "out"),
+    )
+    llava_records = [
+        r
+        for r in orjson.loads(path.read_bytes())
+        if isinstance(r, dict)
+        and any("<image>" in str(t.get("value")) for t in r.get("conversations") or [] if isinstance(t, dict))
+    ]
     assert res.counts["wrong_dialect"] == len(llava_records)
     assert res.lengths == {"status": "skipped", "reason": "no tokenizer"}
     assert res.images["mode"] == "exists" and "image_corrupt" not in res.counts
 
 
-@pytest.mark.parametrize("content, kind, detail", [
-    (b"<!DOCTYPE html>\n<html><head><title>llava_v1_5_mix665k.json</title>", "file_html", "HTML"),
-    (b'[{"id": "a", "conversations": []}, {"id": "b", "conversations": [}]', "file_not_json", "byte 65"),  # the "}" after "["
-    (b'{"id": "a", "conversations": []}', "file_not_list", "not a list"),
-    (b'[{"id": "caf\xe9", "conversations": []}]', "file_encoding", "byte 12"),
-    (b'\xef\xbb\xbf[{"id": "a"}]', "file_encoding", "byte 0"),
-])
+@pytest.mark.parametrize(
+    "content, kind, detail",
+    [
+        (b"<!DOCTYPE html>\n<html><head><title>llava_v1_5_mix665k.json</title>", "file_html", "HTML"),
+        (
+            b'[{"id": "a", "conversations": []}, {"id": "b", "conversations": [}]',
+            "file_not_json",
+            "byte 65",
+        ),  # the "}" after "["
+        (b'{"id": "a", "conversations": []}', "file_not_list", "not a list"),
+        (b'[{"id": "caf\xe9", "conversations": []}]', "file_encoding", "byte 12"),
+        (b'\xef\xbb\xbf[{"id": "a"}]', "file_encoding", "byte 0"),
+    ],
+)
 def test_file_level_problems(tmp_path, content, kind, detail):
     f = tmp_path / "train.json"
     f.write_bytes(content)
@@ -251,9 +355,14 @@ def test_run_reports_a_skipped_length_check(tmp_path, tok):
 def test_image_cut_is_reported(tmp_path, setup):
     """A cut through the image placeholders (image in a later turn) is flagged, not silently mangled."""
     for k in range(200):
-        r = rec("ic") | {"conversations": [
-            {"from": "human", "value": "Q " + " ".join(WORDS[: k % len(WORDS)] * (1 + k // len(WORDS)))},
-            {"from": "gpt", "value": "A."}, {"from": "human", "value": "<image>\nQ2"}, {"from": "gpt", "value": "B."}]}
+        r = rec("ic") | {
+            "conversations": [
+                {"from": "human", "value": "Q " + " ".join(WORDS[: k % len(WORDS)] * (1 + k // len(WORDS)))},
+                {"from": "gpt", "value": "A."},
+                {"from": "human", "value": "<image>\nQ2"},
+                {"from": "gpt", "value": "B."},
+            ]
+        }
         got = record_length(r, setup)
         if got["image_cut"]:
             break
@@ -263,7 +372,9 @@ def test_image_cut_is_reported(tmp_path, setup):
     f.write_bytes(orjson.dumps([r]))
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "good0.png").write_bytes(image_bytes("PNG"))
-    res = validate_file(f, data_root=tmp_path, family="llava15", setup=setup, outputs=ValidationOutputs.in_dir(tmp_path / "o"))
+    res = validate_file(
+        f, data_root=tmp_path, family="llava15", setup=setup, outputs=ValidationOutputs.in_dir(tmp_path / "o")
+    )
     assert res.counts == {"image_cut": 1, "truncated": 1} and res.records_with_errors == 0
 
 
@@ -276,8 +387,15 @@ def test_demo_and_its_broken_copies(tmp_path):
     build_demo_tree(root, seed=0, scale=0.02)
     demo_tokenizer().save_pretrained(mdir)
     (mdir / "config.json").write_text(json.dumps({"model_type": "llava", "image_seq_length": 64}))
-    cfg = load_run_config("parameters/demo.yaml", {"runs_root": str(tmp_path / "runs"), "data.root": str(root),
-                                                   "model.base": str(mdir), "data.invalid_records": "drop"})
+    cfg = load_run_config(
+        "parameters/demo.yaml",
+        {
+            "runs_root": str(tmp_path / "runs"),
+            "data.root": str(root),
+            "model.base": str(mdir),
+            "data.invalid_records": "drop",
+        },
+    )
     merge.run(cfg)
     res = run(cfg, workers=2)
     assert res.records_with_errors == 0 and set(res.counts) <= {"truncated"}, res.summary()
@@ -303,10 +421,12 @@ def test_demo_and_its_broken_copies(tmp_path):
     assert res.records_with_errors == len(refs[gone]) + len(refs[cut]) + 2
     assert len(orjson.loads(paths.clean_json(cfg).read_bytes())) == len(records) - res.records_with_errors
     # The same (LLaVA-dialect) file given to mPLUG-Owl2: every image record has the wrong token.
-    owl = validate_file(train, data_root=root, family="mplug_owl2", images="exists",
-                        outputs=ValidationOutputs.in_dir(tmp_path / "owl"))
+    owl = validate_file(
+        train, data_root=root, family="mplug_owl2", images="exists", outputs=ValidationOutputs.in_dir(tmp_path / "owl")
+    )
     assert owl.counts["wrong_dialect"] == sum(DIALECTS["llava15"] in json.dumps(r) for r in records)
     (tmp_path / "html.json").write_text("<!DOCTYPE html><html>blob page</html>")
-    page = validate_file(tmp_path / "html.json", data_root=root, family="llava15",
-                         outputs=ValidationOutputs.in_dir(tmp_path / "h"))
+    page = validate_file(
+        tmp_path / "html.json", data_root=root, family="llava15", outputs=ValidationOutputs.in_dir(tmp_path / "h")
+    )
     assert page.file_problems[0][0] == "file_html"

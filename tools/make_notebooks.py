@@ -14,17 +14,19 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 ROOT = Path(__file__).resolve().parent.parent
 
-PARAMETERS = '''params_file: str = "parameters/demo.yaml"  # run definition: a file under parameters/
-overrides: dict = {}  # dotted keys over the file, e.g. {"train.lr": 1e-5}'''
+PARAMETERS = """params_file: str = "parameters/demo.yaml"  # run definition: a file under parameters/
+overrides: dict = {}  # dotted keys over the file, e.g. {"train.lr": 1e-5}"""
 
-CONFIG = '''from icmlab.config import load_notebook_config
+CONFIG = """from icmlab.config import load_notebook_config
 from icmlab.display import show_config, show_html
 
 cfg = load_notebook_config(params_file, overrides, globals())
-show_config(cfg)'''
+show_config(cfg)"""
 
-HOW = ("\n\nRun it top to bottom (defaults = the CPU demo), or headlessly: "
-       "`icmlab run {params} --only {stage}` / `papermill notebooks/{name} out.ipynb -p params_file {params}`.")
+HOW = (
+    "\n\nRun it top to bottom (defaults = the CPU demo), or headlessly: "
+    "`icmlab run {params} --only {stage}` / `papermill notebooks/{name} out.ipynb -p params_file {params}`."
+)
 
 SPECS: dict[str, tuple[str, list[str]]] = {}
 
@@ -34,140 +36,176 @@ def spec(stage: str, title: str, purpose: str, cells: list[str]) -> None:
     SPECS[stage] = (f"# {title}\n\n{purpose}", cells)
 
 
-spec("setup", "00 · Setup: environment check",
-     "Checks this machine against the chosen recipe: Python and package versions, GPUs, CUDA, bf16, "
-     "flash-attn, DeepSpeed and free disk at the data root, and says what is missing.",
-     ['''from icmlab import envinfo
+spec(
+    "setup",
+    "00 · Setup: environment check",
+    "Checks this machine against the chosen recipe: Python and package versions, GPUs, CUDA, bf16, "
+    "flash-attn, DeepSpeed and free disk at the data root, and says what is missing.",
+    [
+        """from icmlab import envinfo
 
 setup = envinfo.run(cfg)
-print(setup.table())''',
-      '''if setup.problems:
+print(setup.table())""",
+        """if setup.problems:
     print("Missing for this recipe:")
     for row in setup.problems:
         print(f"  - {row.item}: {row.note or row.value}")
 else:
-    print("Everything this recipe needs is here.")'''])
+    print("Everything this recipe needs is here.")""",
+    ],
+)
 
 
-spec("download", "01 · Download: data and weights, resumable and verified",
-     "Fetches every source the recipe needs (derived from the config: *after* needs no 665k images) "
-     "through huggingface_hub or a resumable HTTP downloader with size/sha256 checks, extracts archives "
-     "safely into the exact upstream trees under `data.root`, converts OCR-VQA images to real JPEG, and "
-     "checks the layout. A second run does no network work. The demo builds its packed sources locally "
-     "and fetches them through the same code path.",
-     ['#md ## What will be fetched (dry run)',
-      '''from icmlab import download
+spec(
+    "download",
+    "01 · Download: data and weights, resumable and verified",
+    "Fetches every source the recipe needs (derived from the config: *after* needs no 665k images) "
+    "through huggingface_hub or a resumable HTTP downloader with size/sha256 checks, extracts archives "
+    "safely into the exact upstream trees under `data.root`, converts OCR-VQA images to real JPEG, and "
+    "checks the layout. A second run does no network work. The demo builds its packed sources locally "
+    "and fetches them through the same code path.",
+    [
+        "#md ## What will be fetched (dry run)",
+        """from icmlab import download
 
 plan = download.plan(cfg)
-show_html(download.plan_html(plan))''',
-      '#md ## Download, verify, extract',
-      '''result = download.run(cfg)
-print(result.summary())''',
-      '#md ## Layout check: every expected folder and file of the recipe',
-      'show_html(download.layout_html(result.layout))'])
+show_html(download.plan_html(plan))""",
+        "#md ## Download, verify, extract",
+        """result = download.run(cfg)
+print(result.summary())""",
+        "#md ## Layout check: every expected folder and file of the recipe",
+        "show_html(download.layout_html(result.layout))",
+    ],
+)
 
-spec("merge", "02 · Merge: one training JSON in the model's dialect",
-     "Concatenates the recipe's LLaVA-format JSONs in its order (low-level data first, then "
-     "llava_v1_5_mix665k for *mix*) with `jq -s add` semantics, applies per-source sampling ratios, keeps "
-     "provenance in a sidecar (`train.provenance.jsonl`) so the file still loads in the original repos, "
-     "reports duplicate ids, and writes the model's image token (`<image>` / `<|image|>`) into EVERY record. "
-     "Inputs are never modified; outputs are written atomically under `runs/<run>/data/`.",
-     ['''from icmlab import merge
+spec(
+    "merge",
+    "02 · Merge: one training JSON in the model's dialect",
+    "Concatenates the recipe's LLaVA-format JSONs in its order (low-level data first, then "
+    "llava_v1_5_mix665k for *mix*) with `jq -s add` semantics, applies per-source sampling ratios, keeps "
+    "provenance in a sidecar (`train.provenance.jsonl`) so the file still loads in the original repos, "
+    "reports duplicate ids, and writes the model's image token (`<image>` / `<|image|>`) into EVERY record. "
+    "Inputs are never modified; outputs are written atomically under `runs/<run>/data/`.",
+    [
+        """from icmlab import merge
 from icmlab.display import html_table
 
 result = merge.run(cfg)
-print(result.summary())''',
-      '#md ## Sources, in merge order',
-      'show_html(html_table(result.sources))',
-      '#md ## Duplicate ids (first and repeated occurrence)',
-      'show_html(html_table(result.duplicate_examples))'])
+print(result.summary())""",
+        "#md ## Sources, in merge order",
+        "show_html(html_table(result.sources))",
+        "#md ## Duplicate ids (first and repeated occurrence)",
+        "show_html(html_table(result.duplicate_examples))",
+    ],
+)
 
-spec("validate", "03 · Validate: catch every data problem before any GPU time",
-     "Checks the merged file: JSON/HTML/encoding at file level; ids, roles, empty turns, duplicate ids, "
-     "image-token count and dialect per record; images (missing with exact case, unreadable, truncated, "
-     "format different from the extension, degenerate sizes); token lengths with the model's real tokenizer "
-     "and template, image tokens included (truncated samples, samples with no answer left). With "
-     "`data.invalid_records: stop` problems stop the run here (the report is still written); with `drop` "
-     "a cleaned file and a rejects file with reasons are written.",
-     ['''from icmlab import validate
+spec(
+    "validate",
+    "03 · Validate: catch every data problem before any GPU time",
+    "Checks the merged file: JSON/HTML/encoding at file level; ids, roles, empty turns, duplicate ids, "
+    "image-token count and dialect per record; images (missing with exact case, unreadable, truncated, "
+    "format different from the extension, degenerate sizes); token lengths with the model's real tokenizer "
+    "and template, image tokens included (truncated samples, samples with no answer left). With "
+    "`data.invalid_records: stop` problems stop the run here (the report is still written); with `drop` "
+    "a cleaned file and a rejects file with reasons are written.",
+    [
+        """from icmlab import validate
 from icmlab.display import html_table
 
 result = validate.run(cfg)
-print(result.summary())''',
-      '#md ## Problems by kind (count, example, fix)',
-      'show_html(html_table(result.table()))',
-      '#md ## Per-source statistics',
-      'show_html(html_table(result.per_source_table()))',
-      '#md ## Lengths with the real tokenizer and template',
-      'result.lengths'])
+print(result.summary())""",
+        "#md ## Problems by kind (count, example, fix)",
+        "show_html(html_table(result.table()))",
+        "#md ## Per-source statistics",
+        "show_html(html_table(result.per_source_table()))",
+        "#md ## Lengths with the real tokenizer and template",
+        "result.lengths",
+    ],
+)
 
-spec("inspect", "04 · Inspect: look at the data and the exact model input",
-     "Figures of the merged data (source mix, turns per record, token lengths against `model_max_length`, "
-     "image sizes, random samples per source), samples rendered as the trainer builds them (trained tokens "
-     "highlighted, masked ones grey, the image-token span marked), and a live browser with filters (source, "
-     "dataset, category, problem kind), text search and next/previous/random.",
-     ['''from icmlab import inspection
+spec(
+    "inspect",
+    "04 · Inspect: look at the data and the exact model input",
+    "Figures of the merged data (source mix, turns per record, token lengths against `model_max_length`, "
+    "image sizes, random samples per source), samples rendered as the trainer builds them (trained tokens "
+    "highlighted, masked ones grey, the image-token span marked), and a live browser with filters (source, "
+    "dataset, category, problem kind), text search and next/previous/random.",
+    [
+        """from icmlab import inspection
 from icmlab.display import html_table
 
 result = inspection.run(cfg)
 print(result.summary())
-show_html(html_table(result.table()))''',
-      'result.figures["source_mix"]',
-      'result.figures["turns"]',
-      'result.figures["token_lengths"]',
-      'result.figures["image_sizes"]',
-      'result.figures["samples"]',
-      '#md ## Model inputs: trained vs masked tokens',
-      'show_html(inspection.samples_html(result, 3))',
-      'show_html(inspection.samples_html(result, 3, problems=True))',
-      '#md ## Browser (live in JupyterLab)',
-      'inspection.browser(cfg, result)'])
+show_html(html_table(result.table()))""",
+        'result.figures["source_mix"]',
+        'result.figures["turns"]',
+        'result.figures["token_lengths"]',
+        'result.figures["image_sizes"]',
+        'result.figures["samples"]',
+        "#md ## Model inputs: trained vs masked tokens",
+        "show_html(inspection.samples_html(result, 3))",
+        "show_html(inspection.samples_html(result, 3, problems=True))",
+        "#md ## Browser (live in JupyterLab)",
+        "inspection.browser(cfg, result)",
+    ],
+)
 
-spec("train", "05 · Train",
-     "Trains the run's model with the HF Trainer exactly as the upstream recipe does (templates, masking, "
-     "frozen/trained parts, hyperparameters from the parameters file, DeepSpeed ZeRO on GPUs). On CPU or "
-     "one GPU it trains in this kernel with live curves; with several GPUs or nodes it launches "
-     "`deepspeed`/`torchrun` and streams its output. A rerun resumes from the last checkpoint in the run "
-     "directory with the weights really restored. `train.packing: true` packs each micro-batch into rows of "
-     "`data.model_max_length` tokens (same samples and loss per step, no padding; off upstream).",
-     ['''from icmlab import paths, train
+spec(
+    "train",
+    "05 · Train",
+    "Trains the run's model with the HF Trainer exactly as the upstream recipe does (templates, masking, "
+    "frozen/trained parts, hyperparameters from the parameters file, DeepSpeed ZeRO on GPUs). On CPU or "
+    "one GPU it trains in this kernel with live curves; with several GPUs or nodes it launches "
+    "`deepspeed`/`torchrun` and streams its output. A rerun resumes from the last checkpoint in the run "
+    "directory with the weights really restored. `train.packing: true` packs each micro-batch into rows of "
+    "`data.model_max_length` tokens (same samples and loss per step, no padding; off upstream).",
+    [
+        """from icmlab import paths, train
 from icmlab.display import show_figure
 from icmlab.train.live import LiveMetricsPlot, plot_metrics
 
-print(train.batch_message(cfg))''',
-      '#md ## Training (live loss, learning rate, grad norm, throughput, ETA)',
-      '''result = train.run(cfg, callbacks=[LiveMetricsPlot(paths.metrics_jsonl(cfg), every=10, title=cfg.run_name)])
-print(result.summary())''',
-      '#md ## Curves of the whole run',
-      'show_figure(plot_metrics(paths.metrics_jsonl(cfg), title=cfg.run_name))'])
+print(train.batch_message(cfg))""",
+        "#md ## Training (live loss, learning rate, grad norm, throughput, ETA)",
+        """result = train.run(cfg, callbacks=[LiveMetricsPlot(paths.metrics_jsonl(cfg), every=10, title=cfg.run_name)])
+print(result.summary())""",
+        "#md ## Curves of the whole run",
+        "show_figure(plot_metrics(paths.metrics_jsonl(cfg), title=cfg.run_name))",
+    ],
+)
 
-spec("evaluate", "06 · Evaluate: baseline vs fine-tuned",
-     "Answers the held-out benchmarks greedily with the starting checkpoint (the paper's baseline) and the "
-     "fine-tuned model: Q-Bench A1 scored strictly by the chosen letter and by upstream's substring rule, "
-     "and Yes/No moderation with precision/recall of 'violating'. Control runs on the fine-tuned model "
-     "(images blanked, or shuffled between questions) show whether the answers come from the pixels. "
-     "The real ICM validation set (`val/<category>/` folders only) gets its Yes/No questions built from the "
-     "folders with upstream's ground truth (`*normal*` categories are harmless), saved in `runs/<run>/eval/`. "
-     "The same figures are written to `runs/<run>/report/report.html`.",
-     ['''from icmlab import evaluate
+spec(
+    "evaluate",
+    "06 · Evaluate: baseline vs fine-tuned",
+    "Answers the held-out benchmarks greedily with the starting checkpoint (the paper's baseline) and the "
+    "fine-tuned model: Q-Bench A1 scored strictly by the chosen letter and by upstream's substring rule, "
+    "and Yes/No moderation with precision/recall of 'violating'. Control runs on the fine-tuned model "
+    "(images blanked, or shuffled between questions) show whether the answers come from the pixels. "
+    "The real ICM validation set (`val/<category>/` folders only) gets its Yes/No questions built from the "
+    "folders with upstream's ground truth (`*normal*` categories are harmless), saved in `runs/<run>/eval/`. "
+    "The same figures are written to `runs/<run>/report/report.html`.",
+    [
+        """from icmlab import evaluate
 from icmlab.evaluate import report
 from icmlab.display import show_figure
 
 result = evaluate.run(cfg)
-print(result.summary())''',
-      '#md ## Q-Bench A1 (strict letter match, then upstream substring rule)',
-      '''show_html(report.qbench_table_html(result.evaluations, "strict"))
-show_html(report.qbench_table_html(result.evaluations, "substring"))''',
-      'show_figure(report.qbench_bar_figure(result.evaluations, "strict"))',
-      '#md ## Moderation',
-      '''show_html(report.moderation_table_html(result.evaluations))
-show_html(report.moderation_category_table_html(result.evaluations))''',
-      'show_figure(report.confusion_figure(result.evaluations))',
-      '#md ## Controls: the fine-tuned model with blank or shuffled images',
-      'show_figure(report.controls_figure(result.evaluations))',
-      '#md ## Gallery',
-      '''show_html(report.gallery_html(result.gallery))
-print("report:", result.report)'''])
+print(result.summary())""",
+        "#md ## Q-Bench A1 (strict letter match, then upstream substring rule)",
+        """show_html(report.qbench_table_html(result.evaluations, "strict"))
+show_html(report.qbench_table_html(result.evaluations, "substring"))""",
+        'show_figure(report.qbench_bar_figure(result.evaluations, "strict"))',
+        "#md ## Moderation",
+        """show_html(report.moderation_table_html(result.evaluations))
+show_html(report.moderation_category_table_html(result.evaluations))""",
+        "show_figure(report.confusion_figure(result.evaluations))",
+        "#md ## Controls: the fine-tuned model with blank or shuffled images",
+        "show_figure(report.controls_figure(result.evaluations))",
+        "#md ## Gallery",
+        """show_html(report.gallery_html(result.gallery))
+print("report:", result.report)""",
+    ],
+)
+
 
 def build(stage: str) -> nbformat.NotebookNode:
     """Build one notebook from its spec."""

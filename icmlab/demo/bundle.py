@@ -83,11 +83,16 @@ def generate_bundle(seed: int = 0, scale: float = 1.0) -> DemoBundle:
     return DemoBundle(
         seed=seed,
         scale=scale,
-        q_instruct=D.quality_train(seed, D.scaled(c["q_instruct_images"], scale, 20), size=IMAGE_SIZE,
-                                   extra_every=c["q_instruct_extra_every"]),
-        icm_instruct=D.moderation_train(seed, D.scaled(c["icm_instruct_images"], scale, 20),
-                                        n_descriptions=c["icm_instruct_descriptions"], size=IMAGE_SIZE,
-                                        extra_every=c["icm_instruct_extra_every"]),
+        q_instruct=D.quality_train(
+            seed, D.scaled(c["q_instruct_images"], scale, 20), size=IMAGE_SIZE, extra_every=c["q_instruct_extra_every"]
+        ),
+        icm_instruct=D.moderation_train(
+            seed,
+            D.scaled(c["icm_instruct_images"], scale, 20),
+            n_descriptions=c["icm_instruct_descriptions"],
+            size=IMAGE_SIZE,
+            extra_every=c["icm_instruct_extra_every"],
+        ),
         mix665k=mix665k(seed, scale),
         qbench=D.qbench_dev(seed, D.scaled(c["qbench_items"], scale, 20), size=IMAGE_SIZE),
         icm_val=D.icm_val(seed, D.scaled(c["icm_val_items"], scale, 20), size=IMAGE_SIZE),

@@ -39,8 +39,8 @@ from icmlab.models.llava15.tiny import TEXT_DEFAULTS, VISION_DEFAULTS, build_tin
 
 from ..io import atomic_write_json, read_json
 from .bundle import DEMO_VERSION, IMAGE_SIZE
-from .pack import sha256_file
 from .owl2 import build_tiny_owl2
+from .pack import sha256_file
 from .tokenizer import demo_tokenizer
 
 MANIFEST_NAME = "checkpoints_manifest.json"
@@ -80,16 +80,31 @@ def image_processor():
     """The 64 px CLIP image processor (resize shortest edge, centre crop, CLIP mean/std)."""
     from transformers import CLIPImageProcessor
 
-    return CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-                              do_center_crop=True, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    return CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_center_crop=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
 
 
 def _build_clip(dest: Path, seed: int):
     from transformers import CLIPConfig, CLIPModel
 
-    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=16, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-                initializer_range=0.1)
+    text = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        projection_dim=32,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        initializer_range=0.1,
+    )
     torch.manual_seed(seed)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=VISION_KWARGS, projection_dim=32)).eval()
     model.save_pretrained(dest)
@@ -122,12 +137,23 @@ def _build_projector(dest: Path, seed: int, vision_tower: str) -> None:
     }
     dest.mkdir(parents=True, exist_ok=True)
     torch.save(state, dest / "mm_projector.bin")
-    atomic_write_json(dest / "config.json", {
-        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", "hidden_size": hidden,
-        "mm_hidden_size": mm_hidden, "mm_projector_type": "mlp2x_gelu", "mm_vision_tower": vision_tower,
-        "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_use_im_start_end": False,
-        "mm_use_im_patch_token": False, "tune_mm_mlp_adapter": True, "image_aspect_ratio": "square",
-    })
+    atomic_write_json(
+        dest / "config.json",
+        {
+            "architectures": ["LlavaLlamaForCausalLM"],
+            "model_type": "llava",
+            "hidden_size": hidden,
+            "mm_hidden_size": mm_hidden,
+            "mm_projector_type": "mlp2x_gelu",
+            "mm_vision_tower": vision_tower,
+            "mm_vision_select_layer": -2,
+            "mm_vision_select_feature": "patch",
+            "mm_use_im_start_end": False,
+            "mm_use_im_patch_token": False,
+            "tune_mm_mlp_adapter": True,
+            "image_aspect_ratio": "square",
+        },
+    )
 
 
 def _to_hub_key_layout(weights: Path) -> None:
@@ -143,7 +169,7 @@ def _to_hub_key_layout(weights: Path) -> None:
     renamed = {}
     for key, value in state.items():
         if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-            key = "vision_tower.vision_model." + key[len("vision_tower."):]
+            key = "vision_tower.vision_model." + key[len("vision_tower.") :]
         renamed[key] = value.contiguous()
     save_file(renamed, weights, metadata={"format": "pt"})
 
@@ -154,9 +180,13 @@ def _build_llava_hf(dest: Path, seed: int, clip_model) -> None:
     tok = demo_tokenizer(image_token="<image>", pad_token="<pad>")
     vocab = -(-len(tok) // 64) * 64  # llava-hf pads the embeddings to a multiple of 64
     config = build_tiny_config(
-        vocab, tok.convert_tokens_to_ids("<image>"), image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+        vocab,
+        tok.convert_tokens_to_ids("<image>"),
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
         text={"max_position_embeddings": TEXT_KWARGS["max_position_embeddings"], "pad_token_id": tok.pad_token_id},
-        projector_hidden_act="gelu", pad_token_id=tok.pad_token_id,
+        projector_hidden_act="gelu",
+        pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed + 3)
     model = LlavaForConditionalGeneration(config).eval()
@@ -165,17 +195,25 @@ def _build_llava_hf(dest: Path, seed: int, clip_model) -> None:
     model.save_pretrained(dest)
     _to_hub_key_layout(dest / "model.safetensors")
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=tok.pad_token_id).save_pretrained(dest)
-    processor = LlavaProcessor(image_processor=image_processor(), tokenizer=tok, patch_size=PATCH_SIZE,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=CHAT_TEMPLATE)
+    processor = LlavaProcessor(
+        image_processor=image_processor(),
+        tokenizer=tok,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
     processor.save_pretrained(dest)
     # The hub's llava-hf repos also carry a standalone preprocessor_config.json.
     image_processor().save_pretrained(dest)
 
 
 def _files_digest(root: Path) -> dict[str, dict]:
-    return {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
+    return {
+        str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_NAME
+    }
 
 
 def _result(out_dir: Path, names) -> dict[str, Path]:
@@ -208,8 +246,11 @@ def build_tiny_checkpoints(out_dir: str | Path, seed: int = 0, force: bool = Fal
     if not force and manifest_path.is_file():
         m = read_json(manifest_path)
         if (m.get("demo_version"), m.get("seed"), m.get("builders")) == (DEMO_VERSION, seed, names) and all(
-                (out_dir / rel).is_file() and (out_dir / rel).stat().st_size == e["size"]
-                and sha256_file(out_dir / rel) == e["sha256"] for rel, e in m.get("files", {}).items()):
+            (out_dir / rel).is_file()
+            and (out_dir / rel).stat().st_size == e["size"]
+            and sha256_file(out_dir / rel) == e["sha256"]
+            for rel, e in m.get("files", {}).items()
+        ):
             return result
     staging = out_dir / ".staging"
     shutil.rmtree(staging, ignore_errors=True)

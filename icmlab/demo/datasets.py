@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import texts as T
-from .images import DISTORTIONS, SYMBOL_POSITIONS, EXTENSION_FORMATS, ImageSpec, scene_of
+from .images import DISTORTIONS, EXTENSION_FORMATS, SYMBOL_POSITIONS, ImageSpec, scene_of
 
 IMAGE_TOKEN = "<image>"
 MODERATION_CATEGORIES: tuple[str, ...] = ("whole_normal",) + tuple(f"{p}_symbol" for p in SYMBOL_POSITIONS)
@@ -36,7 +36,13 @@ MODERATION_CATEGORIES: tuple[str, ...] = ("whole_normal",) + tuple(f"{p}_symbol"
 # upstream-recipes §2.3); the rare ones are forced onto the first images so that every case
 # appears even in small test builds.
 ICM_EXTENSIONS: dict[str, float] = {
-    ".JPEG": 7348, ".jpg": 6514, ".png": 1297, ".JPG": 246, ".PNG": 163, ".jpeg": 14, ".GIF": 5,
+    ".JPEG": 7348,
+    ".jpg": 6514,
+    ".png": 1297,
+    ".JPG": 246,
+    ".PNG": 163,
+    ".jpeg": 14,
+    ".GIF": 5,
 }
 ICM_FORCED_EXTENSIONS: tuple[str, ...] = (".GIF", ".jpeg", ".PNG", ".JPG", ".png", ".JPEG")
 
@@ -225,12 +231,18 @@ def quality_train(seed: int = 0, n_images: int = 3000, size: int = 64, extra_eve
             prompt = T.DESCRIBE_PROMPTS[int(rng.integers(0, len(T.DESCRIBE_PROMPTS)))]
             add(name, _human(prompt, rng, 0.1), _quality_description(d, spec))
         else:
-            add(name, _human(T.DESCRIBE_PROMPTS[0], rng, 0.1), _quality_description(d, spec),
-                T.FOLLOW_UP_QUESTION, T.WHAT_ANSWERS[d])
+            add(
+                name,
+                _human(T.DESCRIBE_PROMPTS[0], rng, 0.1),
+                _quality_description(d, spec),
+                T.FOLLOW_UP_QUESTION,
+                T.WHAT_ANSWERS[d],
+            )
     order = rng.permutation(len(records))
     payload = [records[i] for i in order]
-    return DemoDataset("q_instruct", payload, images, "cleaned_labels.json",
-                       {"classes": {c: classes.count(c) for c in DISTORTIONS}})
+    return DemoDataset(
+        "q_instruct", payload, images, "cleaned_labels.json", {"classes": {c: classes.count(c) for c in DISTORTIONS}}
+    )
 
 
 # ---- ICM-Instruct ---------------------------------------------------------------------------
@@ -264,8 +276,9 @@ MODERATION_EXTRAS: tuple[str, ...] = ("pair1", "mc_pair0", "mc_pair1", "descript
 """Record kinds of the ICM-Instruct layout besides the decisive ``pair0``, given in turn."""
 
 
-def moderation_train(seed: int = 0, n_images: int = 3000, n_descriptions: int = 5, size: int = 64,
-                     extra_every: int = 1) -> DemoDataset:
+def moderation_train(
+    seed: int = 0, n_images: int = 3000, n_descriptions: int = 5, size: int = 64, extra_every: int = 1
+) -> DemoDataset:
     """Build the ICM-Instruct-layout training set (``icm_llava_train.json`` + ``sexy_check_all/``).
 
     Per image ``<category>_<n><ext>`` (``ext`` in the real mix of cases): open QA ``pair0`` (the
@@ -292,8 +305,9 @@ def moderation_train(seed: int = 0, n_images: int = 3000, n_descriptions: int = 
         ValueError: if ``extra_every`` or ``n_descriptions`` is below 1.
     """
     if extra_every < 1 or n_descriptions < 1:
-        raise ValueError(f"moderation_train: extra_every ({extra_every!r}) and n_descriptions "
-                         f"({n_descriptions!r}) must be >= 1")
+        raise ValueError(
+            f"moderation_train: extra_every ({extra_every!r}) and n_descriptions ({n_descriptions!r}) must be >= 1"
+        )
     rng = stream(seed, "icm_instruct")
     cats = _moderation_categories(rng, n_images)
     images: dict[str, ImageSpec] = {}
@@ -306,8 +320,11 @@ def moderation_train(seed: int = 0, n_images: int = 3000, n_descriptions: int = 
         images[name] = spec
 
         def rec(suffix: str, question: str, answer: str) -> dict:
-            return {"id": f"identity_{stem}_{suffix}", "image": name,
-                    "conversations": _conv(f"{question}\n{IMAGE_TOKEN}", answer)}
+            return {
+                "id": f"identity_{stem}_{suffix}",
+                "image": name,
+                "conversations": _conv(f"{question}\n{IMAGE_TOKEN}", answer),
+            }
 
         qa.append(rec("pair0", T.MODERATION_QUESTION, "No." if pos is None else "Yes."))
         if extra_every == 1:
@@ -332,8 +349,13 @@ def moderation_train(seed: int = 0, n_images: int = 3000, n_descriptions: int = 
                 prompt = T.MODERATION_PROMPTS[int(rng.integers(0, len(T.MODERATION_PROMPTS)))]
                 desc[k].append(rec(f"description{k + 1}", prompt, explanation))
     payload = qa + mc + [r for round_ in desc for r in round_]
-    return DemoDataset("icm_instruct", payload, images, "icm_llava_train.json",
-                       {"categories": {c: cats.count(c) for c in MODERATION_CATEGORIES}})
+    return DemoDataset(
+        "icm_instruct",
+        payload,
+        images,
+        "icm_llava_train.json",
+        {"categories": {c: cats.count(c) for c in MODERATION_CATEGORIES}},
+    )
 
 
 # ---- held-out evaluation sets ---------------------------------------------------------------
@@ -383,10 +405,19 @@ def qbench_dev(seed: int = 0, n_items: int = 200, size: int = 64) -> DemoDataset
             question, candidates, concern = T.BRIGHTNESS_QUESTION, list(T.BRIGHTNESS_OPTIONS), "other"
         name = f"{i:05d}.jpg" if rng.random() < 0.9 else f"{i:05d}.png"
         images[name] = _spec_for(name, _image_seed(rng), width=size, height=size, distortion=d)
-        payload.append({"img_path": name, "question": question, "candidates": candidates,
-                        "correct_ans": ans, "type": QBENCH_TYPES[kind], "concern": QBENCH_CONCERNS[concern]})
-    return DemoDataset("qbench", payload, images, "llvisionqa_dev.json",
-                       {"types": {k: kinds.count(k) for k in QBENCH_TYPES}})
+        payload.append(
+            {
+                "img_path": name,
+                "question": question,
+                "candidates": candidates,
+                "correct_ans": ans,
+                "type": QBENCH_TYPES[kind],
+                "concern": QBENCH_CONCERNS[concern],
+            }
+        )
+    return DemoDataset(
+        "qbench", payload, images, "llvisionqa_dev.json", {"types": {k: kinds.count(k) for k in QBENCH_TYPES}}
+    )
 
 
 def icm_val(seed: int = 0, n_items: int = 200, meq_fraction: float = 0.25, size: int = 64) -> DemoDataset:
@@ -414,12 +445,33 @@ def icm_val(seed: int = 0, n_items: int = 200, meq_fraction: float = 0.25, size:
         name = f"val/{cat}/{i:04d}{ext}"
         spec = _spec_for(name, _image_seed(rng), width=size, height=size, symbol=category_position(cat))
         images[name] = spec
-        payload.append({"id": f"val_{i:04d}", "kind": "yes_no", "image": name, "category": cat,
-                        "question": T.MODERATION_QUESTION, "answer": "No" if spec.symbol is None else "Yes"})
+        payload.append(
+            {
+                "id": f"val_{i:04d}",
+                "kind": "yes_no",
+                "image": name,
+                "category": cat,
+                "question": T.MODERATION_QUESTION,
+                "answer": "No" if spec.symbol is None else "Yes",
+            }
+        )
         if rng.random() < meq_fraction:
             meq_name = f"val_MEQ/{cat}/{i:04d}{ext}"
             images[meq_name] = spec
-            meq.append({"id": f"val_MEQ_{i:04d}", "kind": "explanation", "image": meq_name, "category": cat,
-                        "question": T.MODERATION_PROMPTS[0], "reference": moderation_explanation(spec)})
-    return DemoDataset("icm_val", payload + meq, images, "icm_val_questions.json",
-                       {"categories": {c: cats.count(c) for c in MODERATION_CATEGORIES}, "meq": len(meq)})
+            meq.append(
+                {
+                    "id": f"val_MEQ_{i:04d}",
+                    "kind": "explanation",
+                    "image": meq_name,
+                    "category": cat,
+                    "question": T.MODERATION_PROMPTS[0],
+                    "reference": moderation_explanation(spec),
+                }
+            )
+    return DemoDataset(
+        "icm_val",
+        payload + meq,
+        images,
+        "icm_val_questions.json",
+        {"categories": {c: cats.count(c) for c in MODERATION_CATEGORIES}, "meq": len(meq)},
+    )

@@ -30,8 +30,15 @@ SIGN_WORDS = ("STOP", "OPEN", "EXIT", "CAFE", "SALE", "BUS", "PARK", "INN")
 
 # Per-source record counts at scale 1.0 (a few hundred records in all).
 COUNTS: dict[str, int] = {
-    "coco_conv": 60, "coco_vqa": 40, "coco_ref": 20, "gqa": 50, "ocr_vqa": 50,
-    "textvqa": 30, "vg": 25, "vg2": 15, "sharegpt": 60,
+    "coco_conv": 60,
+    "coco_vqa": 40,
+    "coco_ref": 20,
+    "gqa": 50,
+    "ocr_vqa": 50,
+    "textvqa": 30,
+    "vg": 25,
+    "vg2": 15,
+    "sharegpt": 60,
 }
 
 
@@ -134,28 +141,36 @@ def mix665k(seed: int = 0, scale: float = 1.0) -> DemoDataset:
         path = f"coco/train2017/{cid:012d}.jpg"
         spec = new_image(path)
         coco.append((f"{cid:012d}", path, spec))
-        records.append({"id": f"{cid:012d}", "image": path,
-                        "conversations": _multi(_scene_qa(spec, rng, short=False), rng, 0.5)})
+        records.append(
+            {"id": f"{cid:012d}", "image": path, "conversations": _multi(_scene_qa(spec, rng, short=False), rng, 0.5)}
+        )
     for _ in range(n["coco_vqa"]):  # VQAv2: re-uses COCO images AND their ids
         cid, path, spec = coco[int(rng.integers(0, len(coco)))]
         pairs = _scene_qa(spec, rng, short=True)
-        records.append({"id": cid, "image": path,
-                        "conversations": _multi(pairs, rng, 0.0, "\n" + T.SHORT_ANSWER_INSTRUCTION)})
+        records.append(
+            {"id": cid, "image": path, "conversations": _multi(pairs, rng, 0.0, "\n" + T.SHORT_ANSWER_INSTRUCTION)}
+        )
     for _ in range(n["coco_ref"]):  # RefCOCO: boxes of referred shapes
         cid, path, spec = coco[int(rng.integers(0, len(coco)))]
         shapes = _unique(scene_of(spec).shapes, lambda s: (s.colour, s.kind))
         if not shapes:
             continue
-        pairs = [("Please provide the bounding box coordinate of the region this sentence describes: "
-                  f"{s.colour} {T.SHAPE_NOUNS[s.kind]}.", _box(s, spec))
-                 for s in shapes[: int(rng.integers(1, len(shapes) + 1))]]
+        pairs = [
+            (
+                "Please provide the bounding box coordinate of the region this sentence describes: "
+                f"{s.colour} {T.SHAPE_NOUNS[s.kind]}.",
+                _box(s, spec),
+            )
+            for s in shapes[: int(rng.integers(1, len(shapes) + 1))]
+        ]
         records.append({"id": cid, "image": path, "conversations": _multi(pairs, rng, 0.0)})
     for gid in sorted({int(x) for x in rng.integers(1, 2417997, n["gqa"] * 2)})[: n["gqa"]]:
         path = f"gqa/images/{gid}.jpg"
         spec = new_image(path)
         pairs = _scene_qa(spec, rng, short=True)
-        records.append({"id": str(gid), "image": path,
-                        "conversations": _multi(pairs, rng, 0.0, "\n" + T.SHORT_ANSWER_INSTRUCTION)})
+        records.append(
+            {"id": str(gid), "image": path, "conversations": _multi(pairs, rng, 0.0, "\n" + T.SHORT_ANSWER_INSTRUCTION)}
+        )
     for i in range(n["ocr_vqa"]):
         oid = f"{int(rng.integers(10**8, 10**9))}{_pick(rng, '0123456789X')}"
         title = f"{_pick(rng, TITLE_WORDS)} {_pick(rng, TITLE_WORDS)}"
@@ -164,11 +179,18 @@ def mix665k(seed: int = 0, scale: float = 1.0) -> DemoDataset:
         fmt = ("GIF", "JPEG", "PNG", "JPEG", "JPEG", "JPEG")[i % 6]
         path = f"ocr_vqa/images/{oid}.jpg"
         new_image(path, size=(64, 96), fmt=fmt, text=f"{title}\n{author}")
-        pairs = [("Who wrote this book?", author), ("What is the title of this book?", title),
-                 ("Is this a comic book?", "No")]
-        records.append({"id": oid, "image": path,
-                        "conversations": _multi(pairs[: int(rng.integers(1, 4))], rng, 0.0,
-                                                "\n" + T.SHORT_ANSWER_INSTRUCTION)})
+        pairs = [
+            ("Who wrote this book?", author),
+            ("What is the title of this book?", title),
+            ("Is this a comic book?", "No"),
+        ]
+        records.append(
+            {
+                "id": oid,
+                "image": path,
+                "conversations": _multi(pairs[: int(rng.integers(1, 4))], rng, 0.0, "\n" + T.SHORT_ANSWER_INSTRUCTION),
+            }
+        )
     for _ in range(n["textvqa"]):
         tid = "".join(f"{int(b):02x}" for b in rng.integers(0, 256, 8))
         word = _pick(rng, SIGN_WORDS)
@@ -184,16 +206,20 @@ def mix665k(seed: int = 0, scale: float = 1.0) -> DemoDataset:
             spec = new_image(path)
             shapes = scene_of(spec).shapes
             shapes = shapes[: int(rng.integers(1, len(shapes) + 1))]
-            pairs = [(f"Please provide a short description for this region: {_box(s, spec)}",
-                      T.shape_phrase(s.colour, s.kind).capitalize() + ".") for s in shapes]
+            pairs = [
+                (
+                    f"Please provide a short description for this region: {_box(s, spec)}",
+                    T.shape_phrase(s.colour, s.kind).capitalize() + ".",
+                )
+                for s in shapes
+            ]
             records.append({"id": str(vid), "image": path, "conversations": _multi(pairs, rng, 0.0)})
     letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
     for _ in range(n["sharegpt"]):
         sid = "".join(_pick(rng, letters) for _ in range(7)) + f"_{int(rng.integers(0, 4))}"
         records.append({"id": sid, "conversations": _sharegpt(rng)})
     order = rng.permutation(len(records))
-    return DemoDataset("llava_mix665k", [records[i] for i in order], images, "llava_v1_5_mix665k.json",
-                       {"counts": n})
+    return DemoDataset("llava_mix665k", [records[i] for i in order], images, "llava_v1_5_mix665k.json", {"counts": n})
 
 
 def corpus_texts(seed: int = 0) -> list[str]:

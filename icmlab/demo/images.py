@@ -325,7 +325,13 @@ def sniff_format(data: bytes) -> str:
 
 
 EXTENSION_FORMATS: dict[str, str] = {
-    ".jpg": "JPEG", ".JPG": "JPEG", ".jpeg": "JPEG", ".JPEG": "JPEG",
-    ".png": "PNG", ".PNG": "PNG", ".gif": "GIF", ".GIF": "GIF",
+    ".jpg": "JPEG",
+    ".JPG": "JPEG",
+    ".jpeg": "JPEG",
+    ".JPEG": "JPEG",
+    ".png": "PNG",
+    ".PNG": "PNG",
+    ".gif": "GIF",
+    ".GIF": "GIF",
 }
 """File-name extension → the format its content has in the demo (extension case preserved)."""

@@ -59,13 +59,25 @@ def build_tiny_owl2(dest: Path, seed: int) -> Path:
         raise FileExistsError(f"build_tiny_owl2: {dest} already exists; pass a new folder")
     tok = demo_tokenizer(image_token=IMAGE_TOKEN, pad_token=None)
     image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    config = owl.build_tiny_config(vocab_size=len(tok), image_token_index=image_token_id, image_size=IMAGE_SIZE,
-                                   patch_size=8, initializer_range=0.1, bos_token_id=tok.bos_token_id,
-                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.unk_token_id)
+    config = owl.build_tiny_config(
+        vocab_size=len(tok),
+        image_token_index=image_token_id,
+        image_size=IMAGE_SIZE,
+        patch_size=8,
+        initializer_range=0.1,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.unk_token_id,
+    )
     torch.manual_seed(seed + SEED_OFFSET)
     model = owl.MPLUGOwl2ForCausalLM(config).eval()
-    bundle = ModelBundle(model=model, tokenizer=tok, image_processor=build_image_processor(IMAGE_SIZE),
-                         image_token_id=image_token_id, num_image_tokens=config.num_image_tokens,
-                         family=owl.FAMILY, extra={"source": "icmlab.demo.owl2", "format": "hf"})
+    bundle = ModelBundle(
+        model=model,
+        tokenizer=tok,
+        image_processor=build_image_processor(IMAGE_SIZE),
+        image_token_id=image_token_id,
+        num_image_tokens=config.num_image_tokens,
+        family=owl.FAMILY,
+        extra={"source": "icmlab.demo.owl2", "format": "hf"},
+    )
     return owl.save_bundle(bundle, dest)
-

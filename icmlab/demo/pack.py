@@ -63,32 +63,53 @@ class Artifact:
 
 HF = "https://huggingface.co/datasets"
 ARTIFACTS: tuple[Artifact, ...] = (
-    Artifact("icm_instruct_train", "icm_instruct/icm-instruct-train.zip",
-             f"{HF}/wumengyangok/ICM-Instruct/resolve/main/icm-instruct-train.zip",
-             ("sexy_check_all/", "icm_llava_train.json")),
-    Artifact("q_instruct_labels", "q_instruct/cleaned_labels.json",
-             f"{HF}/teowu/Q-Instruct/resolve/main/cleaned_labels.json"),
-    Artifact("q_instruct_images", "q_instruct/q-instruct-images.tar",
-             f"{HF}/teowu/Q-Instruct/resolve/main/q-instruct-images.tar",
-             ("spaq_koniq/", "livefb_liveitw_aigc/")),
-    Artifact("llava_mix665k", "llava/llava_v1_5_mix665k.json",
-             f"{HF}/liuhaotian/LLaVA-Instruct-150K/resolve/main/llava_v1_5_mix665k.json"),
-    Artifact("coco_train2017", "coco/train2017.zip", "http://images.cocodataset.org/zips/train2017.zip",
-             ("train2017/",)),
-    Artifact("gqa_images", "gqa/images.zip", "https://downloads.cs.stanford.edu/nlp/data/gqa/images.zip",
-             ("images/",)),
+    Artifact(
+        "icm_instruct_train",
+        "icm_instruct/icm-instruct-train.zip",
+        f"{HF}/wumengyangok/ICM-Instruct/resolve/main/icm-instruct-train.zip",
+        ("sexy_check_all/", "icm_llava_train.json"),
+    ),
+    Artifact(
+        "q_instruct_labels", "q_instruct/cleaned_labels.json", f"{HF}/teowu/Q-Instruct/resolve/main/cleaned_labels.json"
+    ),
+    Artifact(
+        "q_instruct_images",
+        "q_instruct/q-instruct-images.tar",
+        f"{HF}/teowu/Q-Instruct/resolve/main/q-instruct-images.tar",
+        ("spaq_koniq/", "livefb_liveitw_aigc/"),
+    ),
+    Artifact(
+        "llava_mix665k",
+        "llava/llava_v1_5_mix665k.json",
+        f"{HF}/liuhaotian/LLaVA-Instruct-150K/resolve/main/llava_v1_5_mix665k.json",
+    ),
+    Artifact(
+        "coco_train2017", "coco/train2017.zip", "http://images.cocodataset.org/zips/train2017.zip", ("train2017/",)
+    ),
+    Artifact("gqa_images", "gqa/images.zip", "https://downloads.cs.stanford.edu/nlp/data/gqa/images.zip", ("images/",)),
     # OCR-VQA ships as a Google-Drive download script; the demo packs its result as one zip.
     Artifact("ocr_vqa_images", "ocr_vqa/ocr_vqa_images.zip", None, ("images/",)),
-    Artifact("textvqa_train_val_images", "textvqa/train_val_images.zip",
-             "https://dl.fbaipublicfiles.com/textvqa/images/train_val_images.zip", ("train_images/",)),
-    Artifact("vg_images", "vg/images.zip", "https://cs.stanford.edu/people/rak248/VG_100K_2/images.zip",
-             ("VG_100K/",)),
-    Artifact("vg_images2", "vg/images2.zip", "https://cs.stanford.edu/people/rak248/VG_100K_2/images2.zip",
-             ("VG_100K_2/",)),
-    Artifact("qbench_dev_json", "qbench/llvisionqa_dev.json",
-             f"{HF}/nanyangtu/LLVisionQA-QBench/resolve/main/llvisionqa_dev.json"),
-    Artifact("qbench_images", "qbench/images_llvisionqa.tar",
-             f"{HF}/nanyangtu/LLVisionQA-QBench/resolve/main/images_llvisionqa.tar", ("images_llvisionqa/",)),
+    Artifact(
+        "textvqa_train_val_images",
+        "textvqa/train_val_images.zip",
+        "https://dl.fbaipublicfiles.com/textvqa/images/train_val_images.zip",
+        ("train_images/",),
+    ),
+    Artifact("vg_images", "vg/images.zip", "https://cs.stanford.edu/people/rak248/VG_100K_2/images.zip", ("VG_100K/",)),
+    Artifact(
+        "vg_images2", "vg/images2.zip", "https://cs.stanford.edu/people/rak248/VG_100K_2/images2.zip", ("VG_100K_2/",)
+    ),
+    Artifact(
+        "qbench_dev_json",
+        "qbench/llvisionqa_dev.json",
+        f"{HF}/nanyangtu/LLVisionQA-QBench/resolve/main/llvisionqa_dev.json",
+    ),
+    Artifact(
+        "qbench_images",
+        "qbench/images_llvisionqa.tar",
+        f"{HF}/nanyangtu/LLVisionQA-QBench/resolve/main/images_llvisionqa.tar",
+        ("images_llvisionqa/",),
+    ),
     # The real validation set is an imagefolder repo (zhaoyuzhi/ICM-Instruct), not one archive.
     Artifact("icm_val", "icm_val/icm-instruct-val.zip", None, ("val/", "val_MEQ/", "icm_val_questions.json")),
 )
@@ -148,7 +169,7 @@ def tar_bytes(files: dict[str, bytes]) -> bytes:
 
 def _strip(files: dict[str, bytes], prefix: str, new_prefix: str = "") -> dict[str, bytes]:
     """The entries under ``prefix``, re-rooted at ``new_prefix`` (archive-internal paths)."""
-    return {new_prefix + k[len(prefix):]: v for k, v in files.items() if k.startswith(prefix)}
+    return {new_prefix + k[len(prefix) :]: v for k, v in files.items() if k.startswith(prefix)}
 
 
 def artifact_contents(bundle: DemoBundle) -> dict[str, bytes]:
@@ -237,11 +258,20 @@ def build_demo_sources(out_dir: str | Path, seed: int = 0, scale: float = 1.0, f
     for art in ARTIFACTS:
         data = contents[art.name]
         atomic_write_bytes(out_dir / art.path, data)
-        entries[art.name] = {"path": art.path, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                             "upstream_url": art.upstream, "top_level": list(art.top_level)}
+        entries[art.name] = {
+            "path": art.path,
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "upstream_url": art.upstream,
+            "top_level": list(art.top_level),
+        }
     manifest = {
-        "generator": "icmlab.demo", "demo_version": DEMO_VERSION, "seed": seed, "scale": scale,
-        "counts": bundle.counts(), "artifacts": entries,
+        "generator": "icmlab.demo",
+        "demo_version": DEMO_VERSION,
+        "seed": seed,
+        "scale": scale,
+        "counts": bundle.counts(),
+        "artifacts": entries,
     }
     atomic_write_json(paths["manifest"], manifest)
     return paths

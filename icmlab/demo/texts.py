@@ -126,8 +126,11 @@ def mc_prompt(question: str, options: tuple[str, ...] | list[str], instruction: 
 
 
 SHAPE_NOUNS: dict[str, str] = {
-    "rectangle": "rectangle", "ellipse": "ellipse", "line": "line",
-    "stripes": "striped patch", "checker": "checkered patch",
+    "rectangle": "rectangle",
+    "ellipse": "ellipse",
+    "line": "line",
+    "stripes": "striped patch",
+    "checker": "checkered patch",
 }
 """How the texts name each shape kind."""
 

@@ -77,8 +77,9 @@ def check_single_tokens(tok: PreTrainedTokenizerFast, answers: tuple[str, ...] =
         raise ValueError(f"demo tokenizer splits answers {bad}; raise BPE_VOCAB_SIZE or weight them in the corpus")
 
 
-def demo_tokenizer(image_token: str | None = IMAGE_TOKEN, pad_token: str | None = "<pad>",
-                   model_max_length: int = 2048) -> PreTrainedTokenizerFast:
+def demo_tokenizer(
+    image_token: str | None = IMAGE_TOKEN, pad_token: str | None = "<pad>", model_max_length: int = 2048
+) -> PreTrainedTokenizerFast:
     """Build the demo tokenizer.
 
     Args:
@@ -98,12 +99,20 @@ def demo_tokenizer(image_token: str | None = IMAGE_TOKEN, pad_token: str | None 
         tok.add_special_tokens(added)
     bos_id = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)])
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+    )
     kwargs = {}
     if image_token:
         kwargs["extra_special_tokens"] = {"image_token": image_token}
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token=pad_token,
-        padding_side="right", model_max_length=model_max_length, **kwargs)
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token=pad_token,
+        padding_side="right",
+        model_max_length=model_max_length,
+        **kwargs,
+    )
     check_single_tokens(fast)
     return fast

@@ -33,16 +33,37 @@ from .pack import json_bytes
 MARKER_NAME = ".icmlab_demo_tree.json"
 STAGING_NAME = ".icmlab_demo_staging"
 TOP_LEVEL: tuple[str, ...] = (
-    "cleaned_labels.json", "spaq_koniq", "livefb_liveitw_aigc",
-    "icm_llava_train.json", "sexy_check_all",
-    "llava_v1_5_mix665k.json", "coco", "gqa", "ocr_vqa", "textvqa", "vg",
+    "cleaned_labels.json",
+    "spaq_koniq",
+    "livefb_liveitw_aigc",
+    "icm_llava_train.json",
+    "sexy_check_all",
+    "llava_v1_5_mix665k.json",
+    "coco",
+    "gqa",
+    "ocr_vqa",
+    "textvqa",
+    "vg",
     "eval",
 )
 RESULT_KEYS: tuple[str, ...] = (
-    "cleaned_labels.json", "spaq_koniq", "livefb_liveitw_aigc", "icm_llava_train.json", "sexy_check_all",
-    "llava_v1_5_mix665k.json", "coco/train2017", "gqa/images", "ocr_vqa/images", "textvqa/train_images",
-    "vg/VG_100K", "vg/VG_100K_2", "eval/qbench/llvisionqa_dev.json", "eval/qbench/images_llvisionqa",
-    "eval/icm/icm_val_questions.json", "eval/icm/val", "eval/icm/val_MEQ",
+    "cleaned_labels.json",
+    "spaq_koniq",
+    "livefb_liveitw_aigc",
+    "icm_llava_train.json",
+    "sexy_check_all",
+    "llava_v1_5_mix665k.json",
+    "coco/train2017",
+    "gqa/images",
+    "ocr_vqa/images",
+    "textvqa/train_images",
+    "vg/VG_100K",
+    "vg/VG_100K_2",
+    "eval/qbench/llvisionqa_dev.json",
+    "eval/qbench/images_llvisionqa",
+    "eval/icm/icm_val_questions.json",
+    "eval/icm/val",
+    "eval/icm/val_MEQ",
 )
 """Keys of :func:`build_demo_tree`'s result: paths relative to ``data_root``."""
 
@@ -69,7 +90,11 @@ def tree_files(seed: int = 0, scale: float = 1.0) -> dict[str, bytes]:
 
 def _marker_matches(marker: dict, seed: int, scale: float) -> bool:
     return (marker.get("status"), marker.get("demo_version"), marker.get("seed"), marker.get("scale")) == (
-        "complete", DEMO_VERSION, seed, scale)
+        "complete",
+        DEMO_VERSION,
+        seed,
+        scale,
+    )
 
 
 def build_demo_tree(data_root: str | Path, seed: int = 0, scale: float = 1.0, force: bool = False) -> dict[str, Path]:
@@ -99,18 +124,25 @@ def build_demo_tree(data_root: str | Path, seed: int = 0, scale: float = 1.0, fo
     result = {k: root / k for k in RESULT_KEYS}
     marker_path = root / MARKER_NAME
     marker = read_json(marker_path) if marker_path.is_file() else None
-    if (not force and marker is not None and _marker_matches(marker, seed, scale)
-            and all((root / name).exists() for name in TOP_LEVEL)):
+    if (
+        not force
+        and marker is not None
+        and _marker_matches(marker, seed, scale)
+        and all((root / name).exists() for name in TOP_LEVEL)
+    ):
         return result
     owned = set(marker.get("entries", [])) if marker else set()
     foreign = [name for name in TOP_LEVEL if (root / name).exists() and name not in owned]
     if foreign:
         raise FileExistsError(
             f"build_demo_tree: {root} already holds {foreign} that no demo build created; "
-            "use an empty data_root for the demo (real data is never overwritten)")
+            "use an empty data_root for the demo (real data is never overwritten)"
+        )
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(marker_path, {"status": "building", "demo_version": DEMO_VERSION, "seed": seed,
-                                    "scale": scale, "entries": list(TOP_LEVEL)})
+    atomic_write_json(
+        marker_path,
+        {"status": "building", "demo_version": DEMO_VERSION, "seed": seed, "scale": scale, "entries": list(TOP_LEVEL)},
+    )
     staging = root / STAGING_NAME
     shutil.rmtree(staging, ignore_errors=True)
     for rel, data in tree_files(seed, scale).items():
@@ -125,6 +157,8 @@ def build_demo_tree(data_root: str | Path, seed: int = 0, scale: float = 1.0, fo
             target.unlink()
         (staging / name).rename(target)
     staging.rmdir()
-    atomic_write_json(marker_path, {"status": "complete", "demo_version": DEMO_VERSION, "seed": seed,
-                                    "scale": scale, "entries": list(TOP_LEVEL)})
+    atomic_write_json(
+        marker_path,
+        {"status": "complete", "demo_version": DEMO_VERSION, "seed": seed, "scale": scale, "entries": list(TOP_LEVEL)},
+    )
     return result

@@ -133,8 +133,9 @@ def derangement(n: int, seed: int) -> list[int]:
     return perm
 
 
-def apply_image_control(images: Sequence[Image.Image], control: Control = "none", seed: int = 0,
-                        grey: int = 128) -> list[Image.Image]:
+def apply_image_control(
+    images: Sequence[Image.Image], control: Control = "none", seed: int = 0, grey: int = 128
+) -> list[Image.Image]:
     """Replace images for a control run.
 
     Args:
@@ -167,9 +168,16 @@ def _tokenizer_of(obj: Any) -> Any:
     return obj.tokenizer if _is_processor(obj) else obj
 
 
-def encode_sample(processor_or_tokenizer: Any, image_processor: Any, text: str, image: Image.Image, *,
-                  image_token: str, image_token_id: int | None = None,
-                  num_image_tokens: int | None = None) -> tuple[list[int], torch.Tensor]:
+def encode_sample(
+    processor_or_tokenizer: Any,
+    image_processor: Any,
+    text: str,
+    image: Image.Image,
+    *,
+    image_token: str,
+    image_token_id: int | None = None,
+    num_image_tokens: int | None = None,
+) -> tuple[list[int], torch.Tensor]:
     """Encode one prompt (with exactly one image tag) and its image.
 
     With a processor (``LlavaProcessor``) the processor expands the tag and ``image_processor`` is
@@ -190,8 +198,10 @@ def encode_sample(processor_or_tokenizer: Any, image_processor: Any, text: str, 
         out = processor_or_tokenizer(images=[image], text=text, return_tensors="pt")
         return out["input_ids"][0].tolist(), out["pixel_values"][0]
     if image_processor is None or image_token_id is None or num_image_tokens is None:
-        raise ValueError("a bare tokenizer needs image_processor, image_token_id and num_image_tokens "
-                         "(take them from the ModelBundle)")
+        raise ValueError(
+            "a bare tokenizer needs image_processor, image_token_id and num_image_tokens "
+            "(take them from the ModelBundle)"
+        )
     tok = processor_or_tokenizer
     before, after = text.split(image_token)
     ids = list(tok(before).input_ids) + [image_token_id] * num_image_tokens
@@ -220,8 +230,8 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, s in enumerate(seqs):
         if len(s):
-            ids[row, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
-            mask[row, width - len(s):] = 1
+            ids[row, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+            mask[row, width - len(s) :] = 1
     return ids, mask
 
 
@@ -240,11 +250,21 @@ def _model_device_dtype(model: Any, device: str | torch.device | None) -> tuple[
     return dev, dtype
 
 
-def _batches(model: Any, processor_or_tokenizer: Any, image_processor: Any, prompts: Sequence[str],
-             images: Sequence[Any], batch_size: int, device: str | torch.device | None,
-             prompt_format: str | PromptFormat, control: Control, seed: int,
-             image_token_id: int | None, num_image_tokens: int | None,
-             suffixes: Sequence[Sequence[int]] | None = None):
+def _batches(
+    model: Any,
+    processor_or_tokenizer: Any,
+    image_processor: Any,
+    prompts: Sequence[str],
+    images: Sequence[Any],
+    batch_size: int,
+    device: str | torch.device | None,
+    prompt_format: str | PromptFormat,
+    control: Control,
+    seed: int,
+    image_token_id: int | None,
+    num_image_tokens: int | None,
+    suffixes: Sequence[Sequence[int]] | None = None,
+):
     """Yield ``(start, batch_dict)`` of left-padded model inputs on the device.
 
     ``suffixes`` (one id list per prompt) are appended after the encoded prompt.
@@ -266,13 +286,21 @@ def _batches(model: Any, processor_or_tokenizer: Any, image_processor: Any, prom
         if control == "blank":
             imgs = apply_image_control(imgs, "blank")
         if fmt.encode is not None:
-            encoded = [(list(fmt.encode(q)), pixel_values(processor_or_tokenizer, image_processor, im))
-                       for q, im in zip(prompts[start:stop], imgs)]
+            encoded = [
+                (list(fmt.encode(q)), pixel_values(processor_or_tokenizer, image_processor, im))
+                for q, im in zip(prompts[start:stop], imgs)
+            ]
         else:
             encoded = [
-                encode_sample(processor_or_tokenizer, image_processor, fmt.build(q), im,
-                              image_token=fmt.image_token, image_token_id=image_token_id,
-                              num_image_tokens=num_image_tokens)
+                encode_sample(
+                    processor_or_tokenizer,
+                    image_processor,
+                    fmt.build(q),
+                    im,
+                    image_token=fmt.image_token,
+                    image_token_id=image_token_id,
+                    num_image_tokens=num_image_tokens,
+                )
                 for q, im in zip(prompts[start:stop], imgs)
             ]
         seqs = [e[0] for e in encoded]
@@ -284,12 +312,22 @@ def _batches(model: Any, processor_or_tokenizer: Any, image_processor: Any, prom
 
 
 # --------------------------------------------------------------------------- generation
-def generate_answers(model: Any, processor_or_tokenizer: Any, image_processor: Any, prompts: Sequence[str],
-                     images: Sequence[Image.Image | str | Path], batch_size: int = 8,
-                     max_new_tokens: int = 16, device: str | torch.device | None = None, *,
-                     prompt_format: str | PromptFormat = "llava15", control: Control = "none",
-                     seed: int = 0, image_token_id: int | None = None,
-                     num_image_tokens: int | None = None) -> list[str]:
+def generate_answers(
+    model: Any,
+    processor_or_tokenizer: Any,
+    image_processor: Any,
+    prompts: Sequence[str],
+    images: Sequence[Image.Image | str | Path],
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    device: str | torch.device | None = None,
+    *,
+    prompt_format: str | PromptFormat = "llava15",
+    control: Control = "none",
+    seed: int = 0,
+    image_token_id: int | None = None,
+    num_image_tokens: int | None = None,
+) -> list[str]:
     """Greedy-decode one answer per (question, image) pair in left-padded batches.
 
     Args:
@@ -320,14 +358,31 @@ def generate_answers(model: Any, processor_or_tokenizer: Any, image_processor: A
     was_training = model.training
     model.eval()
     try:
-        for _, batch in _batches(model, processor_or_tokenizer, image_processor, prompts, images,
-                                 batch_size, device, prompt_format, control, seed,
-                                 image_token_id, num_image_tokens):
+        for _, batch in _batches(
+            model,
+            processor_or_tokenizer,
+            image_processor,
+            prompts,
+            images,
+            batch_size,
+            device,
+            prompt_format,
+            control,
+            seed,
+            image_token_id,
+            num_image_tokens,
+        ):
             with torch.inference_mode():
-                out = model.generate(**batch, do_sample=False, num_beams=1,
-                                     max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+                out = model.generate(
+                    **batch,
+                    do_sample=False,
+                    num_beams=1,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=pad,
+                    eos_token_id=eos,
+                )
             # decoder-only generate returns prompt + continuation; drop the (padded) prompt columns
-            new = out[:, batch["input_ids"].shape[1]:]
+            new = out[:, batch["input_ids"].shape[1] :]
             answers.extend(t.strip() for t in tok.batch_decode(new, skip_special_tokens=True))
     finally:
         model.train(was_training)
@@ -369,25 +424,36 @@ def answer_token_plan(tokenizer: Any, prefix: str, choices: Sequence[str]) -> tu
         full = list(tokenizer(prefix + " " + c, add_special_tokens=False).input_ids)
         if full[: len(base)] != base or len(full) <= len(base):
             raise ValueError(f"answer {c!r} does not tokenize as a clean continuation of {prefix[-20:]!r}")
-        conts[c] = full[len(base):]
+        conts[c] = full[len(base) :]
     common: list[int] = []
     seqs = list(conts.values())
     while all(len(s) > len(common) + 1 for s in seqs) and len({s[len(common)] for s in seqs}) == 1:
         common.append(seqs[0][len(common)])
     tokens = {c: s[len(common)] for c, s in conts.items()}
     if len(set(tokens.values())) != len(tokens):
-        raise ValueError(f"choices {list(choices)} are not told apart by one token after their common "
-                         "prefix; the logit fast path cannot separate them (use generate_answers)")
+        raise ValueError(
+            f"choices {list(choices)} are not told apart by one token after their common "
+            "prefix; the logit fast path cannot separate them (use generate_answers)"
+        )
     return common, tokens
 
 
-def choice_logits_answer(model: Any, processor_or_tokenizer: Any, image_processor: Any,
-                         prompts: Sequence[str], images: Sequence[Image.Image | str | Path],
-                         choices: Sequence[str] | Sequence[Sequence[str]], batch_size: int = 8,
-                         device: str | torch.device | None = None, *,
-                         prompt_format: str | PromptFormat = "llava15", control: Control = "none",
-                         seed: int = 0, image_token_id: int | None = None,
-                         num_image_tokens: int | None = None) -> list[ChoiceResult]:
+def choice_logits_answer(
+    model: Any,
+    processor_or_tokenizer: Any,
+    image_processor: Any,
+    prompts: Sequence[str],
+    images: Sequence[Image.Image | str | Path],
+    choices: Sequence[str] | Sequence[Sequence[str]],
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    *,
+    prompt_format: str | PromptFormat = "llava15",
+    control: Control = "none",
+    seed: int = 0,
+    image_token_id: int | None = None,
+    num_image_tokens: int | None = None,
+) -> list[ChoiceResult]:
     """Pick each answer by comparing the choices' first-token logits after ``ASSISTANT:``.
 
     Faster than generation (one forward pass, no decoding loop) and immune to format drift; use it
@@ -423,9 +489,21 @@ def choice_logits_answer(model: Any, processor_or_tokenizer: Any, image_processo
     was_training = model.training
     model.eval()
     try:
-        for start, batch in _batches(model, processor_or_tokenizer, image_processor, prompts, images,
-                                     batch_size, device, prompt_format, control, seed,
-                                     image_token_id, num_image_tokens, suffixes):
+        for start, batch in _batches(
+            model,
+            processor_or_tokenizer,
+            image_processor,
+            prompts,
+            images,
+            batch_size,
+            device,
+            prompt_format,
+            control,
+            seed,
+            image_token_id,
+            num_image_tokens,
+            suffixes,
+        ):
             inputs = dict(batch)
             if accepts_positions:
                 # generate() derives positions from the mask; whether a bare forward does is up to

@@ -50,19 +50,33 @@ def questions_from_folders(root: Path, question: str = UPSTREAM_QUESTION, split:
     """
     base = Path(root) / split
     if not base.is_dir():
-        raise FileNotFoundError(f"{base} not found: the ICM validation imagefolder (val/<category>/<image>) "
-                                "comes from the download stage (icmlab download <params>)")
+        raise FileNotFoundError(
+            f"{base} not found: the ICM validation imagefolder (val/<category>/<image>) "
+            "comes from the download stage (icmlab download <params>)"
+        )
     stray = sorted(p.name for p in base.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if stray:
-        raise ValueError(f"{base}: {len(stray)} images lie directly in the folder (e.g. {stray[0]}); each image "
-                         "must be in its category folder val/<category>/, which decides its ground truth")
+        raise ValueError(
+            f"{base}: {len(stray)} images lie directly in the folder (e.g. {stray[0]}); each image "
+            "must be in its category folder val/<category>/, which decides its ground truth"
+        )
     items: list[dict] = []
     for cat_dir in sorted(p for p in base.iterdir() if p.is_dir()):
         for img in sorted(p for p in cat_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
             rel = img.relative_to(root).as_posix()
-            items.append({"id": rel, "kind": "yes_no", "image": rel, "category": cat_dir.name,
-                          "question": question, "answer": "Yes" if is_violating(cat_dir.name) else "No"})
+            items.append(
+                {
+                    "id": rel,
+                    "kind": "yes_no",
+                    "image": rel,
+                    "category": cat_dir.name,
+                    "question": question,
+                    "answer": "Yes" if is_violating(cat_dir.name) else "No",
+                }
+            )
     if not items:
-        raise ValueError(f"{base}: no images in category folders; expected val/<category>/<image> "
-                         f"with suffixes {sorted(IMAGE_SUFFIXES)}")
+        raise ValueError(
+            f"{base}: no images in category folders; expected val/<category>/<image> "
+            f"with suffixes {sorted(IMAGE_SUFFIXES)}"
+        )
     return items

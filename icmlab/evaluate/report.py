@@ -27,7 +27,7 @@ import io
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Literal, Mapping, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -35,8 +35,8 @@ from PIL import Image
 
 from icmlab.display import HTML, figure_png
 from icmlab.display import table_html as html_table
-from icmlab.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from icmlab.evaluate.scoring import QBENCH_COLUMN_NAMES, QBENCH_COLUMNS, EvaluationResult, qbench_prompt
+from icmlab.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 Metric = Literal["strict", "substring"]
 
@@ -97,9 +97,11 @@ def qbench_table_html(evaluations: Mapping[str, EvaluationResult | dict], metric
         rows.append(["items"] + [any_q.counts[c] for c in QBENCH_COLUMNS] + [""])
         classes += ["chance", "counts"]
     headers = ["model"] + [QBENCH_COLUMN_NAMES[c] for c in QBENCH_COLUMNS] + ["unparsed"]
-    caption = ("Q-Bench A1, strict: the one letter parse_choice reads must be the correct one"
-               if metric == "strict" else
-               "Q-Bench A1, substring (upstream rule, comparable with the paper): correct letter anywhere in the output")
+    caption = (
+        "Q-Bench A1, strict: the one letter parse_choice reads must be the correct one"
+        if metric == "strict"
+        else "Q-Bench A1, substring (upstream rule, comparable with the paper): correct letter anywhere in the output"
+    )
     return html_table(headers, rows, caption, classes)
 
 
@@ -112,8 +114,21 @@ def moderation_table_html(evaluations: Mapping[str, EvaluationResult | dict]) ->
         if m is None:
             continue
         c = m.confusion
-        rows.append([label, m.n, _pct(m.accuracy), _pct(m.precision), _pct(m.recall), _pct(m.f1),
-                     c["tp"], c["fp"], c["fn"], c["tn"], m.unknown])
+        rows.append(
+            [
+                label,
+                m.n,
+                _pct(m.accuracy),
+                _pct(m.precision),
+                _pct(m.recall),
+                _pct(m.f1),
+                c["tp"],
+                c["fp"],
+                c["fn"],
+                c["tn"],
+                m.unknown,
+            ]
+        )
         classes.append("control" if is_ctl else "")
     headers = ["model", "n", "accuracy", "precision", "recall", "F1", "TP", "FP", "FN", "TN", "unknown"]
     return html_table(headers, rows, "Moderation (positive = violating; unknown answers count as wrong)", classes)
@@ -124,9 +139,11 @@ def moderation_category_table_html(evaluations: Mapping[str, EvaluationResult | 
     evals = _normalize(evaluations)
     cols = [(label, res.moderation) for label, res, _ in _rows(evals) if res.moderation is not None]
     cats = sorted({cat for _, m in cols for cat in m.per_category})
-    rows = [[cat, next((m.per_category[cat]["n"] for _, m in cols if cat in m.per_category), 0)]
-            + [_pct(m.per_category[cat]["accuracy"]) if cat in m.per_category else "–" for _, m in cols]
-            for cat in cats]
+    rows = [
+        [cat, next((m.per_category[cat]["n"] for _, m in cols if cat in m.per_category), 0)]
+        + [_pct(m.per_category[cat]["accuracy"]) if cat in m.per_category else "–" for _, m in cols]
+        for cat in cats
+    ]
     return html_table(["category", "n"] + [label for label, _ in cols], rows, "Moderation accuracy per category")
 
 
@@ -160,8 +177,17 @@ def qbench_bar_figure(evaluations: Mapping[str, EvaluationResult | dict], metric
     for k, (lab, q, ctl, idx) in enumerate(series):
         vals = [100 * (getattr(q, metric)[c] or 0.0) for c in QBENCH_COLUMNS]
         xs = [i - 0.4 + width * (k + 0.5) for i in range(len(QBENCH_COLUMNS))]
-        ax.bar(xs, vals, width, label=lab, color=colors[idx], alpha=0.45 if ctl else 1.0,
-               hatch="//" if ctl else None, edgecolor="black" if ctl else colors[idx], linewidth=0.5)
+        ax.bar(
+            xs,
+            vals,
+            width,
+            label=lab,
+            color=colors[idx],
+            alpha=0.45 if ctl else 1.0,
+            hatch="//" if ctl else None,
+            edgecolor="black" if ctl else colors[idx],
+            linewidth=0.5,
+        )
         if len(series) <= 4:
             for x, v in zip(xs, vals):
                 ax.text(x, v + 0.8, f"{v:.1f}", ha="center", va="bottom", fontsize=6, rotation=90)
@@ -182,9 +208,11 @@ def controls_figure(evaluations: Mapping[str, EvaluationResult | dict]) -> Figur
     """Per model: overall Q-Bench accuracy (strict and substring) and moderation accuracy with real
     images beside the blank/shuffled controls."""
     evals = _normalize(evaluations)
-    metrics = [("Q-Bench strict", lambda r: r.qbench and r.qbench.strict["overall"]),
-               ("Q-Bench substring", lambda r: r.qbench and r.qbench.substring["overall"]),
-               ("moderation", lambda r: r.moderation and r.moderation.accuracy)]
+    metrics = [
+        ("Q-Bench strict", lambda r: r.qbench and r.qbench.strict["overall"]),
+        ("Q-Bench substring", lambda r: r.qbench and r.qbench.substring["overall"]),
+        ("moderation", lambda r: r.moderation and r.moderation.accuracy),
+    ]
     metrics = [(name, get) for name, get in metrics if any(get(r) is not None for r in evals.values())]
     fig = _new_figure(max(6.0, 3.2 * max(1, len(metrics))), 3.8)
     axes = fig.subplots(1, max(1, len(metrics)), squeeze=False)[0]
@@ -218,8 +246,15 @@ def confusion_figure(evaluations: Mapping[str, EvaluationResult | dict]) -> Figu
         ax.imshow(mat, cmap="Blues", vmin=0, vmax=max(1, max(max(r) for r in mat)))
         for i in range(2):
             for j in range(3):
-                ax.text(j, i, str(mat[i][j]), ha="center", va="center", fontsize=10,
-                        color="white" if mat[i][j] > 0.6 * max(1, max(max(r) for r in mat)) else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(mat[i][j]),
+                    ha="center",
+                    va="center",
+                    fontsize=10,
+                    color="white" if mat[i][j] > 0.6 * max(1, max(max(r) for r in mat)) else "black",
+                )
         ax.set_xticks(range(3), ["yes", "no", "unknown"])
         ax.set_yticks(range(2), ["yes", "no"])
         ax.set_xlabel("predicted")
@@ -251,10 +286,14 @@ class GalleryItem:
     correct: dict[str, bool] = field(default_factory=dict)
 
 
-def gallery_from_records(items: Sequence[dict], images: Sequence[Image.Image | str | Path],
-                         evaluations: Mapping[str, EvaluationResult | dict],
-                         task: Literal["qbench", "moderation"] = "qbench", n: int = 12,
-                         seed: int = 0) -> list[GalleryItem]:
+def gallery_from_records(
+    items: Sequence[dict],
+    images: Sequence[Image.Image | str | Path],
+    evaluations: Mapping[str, EvaluationResult | dict],
+    task: Literal["qbench", "moderation"] = "qbench",
+    n: int = 12,
+    seed: int = 0,
+) -> list[GalleryItem]:
     """Pick ``n`` examples (items where the models disagree first, then a seeded sample).
 
     Args:
@@ -290,9 +329,15 @@ def gallery_from_records(items: Sequence[dict], images: Sequence[Image.Image | s
         else:
             question = str(items[i].get("question", ""))
             reference = next(iter(recs.values()))[i]["truth"]
-        out.append(GalleryItem(image=images[i], question=question, reference=reference,
-                               predictions={lab: r[i]["output"] for lab, r in recs.items()},
-                               correct={lab: bool(r[i][ok_key]) for lab, r in recs.items()}))
+        out.append(
+            GalleryItem(
+                image=images[i],
+                question=question,
+                reference=reference,
+                predictions={lab: r[i]["output"] for lab, r in recs.items()},
+                correct={lab: bool(r[i][ok_key]) for lab, r in recs.items()},
+            )
+        )
     return out
 
 
@@ -323,12 +368,14 @@ def gallery_html(items: Sequence[GalleryItem], thumb_px: int = 160) -> HTML:
     for it in items:
         preds = "".join(
             f'<div class="pred {"ok" if it.correct.get(lab) else "bad"}"><b>{html.escape(lab)}</b> '
-            f'{"✓" if it.correct.get(lab) else "✗"} <code>{html.escape(out or "(empty)")}</code></div>'
-            for lab, out in it.predictions.items())
+            f"{'✓' if it.correct.get(lab) else '✗'} <code>{html.escape(out or '(empty)')}</code></div>"
+            for lab, out in it.predictions.items()
+        )
         cards.append(
             f'<div class="card"><img src="{thumbnail_data_uri(it.image, thumb_px)}" width="{thumb_px}" '
             f'alt="example image"><pre class="q">{html.escape(it.question)}</pre>'
-            f'<div class="ref">reference: <b>{html.escape(it.reference)}</b></div>{preds}</div>')
+            f'<div class="ref">reference: <b>{html.escape(it.reference)}</b></div>{preds}</div>'
+        )
     return HTML(f'<div class="gallery">{"".join(cards)}</div>')
 
 
@@ -348,8 +395,12 @@ def _img_tag(png: bytes, alt: str) -> str:
     return f'<img class="fig" alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def build_report(out_dir: str | Path, evaluations: Mapping[str, EvaluationResult | dict],
-                 gallery_items: Sequence[GalleryItem] = (), title: str = "icmlab evaluation") -> Path:
+def build_report(
+    out_dir: str | Path,
+    evaluations: Mapping[str, EvaluationResult | dict],
+    gallery_items: Sequence[GalleryItem] = (),
+    title: str = "icmlab evaluation",
+) -> Path:
     """Write ``report.html``, the figure PNGs and ``scores.json`` into ``out_dir``.
 
     Files: ``qbench_strict.png``, ``qbench_substring.png`` (if any model has Q-Bench scores),
@@ -373,10 +424,15 @@ def build_report(out_dir: str | Path, evaluations: Mapping[str, EvaluationResult
     has_q = any(r.qbench is not None for _, r, _ in _rows(evals))
     has_m = any(r.moderation is not None for _, r, _ in _rows(evals))
     has_ctl = any(r.controls for r in evals.values())
-    parts = [f"<h1>{html.escape(title)}</h1>",
-             "<p>Models: " + ", ".join(f"<b>{html.escape(k)}</b>" for k in evals) +
-             f" (Δ rows are against <b>{html.escape(next(iter(evals)))}</b>). Accuracies in %.</p>"]
-    meta_rows = [[label, ", ".join(f"{k}={v}" for k, v in res.meta.items())] for label, res in evals.items() if res.meta]
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        "<p>Models: "
+        + ", ".join(f"<b>{html.escape(k)}</b>" for k in evals)
+        + f" (Δ rows are against <b>{html.escape(next(iter(evals)))}</b>). Accuracies in %.</p>",
+    ]
+    meta_rows = [
+        [label, ", ".join(f"{k}={v}" for k, v in res.meta.items())] for label, res in evals.items() if res.meta
+    ]
     if meta_rows:
         parts.append(html_table(["model", "details"], meta_rows, "Runs"))
 
@@ -388,19 +444,27 @@ def build_report(out_dir: str | Path, evaluations: Mapping[str, EvaluationResult
     if has_q:
         parts.append("<h2>Q-Bench A1 (LLVisionQA)</h2>")
         for metric in ("strict", "substring"):
-            parts += [qbench_table_html(evals, metric),
-                      figure(f"qbench_{metric}", qbench_bar_figure(evals, metric))]
+            parts += [qbench_table_html(evals, metric), figure(f"qbench_{metric}", qbench_bar_figure(evals, metric))]
     if has_m:
-        parts += ["<h2>Moderation</h2>", moderation_table_html(evals), moderation_category_table_html(evals),
-                  figure("moderation_confusion", confusion_figure(evals))]
+        parts += [
+            "<h2>Moderation</h2>",
+            moderation_table_html(evals),
+            moderation_category_table_html(evals),
+            figure("moderation_confusion", confusion_figure(evals)),
+        ]
     if has_ctl:
-        parts += ["<h2>Controls</h2><p>The same model with every image replaced by a uniform grey one "
-                  "(blank) or by another question's image (shuffled). A model that reads the pixels "
-                  "falls towards the random-guess level here.</p>", figure("controls", controls_figure(evals))]
+        parts += [
+            "<h2>Controls</h2><p>The same model with every image replaced by a uniform grey one "
+            "(blank) or by another question's image (shuffled). A model that reads the pixels "
+            "falls towards the random-guess level here.</p>",
+            figure("controls", controls_figure(evals)),
+        ]
     if gallery_items:
         parts += ["<h2>Examples</h2>", gallery_html(gallery_items)]
     body = "\n".join(parts)
     atomic_write_json(out_dir / "scores.json", {label: res.to_dict() for label, res in evals.items()})
-    page = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{_CSS}</style></head><body>{body}</body></html>")
+    page = (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_CSS}</style></head><body>{body}</body></html>"
+    )
     return atomic_write_text(out_dir / "report.html", page)

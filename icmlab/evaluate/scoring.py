@@ -37,8 +37,14 @@ QBENCH_INSTRUCTION = "Answer with the option's letter from the given choices dir
 
 # Column keys in the paper's order (upstream-recipes §1.8) with their display names.
 QBENCH_COLUMN_NAMES: dict[str, str] = {
-    "yes_no": "Yes/No", "what": "What", "how": "How", "distortion": "Distortion", "other": "Other",
-    "in_context_distortion": "I-C Distortion", "in_context_other": "I-C Other", "overall": "Overall",
+    "yes_no": "Yes/No",
+    "what": "What",
+    "how": "How",
+    "distortion": "Distortion",
+    "other": "Other",
+    "in_context_distortion": "I-C Distortion",
+    "in_context_other": "I-C Other",
+    "overall": "Overall",
 }
 QBENCH_COLUMNS: tuple[str, ...] = tuple(QBENCH_COLUMN_NAMES)
 _TYPE_CODES = {0: "yes_no", 1: "what", 2: "how"}
@@ -46,9 +52,14 @@ _CONCERN_CODES = {0: "distortion", 1: "other", 2: "in_context_distortion", 3: "i
 # Spellings seen in LLVisionQA releases and re-packagings (ints in the JSON, words elsewhere).
 _TYPE_WORDS = {"yesorno": "yes_no", "yesno": "yes_no", "what": "what", "how": "how"}
 _CONCERN_WORDS = {
-    "distortion": "distortion", "distortions": "distortion", "other": "other", "others": "other",
-    "incontextdistortion": "in_context_distortion", "incontextdistortions": "in_context_distortion",
-    "incontextother": "in_context_other", "incontextothers": "in_context_other",
+    "distortion": "distortion",
+    "distortions": "distortion",
+    "other": "other",
+    "others": "other",
+    "incontextdistortion": "in_context_distortion",
+    "incontextdistortions": "in_context_distortion",
+    "incontextother": "in_context_other",
+    "incontextothers": "in_context_other",
 }
 
 
@@ -93,9 +104,7 @@ def qbench_prompt(item: dict, style: Literal["llava", "mplug", "options_first"] 
 
 def _question_and_candidates(item: dict) -> tuple[str, list[str]]:
     if not isinstance(item, dict) or "question" not in item or "candidates" not in item:
-        raise ValueError(
-            f"Q-Bench item {str(item)[:80]!r} needs 'question' and 'candidates' (LLVisionQA format)"
-        )
+        raise ValueError(f"Q-Bench item {str(item)[:80]!r} needs 'question' and 'candidates' (LLVisionQA format)")
     candidates = [str(c) for c in item["candidates"]]
     if not 2 <= len(candidates) <= len(LETTERS):
         raise ValueError(f"Q-Bench item {item['question']!r}: needs 2..26 candidates, got {len(candidates)}")
@@ -320,13 +329,24 @@ def score_qbench(items: Sequence[dict], outputs: Sequence[str]) -> QBenchScores:
             strict_ok[col] += s_ok
             sub_ok[col] += u_ok
             chance_sum[col] += 1 / len(candidates)
-        records.append({"index": i, "columns": cols, "n_options": len(candidates),
-                        "correct": gold, "parsed": parsed,
-                        "strict_ok": s_ok, "substring_ok": u_ok, "output": out})
+        records.append(
+            {
+                "index": i,
+                "columns": cols,
+                "n_options": len(candidates),
+                "correct": gold,
+                "parsed": parsed,
+                "strict_ok": s_ok,
+                "substring_ok": u_ok,
+                "output": out,
+            }
+        )
     return QBenchScores(
         strict={c: _ratio(strict_ok[c], counts[c]) for c in QBENCH_COLUMNS},
         substring={c: _ratio(sub_ok[c], counts[c]) for c in QBENCH_COLUMNS},
-        counts=counts, strict_correct=strict_ok, substring_correct=sub_ok,
+        counts=counts,
+        strict_correct=strict_ok,
+        substring_correct=sub_ok,
         unparsed=unparsed,
         chance={c: (chance_sum[c] / counts[c] if counts[c] else None) for c in QBENCH_COLUMNS},
         records=records,
@@ -432,16 +452,23 @@ def score_moderation(items: Sequence[dict], outputs: Sequence[str]) -> Moderatio
         except ValueError as e:
             raise ValueError(f"moderation item #{i}: {e}") from None
         pred = parse_yes_no(out)
-        key = {("yes", "yes"): "tp", ("yes", "no"): "fn", ("yes", None): "unknown_pos",
-               ("no", "yes"): "fp", ("no", "no"): "tn", ("no", None): "unknown_neg"}[(truth, pred)]
+        key = {
+            ("yes", "yes"): "tp",
+            ("yes", "no"): "fn",
+            ("yes", None): "unknown_pos",
+            ("no", "yes"): "fp",
+            ("no", "no"): "tn",
+            ("no", None): "unknown_neg",
+        }[(truth, pred)]
         conf[key] += 1
         cat = str(item.get("category", "all"))
         row = per_cat.setdefault(cat, {"n": 0, "correct": 0, "unknown": 0, "accuracy": None})
         row["n"] += 1
         row["correct"] += pred == truth
         row["unknown"] += pred is None
-        records.append({"index": i, "category": cat, "truth": truth, "parsed": pred,
-                        "ok": pred == truth, "output": out})
+        records.append(
+            {"index": i, "category": cat, "truth": truth, "parsed": pred, "ok": pred == truth, "output": out}
+        )
     for row in per_cat.values():
         row["accuracy"] = _ratio(row["correct"], row["n"])
     n = len(items)
@@ -453,9 +480,16 @@ def score_moderation(items: Sequence[dict], outputs: Sequence[str]) -> Moderatio
     else:
         f1 = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
     return ModerationScores(
-        n=n, correct=correct, unknown=conf["unknown_pos"] + conf["unknown_neg"],
-        accuracy=_ratio(correct, n), precision=precision, recall=recall, f1=f1,
-        confusion=conf, per_category=dict(sorted(per_cat.items())), records=records,
+        n=n,
+        correct=correct,
+        unknown=conf["unknown_pos"] + conf["unknown_neg"],
+        accuracy=_ratio(correct, n),
+        precision=precision,
+        recall=recall,
+        f1=f1,
+        confusion=conf,
+        per_category=dict(sorted(per_cat.items())),
+        records=records,
     )
 
 

@@ -21,18 +21,17 @@ import torch
 
 from icmlab import paths
 from icmlab.config import RunConfig
-from icmlab.models.spec import DIALECTS, family_spec
 from icmlab.evaluate.generation import PROMPT_FORMATS, PromptFormat, generate_answers
 from icmlab.evaluate.icm_val import UPSTREAM_QUESTION, questions_from_folders
+from icmlab.evaluate.report import build_report, gallery_from_records
+from icmlab.evaluate.scoring import EvaluationResult, qbench_prompt, score_moderation, score_qbench
+from icmlab.inputs.encode import PieceEncoder, encode_prompt
 from icmlab.inputs.images import expand2square, load_rgb, mean_background
 from icmlab.io import atomic_write_json, read_json
 from icmlab.models import ModelBundle, get_family
-from icmlab.inputs.encode import PieceEncoder, encode_prompt
-from icmlab.evaluate.report import build_report, gallery_from_records
-from icmlab.evaluate.scoring import EvaluationResult, qbench_prompt, score_moderation, score_qbench
+from icmlab.models.spec import DIALECTS, family_spec
 
 log = logging.getLogger("icmlab.evaluate.stage")
-
 
 
 @dataclass
@@ -61,22 +60,28 @@ class EvaluateResult:
         rows = []
         for label, ev in self.evaluations.items():
             for name, e in [(label, ev), *((f"{label} [{c}]", r) for c, r in ev.controls.items())]:
-                rows.append({
-                    "model": name,
-                    "qbench_strict": e.qbench.strict["overall"] if e.qbench else None,
-                    "qbench_substring": e.qbench.substring["overall"] if e.qbench else None,
-                    "moderation_acc": e.moderation.accuracy if e.moderation else None,
-                })
+                rows.append(
+                    {
+                        "model": name,
+                        "qbench_strict": e.qbench.strict["overall"] if e.qbench else None,
+                        "qbench_substring": e.qbench.substring["overall"] if e.qbench else None,
+                        "moderation_acc": e.moderation.accuracy if e.moderation else None,
+                    }
+                )
         return rows
 
     def summary(self) -> str:
         """Text table for the terminal."""
+
         def pct(v):
             return "   -  " if v is None else f"{100 * v:6.1f}"
+
         lines = [f"{'model':<28} {'Q-Bench strict':>14} {'substring':>10} {'moderation':>11}"]
         for r in self.headline():
-            lines.append(f"{r['model']:<28} {pct(r['qbench_strict']):>14} {pct(r['qbench_substring']):>10} "
-                         f"{pct(r['moderation_acc']):>11}")
+            lines.append(
+                f"{r['model']:<28} {pct(r['qbench_strict']):>14} {pct(r['qbench_substring']):>10} "
+                f"{pct(r['moderation_acc']):>11}"
+            )
         return "\n".join(lines) + f"\nreport: {self.report}"
 
 
@@ -119,15 +124,21 @@ def moderation_items(cfg: RunConfig) -> list[dict]:
         return read_json(src)
     items = questions_from_folders(root, cfg.eval.moderation_question or UPSTREAM_QUESTION)
     atomic_write_json(cfg.run_dir / "eval" / "icm_val_questions.json", items)
-    log.info("built %d moderation questions from %s/val/<category>/ (ground truth: 'normal' categories "
-             "are harmless, as upstream's eval.py)", len(items), root)
+    log.info(
+        "built %d moderation questions from %s/val/<category>/ (ground truth: 'normal' categories "
+        "are harmless, as upstream's eval.py)",
+        len(items),
+        root,
+    )
     return items
 
 
 def _require(path: Path, what: str) -> None:
     if not path.exists():
-        raise FileNotFoundError(f"{what} not found at {path}; run the download stage "
-                                "(icmlab download <params> or notebooks/01_download.ipynb) first")
+        raise FileNotFoundError(
+            f"{what} not found at {path}; run the download stage "
+            "(icmlab download <params> or notebooks/01_download.ipynb) first"
+        )
 
 
 def prepare_images(image_paths: list[Path], bundle: ModelBundle, aspect_ratio: str) -> list:
@@ -147,16 +158,23 @@ def prompt_format(cfg: RunConfig, bundle: ModelBundle) -> PromptFormat:
     encoder = PieceEncoder(bundle.tokenizer, dialect=family)
 
     def encode(question: str) -> list[int]:
-        return encode_prompt(question, bundle.tokenizer, template=template, dialect=family,
-                             image_token_id=bundle.image_token_id, num_image_tokens=bundle.num_image_tokens,
-                             encoder=encoder).input_ids
+        return encode_prompt(
+            question,
+            bundle.tokenizer,
+            template=template,
+            dialect=family,
+            image_token_id=bundle.image_token_id,
+            num_image_tokens=bundle.num_image_tokens,
+            encoder=encoder,
+        ).input_ids
 
     base = PROMPT_FORMATS[family]
     return PromptFormat(build=base.build, image_token=DIALECTS[family], encode=encode)
 
 
-def evaluate_bundle(cfg: RunConfig, bundle: ModelBundle, sets: list[EvalSet], controls: list[str],
-                    device: str) -> EvaluationResult:
+def evaluate_bundle(
+    cfg: RunConfig, bundle: ModelBundle, sets: list[EvalSet], controls: list[str], device: str
+) -> EvaluationResult:
     """Answer and score every set with one model, plus the control runs."""
     fmt = prompt_format(cfg, bundle)
     result = EvaluationResult(meta={"template": cfg.eval.template, "max_new_tokens": cfg.eval.max_new_tokens})
@@ -164,11 +182,21 @@ def evaluate_bundle(cfg: RunConfig, bundle: ModelBundle, sets: list[EvalSet], co
         target = result if control == "none" else result.controls.setdefault(control, EvaluationResult())
         for s in sets:
             images = prepare_images(s.images, bundle, cfg.data.image_aspect_ratio)
-            outputs = generate_answers(bundle.model, bundle.tokenizer, bundle.image_processor, s.questions, images,
-                                       batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                                       device=device, prompt_format=fmt, control=control, seed=cfg.seed,
-                                       image_token_id=bundle.image_token_id,
-                                       num_image_tokens=bundle.num_image_tokens)
+            outputs = generate_answers(
+                bundle.model,
+                bundle.tokenizer,
+                bundle.image_processor,
+                s.questions,
+                images,
+                batch_size=cfg.eval.batch_size,
+                max_new_tokens=cfg.eval.max_new_tokens,
+                device=device,
+                prompt_format=fmt,
+                control=control,
+                seed=cfg.seed,
+                image_token_id=bundle.image_token_id,
+                num_image_tokens=bundle.num_image_tokens,
+            )
             setattr(target, s.name, s.score(s.items, outputs))
     return result
 
@@ -199,8 +227,12 @@ def run(cfg: RunConfig) -> EvaluateResult:
     evaluations: dict[str, EvaluationResult] = {}
     if cfg.eval.baseline:
         log.info("evaluating the baseline %s", cfg.model.base)
-        kwargs: dict[str, Any] = dict(dtype=dtype, device=device, revision=cfg.model.revision,
-                                      attn_implementation=cfg.hardware.attn_implementation)
+        kwargs: dict[str, Any] = dict(
+            dtype=dtype,
+            device=device,
+            revision=cfg.model.revision,
+            attn_implementation=cfg.hardware.attn_implementation,
+        )
         if cfg.model.base_format == "original" and cfg.model.vision_tower:
             kwargs["vision_source"] = cfg.model.vision_tower  # original LLaVA loads CLIP separately
         base = family.load_for_inference(cfg.model.base, **kwargs)
@@ -208,8 +240,9 @@ def run(cfg: RunConfig) -> EvaluateResult:
         evaluations["baseline"].meta["checkpoint"] = cfg.model.base
         del base
     log.info("evaluating the fine-tuned model %s", finetuned_dir)
-    tuned = family.load_for_inference(finetuned_dir, dtype=dtype, device=device,
-                                      attn_implementation=cfg.hardware.attn_implementation)
+    tuned = family.load_for_inference(
+        finetuned_dir, dtype=dtype, device=device, attn_implementation=cfg.hardware.attn_implementation
+    )
     evaluations["fine-tuned"] = evaluate_bundle(cfg, tuned, sets, list(cfg.eval.controls), device)
     evaluations["fine-tuned"].meta["checkpoint"] = str(finetuned_dir)
     out = paths.eval_dir(cfg)
@@ -218,6 +251,5 @@ def run(cfg: RunConfig) -> EvaluateResult:
     for s in sets:
         task = "qbench" if s.name == "qbench" else "moderation"
         gallery += gallery_from_records(s.items, s.images, evaluations, task=task, n=8, seed=cfg.seed)
-    report = build_report(paths.report_dir(cfg), evaluations, gallery,
-                          title=f"{cfg.run_name}: baseline vs fine-tuned")
+    report = build_report(paths.report_dir(cfg), evaluations, gallery, title=f"{cfg.run_name}: baseline vs fine-tuned")
     return EvaluateResult(evaluations, report, scores_json, time.perf_counter() - t0, gallery)

@@ -21,7 +21,7 @@ def pad_rows(rows: Sequence[Sequence[int]], value: int, length: int, left: bool)
     for i, row in enumerate(rows):
         if row:
             if left:
-                out[i, length - len(row):] = torch.as_tensor(row, dtype=torch.long)
+                out[i, length - len(row) :] = torch.as_tensor(row, dtype=torch.long)
             else:
                 out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
     return out

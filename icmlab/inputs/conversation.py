@@ -155,12 +155,12 @@ def turns_from_record(
         speaker = msg.get("from") if isinstance(msg, Mapping) else None
         role = _ROLE_ALIASES.get(str(speaker).lower()) if speaker is not None else None
         if role is None:
-            raise ValueError(
-                f"record {record_id}: conversations[{i}] has from={speaker!r}; expected 'human' or 'gpt'"
-            )
+            raise ValueError(f"record {record_id}: conversations[{i}] has from={speaker!r}; expected 'human' or 'gpt'")
         value = msg.get("value")
         if not isinstance(value, str):
-            raise ValueError(f"record {record_id}: conversations[{i}].value must be a string, got {type(value).__name__}")
+            raise ValueError(
+                f"record {record_id}: conversations[{i}].value must be a string, got {type(value).__name__}"
+            )
         if image_token is not None:
             value = move_image_token_to_front(value, image_token)
         turns.append(Turn(role, value))

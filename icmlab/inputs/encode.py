@@ -24,14 +24,17 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
-import torch
-
-from icmlab.models.spec import FAMILY_SPECS
-
 from icmlab.inputs.conversation import (
-    DIALECTS, ChatTemplate, Segment, conversation_segments, get_template, image_token_for, prompt_turns,
+    DIALECTS,
+    ChatTemplate,
+    Segment,
+    conversation_segments,
+    get_template,
+    image_token_for,
+    prompt_turns,
     turns_from_record,
 )
+from icmlab.models.spec import FAMILY_SPECS
 
 IGNORE_INDEX = -100
 #: Placeholder id of one image in the original LLaVA / mPLUG-Owl2 input_ids.
@@ -85,8 +88,14 @@ class PieceEncoder:
         ValueError: unknown rule, or a SentencePiece rule on a tokenizer that is not one.
     """
 
-    def __init__(self, tokenizer: Any, rule: str | None = None, *, dialect: str = "llava15",
-                 literal: Sequence[str] = tuple(DIALECTS.values())) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        rule: str | None = None,
+        *,
+        dialect: str = "llava15",
+        literal: Sequence[str] = tuple(DIALECTS.values()),
+    ) -> None:
         sp = _is_sentencepiece_bpe(tokenizer)
         if rule is None:
             rule = DEFAULT_RULES.get(dialect, "sp_nonlegacy") if sp else "plain"
@@ -222,7 +231,10 @@ def encode_segments(
 
 
 def truncate(
-    ids: list[int], labels: list[int], spans: list[tuple[int, int]], max_length: int,
+    ids: list[int],
+    labels: list[int],
+    spans: list[tuple[int, int]],
+    max_length: int,
     mode: Literal["expanded", "collapsed"] = "expanded",
 ) -> tuple[list[int], list[int], list[tuple[int, int]], bool]:
     """Cut a sample to ``max_length``.
@@ -257,9 +269,14 @@ def _finish(ids, labels, spans, model_max_length, truncation) -> EncodedSample:
     if model_max_length is not None:
         ids, labels, spans, image_cut = truncate(ids, labels, spans, model_max_length, truncation)
     return EncodedSample(
-        input_ids=ids, labels=labels, image_spans=spans,
-        num_supervised=sum(1 for x in labels if x != IGNORE_INDEX), truncated=len(ids) < total,
-        image_truncated=image_cut, num_tokens=len(ids), num_tokens_untruncated=total,
+        input_ids=ids,
+        labels=labels,
+        image_spans=spans,
+        num_supervised=sum(1 for x in labels if x != IGNORE_INDEX),
+        truncated=len(ids) < total,
+        image_truncated=image_cut,
+        num_tokens=len(ids),
+        num_tokens_untruncated=total,
     )
 
 
@@ -320,8 +337,12 @@ def encode_conversation(
     enc = encoder or PieceEncoder(tokenizer, rule, dialect=dialect)
     turns = turns_from_record(convs, record_id=rid, image_token=image_token if has_image else None)
     ids, labels, spans = encode_segments(
-        conversation_segments(tmpl, turns), enc, image_token=image_token if has_image else None,
-        image_token_id=image_token_id, num_image_tokens=num_image_tokens, bos_token_id=_bos(tokenizer),
+        conversation_segments(tmpl, turns),
+        enc,
+        image_token=image_token if has_image else None,
+        image_token_id=image_token_id,
+        num_image_tokens=num_image_tokens,
+        bos_token_id=_bos(tokenizer),
     )
     return _finish(ids, labels, spans, model_max_length, truncation)
 
@@ -361,9 +382,12 @@ def encode_prompt(
     enc = encoder or PieceEncoder(tokenizer, rule, dialect=dialect)
     turns = prompt_turns(question, history=history, image_token=image_token if has_image else None)
     ids, labels, spans = encode_segments(
-        conversation_segments(tmpl, turns, add_generation_prompt=True), enc,
-        image_token=image_token if has_image else None, image_token_id=image_token_id,
-        num_image_tokens=num_image_tokens, bos_token_id=_bos(tokenizer),
+        conversation_segments(tmpl, turns, add_generation_prompt=True),
+        enc,
+        image_token=image_token if has_image else None,
+        image_token_id=image_token_id,
+        num_image_tokens=num_image_tokens,
+        bos_token_id=_bos(tokenizer),
     )
     return _finish(ids, labels, spans, None, "expanded")
 
@@ -420,7 +444,7 @@ def segments_for_display(sample: EncodedSample, tokenizer: Any) -> list[tuple[st
         full = tokenizer.decode(text_ids, skip_special_tokens=False)
         # A prefix decode normally extends the previous one; fall back to the run alone when a
         # cut splits a multi-byte character.
-        piece = full[len(shown):] if full.startswith(shown) else tokenizer.decode(ids, skip_special_tokens=False)
+        piece = full[len(shown) :] if full.startswith(shown) else tokenizer.decode(ids, skip_special_tokens=False)
         shown = full
         out.append((piece, kind))
     return out

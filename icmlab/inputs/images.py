@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from icmlab.models.spec import FAMILY_SPECS
-from PIL import Image, UnidentifiedImageError
 
 #: CLIP's normalisation constants (openai/clip-vit-large-patch14(-336) preprocessor_config.json).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -108,10 +108,17 @@ def build_image_processor(size: int, *, mean: Sequence[float] = CLIP_MEAN, std: 
 
     cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
     return cls(
-        do_resize=True, size={"shortest_edge": int(size)}, resample=Image.Resampling.BICUBIC,
-        do_center_crop=True, crop_size={"height": int(size), "width": int(size)},
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=list(mean), image_std=list(std), do_convert_rgb=True,
+        do_resize=True,
+        size={"shortest_edge": int(size)},
+        resample=Image.Resampling.BICUBIC,
+        do_center_crop=True,
+        crop_size={"height": int(size), "width": int(size)},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(mean),
+        image_std=list(std),
+        do_convert_rgb=True,
     )
 
 

@@ -29,8 +29,8 @@ from typing import Any, Iterator
 import numpy as np
 import orjson
 
-from icmlab.io import read_json
 from icmlab.inputs.jsonscan_parallel import BlockParts, SplitFailed, scan_blocks
+from icmlab.io import read_json
 
 log = logging.getLogger("icmlab.inputs.jsonscan")
 
@@ -88,8 +88,9 @@ class RecordBlock:
         return orjson.loads(b"[" + self.buf[self.starts[0] : self.ends[-1]] + b"]") if len(self) else []
 
 
-def iter_blocks(path: str | os.PathLike, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                workers: int | None = None) -> Iterator[RecordBlock]:
+def iter_blocks(
+    path: str | os.PathLike, chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int | None = None
+) -> Iterator[RecordBlock]:
     """Stream a top-level JSON array of objects as :class:`RecordBlock` s, exactly and fast.
 
     A vectorised byte scan (numpy) finds unescaped quotes, the braces outside strings and their
@@ -127,8 +128,9 @@ def iter_blocks(path: str | os.PathLike, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
             starts = ends - np.array([len(t) for t in texts])
             parts = [id_key(r.get("id")) if isinstance(r, dict) else b"" for r in data[i : i + 20_000]]
             keys, offsets = np.frombuffer(b"".join(parts), np.uint8), np.cumsum([0] + [len(p) for p in parts])
-            yield RecordBlock(b",".join(texts) + b",", starts, ends, _hash_keys(keys, offsets), i, id_keys=keys,
-                              id_offsets=offsets)
+            yield RecordBlock(
+                b",".join(texts) + b",", starts, ends, _hash_keys(keys, offsets), i, id_keys=keys, id_offsets=offsets
+            )
 
 
 def iter_record_chunks(path: str | os.PathLike, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[list[Any]]:
@@ -147,8 +149,10 @@ def count_records(path: str | os.PathLike) -> int:
 
 
 def _not_list_message(path: Path, data: Any) -> str:
-    return (f"{path}: the top level is a JSON {type(data).__name__}, not a list of records; "
-            "a LLaVA training file is a JSON array of {id, image, conversations} objects")
+    return (
+        f"{path}: the top level is a JSON {type(data).__name__}, not a list of records; "
+        "a LLaVA training file is a JSON array of {id, image, conversations} objects"
+    )
 
 
 def _finish_block(parts: BlockParts) -> RecordBlock:
@@ -170,12 +174,14 @@ def _finish_block(parts: BlockParts) -> RecordBlock:
         if not np.all(comma | _IS_WS.take(gap)) or np.any(commas != 1):
             raise _SplitFailed
     hashes, keys, offsets = _id_keys(buf, a, parts.q, parts.braces, parts.depth, starts)
-    return RecordBlock(buf, starts, ends, hashes, parts.first, offset=0, pipes=parts.pipes, id_keys=keys,
-                       id_offsets=offsets)
+    return RecordBlock(
+        buf, starts, ends, hashes, parts.first, offset=0, pipes=parts.pipes, id_keys=keys, id_offsets=offsets
+    )
 
 
-def _id_keys(buf: bytes, a: np.ndarray, q: np.ndarray, br: np.ndarray, depth: np.ndarray,
-             starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _id_keys(
+    buf: bytes, a: np.ndarray, q: np.ndarray, br: np.ndarray, depth: np.ndarray, starts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every record's top-level ``"id"`` (a string key followed by ``:`` at brace depth 1).
 
     Returns:
@@ -381,8 +387,12 @@ class DuplicateIds:
                 f = seen.setdefault(key_of(i), int(loc[i]))
                 if f != loc[i]:
                     extra.append((f, int(loc[i])))
-            pairs = [np.stack([loc[first[same & ~np.isin(h[later], h[bad])]],
-                               loc[later[same & ~np.isin(h[later], h[bad])]]], 1), np.array(extra, np.int64).reshape(-1, 2)]
+            pairs = [
+                np.stack(
+                    [loc[first[same & ~np.isin(h[later], h[bad])]], loc[later[same & ~np.isin(h[later], h[bad])]]], 1
+                ),
+                np.array(extra, np.int64).reshape(-1, 2),
+            ]
         out = np.concatenate(pairs)
         out = out[np.argsort(out[:, 1], kind="stable")]
         ids = []
@@ -406,8 +416,11 @@ def _equal_keys(keys: np.ndarray, a: np.ndarray, b: np.ndarray, size: np.ndarray
         n = size[short].astype(np.uint64)
         with np.errstate(over="ignore"):
             low = np.where(n >= 8, ~np.uint64(0), (np.uint64(1) << (n * np.uint64(8))) - np.uint64(1))
-            high = np.where(n >= 16, ~np.uint64(0),
-                            (np.uint64(1) << (np.maximum(n, 8) - np.uint64(8)) * np.uint64(8)) - np.uint64(1))
+            high = np.where(
+                n >= 16,
+                ~np.uint64(0),
+                (np.uint64(1) << (np.maximum(n, 8) - np.uint64(8)) * np.uint64(8)) - np.uint64(1),
+            )
         sa, sb = a[short], b[short]
         out[short] = (((word[sa] ^ word[sb]) & low) | ((word[sa + 8] ^ word[sb + 8]) & high)) == 0
     long_ = np.flatnonzero(size > 16)

@@ -200,8 +200,7 @@ def _split(pieces: list[tuple[np.ndarray, ...]], stop: int) -> tuple[list, list]
         i, j, k, m = (int(np.searchsorted(x, stop)) for x in (q, br, pipes, starts))
         head.append((q[:i], br[:j], depth[:j], pipes[:k], starts[:m], ends))
         if i < q.size or j < br.size or k < pipes.size:
-            tail.append((q[i:].copy(), br[j:].copy(), depth[j:].copy(), pipes[k:].copy(), starts[m:].copy(),
-                         ends[:0]))
+            tail.append((q[i:].copy(), br[j:].copy(), depth[j:].copy(), pipes[k:].copy(), starts[m:].copy(), ends[:0]))
     return head, tail
 
 
@@ -231,8 +230,9 @@ def _done(fn: Callable[..., Any], *args: Any) -> Future:
     return fut
 
 
-def scan_blocks(path: str | os.PathLike, chunk_bytes: int, finish: Callable[[BlockParts], T],
-                workers: int | None = None) -> Iterator[T]:
+def scan_blocks(
+    path: str | os.PathLike, chunk_bytes: int, finish: Callable[[BlockParts], T], workers: int | None = None
+) -> Iterator[T]:
     """Yield ``finish(parts)`` for every block of records of a JSON array file, in file order.
 
     Args:

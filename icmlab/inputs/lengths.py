@@ -67,9 +67,15 @@ class LengthSetup:
         from icmlab.inputs.encode import encode_conversation
 
         return encode_conversation(
-            record, self.tokenizer, template=self.template, dialect=self.family, image_token_id=-200,
-            num_image_tokens=self.num_image_tokens, model_max_length=self.model_max_length,
-            truncation=family_spec(self.family).truncation, encoder=self.encoder(),
+            record,
+            self.tokenizer,
+            template=self.template,
+            dialect=self.family,
+            image_token_id=-200,
+            num_image_tokens=self.num_image_tokens,
+            model_max_length=self.model_max_length,
+            truncation=family_spec(self.family).truncation,
+            encoder=self.encoder(),
         )
 
 
@@ -80,8 +86,13 @@ def record_length(record: dict, setup: LengthSetup) -> dict:
         ``{tokens, untruncated, supervised, truncated, image_cut}``.
     """
     enc = setup.encode(record)
-    return {"tokens": enc.num_tokens, "untruncated": enc.num_tokens_untruncated, "supervised": enc.num_supervised,
-            "truncated": enc.truncated, "image_cut": enc.image_truncated}
+    return {
+        "tokens": enc.num_tokens,
+        "untruncated": enc.num_tokens_untruncated,
+        "supervised": enc.num_supervised,
+        "truncated": enc.truncated,
+        "image_cut": enc.image_truncated,
+    }
 
 
 def length_bound(record: dict, num_image_tokens: int) -> int:
@@ -109,9 +120,14 @@ def length_setup_for(cfg: RunConfig) -> tuple[LengthSetup | None, str]:
 
         tok = AutoTokenizer.from_pretrained(name, revision=m.revision, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means "not available here"; the reason is reported
-        return None, f"tokenizer of {name} not available locally ({type(e).__name__}: {str(e)[:160]}); run download first"
+        return (
+            None,
+            f"tokenizer of {name} not available locally ({type(e).__name__}: {str(e)[:160]}); run download first",
+        )
     n, how = _num_image_tokens(cfg)
-    return LengthSetup(tok, m.family, n, cfg.data.model_max_length, source=f"tokenizer {name}; {n} image tokens ({how})"), ""
+    return LengthSetup(
+        tok, m.family, n, cfg.data.model_max_length, source=f"tokenizer {name}; {n} image tokens ({how})"
+    ), ""
 
 
 def _num_image_tokens(cfg: RunConfig) -> tuple[int, str]:

@@ -15,7 +15,6 @@ The names are also importable from :mod:`icmlab.inspection.stage`.
 
 from __future__ import annotations
 
-import io
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -74,8 +73,9 @@ def source_mix_figure(res: InspectResult) -> Figure:
     cats = sorted({c for v in res.categories.values() for c in v})
     left = np.zeros(len(names))
     for c in cats:
-        frac = np.array([res.categories.get(k, {}).get(c, 0) / max(1, sum(res.categories.get(k, {}).values()))
-                         for k in names])
+        frac = np.array(
+            [res.categories.get(k, {}).get(c, 0) / max(1, sum(res.categories.get(k, {}).values())) for k in names]
+        )
         ax2.barh(names, frac, left=left, label=c)
         left += frac
     ax2.set_xlim(0, 1)
@@ -145,8 +145,14 @@ def samples_figure(res: InspectResult, root: Path, *, per_dataset: int = 4, seed
     rng = random.Random(seed)
     rows = []
     for name in res.datasets:
-        pool = [s for s in res.samples if s.dataset == name and not s.problems and isinstance(s.record, dict)
-                and isinstance(s.record.get("image"), str)]
+        pool = [
+            s
+            for s in res.samples
+            if s.dataset == name
+            and not s.problems
+            and isinstance(s.record, dict)
+            and isinstance(s.record.get("image"), str)
+        ]
         rows.append((name, rng.sample(pool, min(per_dataset, len(pool)))))
     fig = _figure(3.2 * per_dataset, 3.4 * max(1, len(rows)))
     axes = np.atleast_2d(fig.subplots(max(1, len(rows)), per_dataset, squeeze=False))

@@ -41,6 +41,9 @@ from PIL import Image
 from icmlab import paths
 from icmlab.config import RunConfig
 from icmlab.display import figure_png
+from icmlab.inputs.jsonscan import iter_blocks
+from icmlab.inputs.lengths import LengthSetup, length_setup_for, record_length
+from icmlab.inputs.problems import KINDS
 from icmlab.inspection.figures import (
     FIGURE_DPI,
     image_size_figure,
@@ -50,9 +53,6 @@ from icmlab.inspection.figures import (
     turns_figure,
 )
 from icmlab.io import atomic_write_bytes, atomic_write_json, read_jsonl
-from icmlab.inputs.jsonscan import iter_blocks
-from icmlab.inputs.lengths import LengthSetup, length_setup_for, record_length
-from icmlab.inputs.problems import KINDS
 from icmlab.merge.provenance import read_provenance
 
 log = logging.getLogger("icmlab.inspection.stage")
@@ -136,15 +136,21 @@ class InspectResult:
         for name, n in self.datasets.items():
             tok = self.token_lengths.get(name, np.array([]))
             mine = [s for s in self.samples if s.dataset == name]
-            rows.append({
-                "dataset": name, "records": n, "sampled": len(mine),
-                "with image": f"{100 * np.mean([isinstance(s.record, dict) and 'image' in s.record for s in mine]):.0f}%"
-                if mine else "-",
-                "rounds (mean)": round(float(self.turns[name].mean()), 2) if len(self.turns.get(name, [])) else "-",
-                "tokens p50/p95/max": f"{int(np.median(tok))}/{int(np.percentile(tok, 95))}/{int(tok.max())}"
-                if len(tok) else "-",
-                f"> {self.model_max_length}": int((tok > self.model_max_length).sum()) if len(tok) else "-",
-            })
+            rows.append(
+                {
+                    "dataset": name,
+                    "records": n,
+                    "sampled": len(mine),
+                    "with image": f"{100 * np.mean([isinstance(s.record, dict) and 'image' in s.record for s in mine]):.0f}%"
+                    if mine
+                    else "-",
+                    "rounds (mean)": round(float(self.turns[name].mean()), 2) if len(self.turns.get(name, [])) else "-",
+                    "tokens p50/p95/max": f"{int(np.median(tok))}/{int(np.percentile(tok, 95))}/{int(tok.max())}"
+                    if len(tok)
+                    else "-",
+                    f"> {self.model_max_length}": int((tok > self.model_max_length).sum()) if len(tok) else "-",
+                }
+            )
         return rows
 
     def summary(self) -> str:
@@ -156,8 +162,15 @@ class InspectResult:
 
 
 # --------------------------------------------------------------------------- loading
-def load_samples(path: Path, provenance: Path | None, problems_file: Path | None, *, per_dataset: int = 2000,
-                 max_problems: int = 5000, seed: int = 0) -> tuple[list[Sample], dict[str, int], int]:
+def load_samples(
+    path: Path,
+    provenance: Path | None,
+    problems_file: Path | None,
+    *,
+    per_dataset: int = 2000,
+    max_problems: int = 5000,
+    seed: int = 0,
+) -> tuple[list[Sample], dict[str, int], int]:
     """Sample up to ``per_dataset`` records of each dataset (seeded) plus records with problems.
 
     Returns:
@@ -214,8 +227,13 @@ def run(cfg: RunConfig, *, per_dataset: int = 2000, seed: int | None = None, sav
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run the merge stage first (`icmlab merge`)")
     problems_file = paths.validation_report(cfg).with_name("validation.problems.jsonl")
-    samples, datasets, n = load_samples(path, paths.provenance_jsonl(cfg), problems_file, per_dataset=per_dataset,
-                                        seed=cfg.seed if seed is None else seed)
+    samples, datasets, n = load_samples(
+        path,
+        paths.provenance_jsonl(cfg),
+        problems_file,
+        per_dataset=per_dataset,
+        seed=cfg.seed if seed is None else seed,
+    )
     setup, reason = length_setup_for(cfg)
     turns, lengths, sizes = defaultdict(list), defaultdict(list), defaultdict(list)
     categories: dict[str, Counter] = defaultdict(Counter)
@@ -232,25 +250,41 @@ def run(cfg: RunConfig, *, per_dataset: int = 2000, seed: int | None = None, sav
             if size:
                 sizes[s.dataset].append(size)
     res = InspectResult(
-        input=path, num_records=n, datasets=datasets, samples=samples,
+        input=path,
+        num_records=n,
+        datasets=datasets,
+        samples=samples,
         categories={k: dict(v) for k, v in categories.items()},
         turns={k: np.array(turns.get(k, []), int) for k in datasets},
         token_lengths={k: np.array(lengths.get(k, []), int) for k in datasets},
         image_sizes={k: np.array(sizes.get(k, []), int).reshape(-1, 2) for k in datasets},
         model_max_length=cfg.data.model_max_length,
-        length_status=f"done ({setup.source})" if setup else f"skipped: {reason}", setup=setup,
+        length_status=f"done ({setup.source})" if setup else f"skipped: {reason}",
+        setup=setup,
         data_root=cfg.data.root,
     )
-    res.figures = {"source_mix": source_mix_figure(res), "turns": turns_figure(res),
-                   "token_lengths": token_length_figure(res), "image_sizes": image_size_figure(res),
-                   "samples": samples_figure(res, cfg.data.root, seed=cfg.seed if seed is None else seed)}
+    res.figures = {
+        "source_mix": source_mix_figure(res),
+        "turns": turns_figure(res),
+        "token_lengths": token_length_figure(res),
+        "image_sizes": image_size_figure(res),
+        "samples": samples_figure(res, cfg.data.root, seed=cfg.seed if seed is None else seed),
+    }
     if save:
         out = cfg.run_dir / "inspect"
         for name, fig in res.figures.items():
             res.figure_files[name] = atomic_write_bytes(out / f"{name}.png", figure_png(fig, dpi=FIGURE_DPI))
-        atomic_write_json(out / "inspect.json", {"input": str(path), "num_records": n, "datasets": datasets,
-                                                 "categories": res.categories, "table": res.table(),
-                                                 "length_status": res.length_status})
+        atomic_write_json(
+            out / "inspect.json",
+            {
+                "input": str(path),
+                "num_records": n,
+                "datasets": datasets,
+                "categories": res.categories,
+                "table": res.table(),
+                "length_status": res.length_status,
+            },
+        )
     return res
 
 
@@ -284,30 +318,41 @@ def model_input_html(record: Any, setup: LengthSetup | None) -> str:
         enc = setup.encode(record)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         return f"<i>the trainer cannot encode this record: {html.escape(str(e))}</i>"
-    spans = "".join(f'<span style="{_STYLE[kind]}" title="{kind}">{html.escape(text)}</span>'
-                    for text, kind in segments_for_display(enc, setup.tokenizer))
-    cut = (f"; <b>cut</b> from {enc.num_tokens_untruncated}" if enc.truncated else "")
+    spans = "".join(
+        f'<span style="{_STYLE[kind]}" title="{kind}">{html.escape(text)}</span>'
+        for text, kind in segments_for_display(enc, setup.tokenizer)
+    )
+    cut = f"; <b>cut</b> from {enc.num_tokens_untruncated}" if enc.truncated else ""
     legend = " ".join(f'<span style="{_STYLE[k]}">{k}</span>' for k in _STYLE)
-    return (f"<div style='font-size:90%'>{legend} &nbsp; {enc.num_tokens} tokens{cut} "
-            f"(max {setup.model_max_length}), {enc.num_supervised} trained, template {setup.template}</div>"
-            f"<div style='white-space:pre-wrap;font-family:monospace;font-size:85%;border:1px solid #ddd;"
-            f"padding:6px'>{spans}</div>")
+    return (
+        f"<div style='font-size:90%'>{legend} &nbsp; {enc.num_tokens} tokens{cut} "
+        f"(max {setup.model_max_length}), {enc.num_supervised} trained, template {setup.template}</div>"
+        f"<div style='white-space:pre-wrap;font-family:monospace;font-size:85%;border:1px solid #ddd;"
+        f"padding:6px'>{spans}</div>"
+    )
 
 
 def conversation_html(sample: Sample) -> str:
     """The record as a conversation, with its dataset, category, id and problems."""
     rec = sample.record
-    head = (f"<b>#{sample.index}</b> {html.escape(str(rec.get('id') if isinstance(rec, dict) else ''))} · "
-            f"{html.escape(sample.dataset)} · {html.escape(sample.category)}")
+    head = (
+        f"<b>#{sample.index}</b> {html.escape(str(rec.get('id') if isinstance(rec, dict) else ''))} · "
+        f"{html.escape(sample.dataset)} · {html.escape(sample.category)}"
+    )
     if isinstance(rec, dict) and rec.get("image"):
         head += f" · <code>{html.escape(str(rec['image']))}</code>"
-    probs = "".join(f"<li style='color:{'#b00' if KINDS[k].severity == 'error' else '#a60'}'>"
-                    f"{html.escape(k)}: {html.escape(str(d))}</li>" for k, d in sample.problems)
+    probs = "".join(
+        f"<li style='color:{'#b00' if KINDS[k].severity == 'error' else '#a60'}'>"
+        f"{html.escape(k)}: {html.escape(str(d))}</li>"
+        for k, d in sample.problems
+    )
     turns = rec.get("conversations") if isinstance(rec, dict) else None
     rows = "".join(
         f"<tr><td style='vertical-align:top;font-weight:bold'>{html.escape(str(t.get('from')))}</td>"
         f"<td style='white-space:pre-wrap'>{html.escape(str(t.get('value')))}</td></tr>"
-        for t in (turns if isinstance(turns, list) else []) if isinstance(t, dict))
+        for t in (turns if isinstance(turns, list) else [])
+        if isinstance(t, dict)
+    )
     return f"<div>{head}</div>" + (f"<ul>{probs}</ul>" if probs else "") + f"<table>{rows}</table>"
 
 
@@ -340,13 +385,16 @@ def samples_html(result: InspectResult, n: int = 3, *, seed: int = 0, problems: 
     for s in random.Random(seed).sample(pool, min(n, len(pool))):
         png = image_png(result.data_root, s)
         img = f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}'>" if png else "<i>no image</i>"
-        parts.append(f"<div style='display:flex;gap:12px;margin-bottom:6px'><div>{img}</div>"
-                     f"<div>{conversation_html(s)}</div></div>{model_input_html(s.record, result.setup)}<hr>")
+        parts.append(
+            f"<div style='display:flex;gap:12px;margin-bottom:6px'><div>{img}</div>"
+            f"<div>{conversation_html(s)}</div></div>{model_input_html(s.record, result.setup)}<hr>"
+        )
     return "".join(parts) or "<i>no samples</i>"
 
 
-def matches(samples: list[Sample], dataset: str = "all", category: str = "all", problem: str = "all",
-            text: str = "") -> list[int]:
+def matches(
+    samples: list[Sample], dataset: str = "all", category: str = "all", problem: str = "all", text: str = ""
+) -> list[int]:
     """Positions in ``samples`` passing the browser's filters (``problem``: all / any / none / a kind)."""
     text = text.lower().strip()
     out = []
@@ -354,8 +402,14 @@ def matches(samples: list[Sample], dataset: str = "all", category: str = "all", 
         kinds = {k for k, _ in s.problems}
         if dataset != "all" and s.dataset != dataset or category != "all" and s.category != category:
             continue
-        if problem == "any" and not kinds or problem == "none" and kinds or problem not in ("all", "any", "none") \
-                and problem not in kinds:
+        if (
+            problem == "any"
+            and not kinds
+            or problem == "none"
+            and kinds
+            or problem not in ("all", "any", "none")
+            and problem not in kinds
+        ):
             continue
         if text and text not in orjson.dumps(s.record).decode("utf-8", "replace").lower():
             continue
@@ -396,7 +450,9 @@ def browser(cfg: RunConfig, result: InspectResult | None = None, *, per_dataset:
             status.value, conv.value, model.value, image.value = "<b>no record matches</b>", "", "", b""
             return
         s = samples[hits[state["pos"]]]
-        status.value = f"{state['pos'] + 1} / {len(hits)} matching (of {len(samples)} loaded, {res.num_records:,} in file)"
+        status.value = (
+            f"{state['pos'] + 1} / {len(hits)} matching (of {len(samples)} loaded, {res.num_records:,} in file)"
+        )
         image.value = image_png(res.data_root, s) or b""
         conv.value = conversation_html(s)
         model.value = model_input_html(s.record, res.setup)
@@ -417,5 +473,6 @@ def browser(cfg: RunConfig, result: InspectResult | None = None, *, per_dataset:
     nxt.on_click(lambda _: step(1))
     rnd.on_click(lambda _: step(random.randrange(1, max(2, len(state["hits"])))))
     refilter()
-    return W.VBox([W.HBox([dataset, category, problem, search]), W.HBox([prev, nxt, rnd, status]),
-                   W.HBox([image, conv]), model])
+    return W.VBox(
+        [W.HBox([dataset, category, problem, search]), W.HBox([prev, nxt, rnd, status]), W.HBox([image, conv]), model]
+    )

@@ -45,10 +45,10 @@ import orjson
 
 from icmlab import paths
 from icmlab.config import RunConfig
-from icmlab.models.spec import DIALECTS
+from icmlab.inputs.jsonscan import DEFAULT_CHUNK_BYTES, DuplicateIds, RecordBlock, count_records, iter_blocks
 from icmlab.io import atomic_path, atomic_write_json
 from icmlab.merge.provenance import ProvenanceLines
-from icmlab.inputs.jsonscan import DEFAULT_CHUNK_BYTES, DuplicateIds, RecordBlock, count_records, iter_blocks
+from icmlab.models.spec import DIALECTS
 
 log = logging.getLogger("icmlab.merge.stage")
 
@@ -86,13 +86,15 @@ def merge_sources(cfg: RunConfig) -> list[MergeSource]:
             files = [paths.dataset_json(cfg, name)]
         out += [MergeSource(name, p, float(cfg.data.sampling.get(name, 1.0))) for p in files]
     if cfg.train.strategy == "mix" and cfg.data.high_level:
-        out.append(MergeSource(HIGH_LEVEL, paths.dataset_json(cfg, HIGH_LEVEL),
-                               float(cfg.data.sampling.get(HIGH_LEVEL, 1.0))))
+        out.append(
+            MergeSource(HIGH_LEVEL, paths.dataset_json(cfg, HIGH_LEVEL), float(cfg.data.sampling.get(HIGH_LEVEL, 1.0)))
+        )
     for src in out:
         if not src.path.is_file():
             raise FileNotFoundError(
                 f"merge: {src.name} file {src.path} not found; run the download stage "
-                f"(`icmlab download`) or fix data.root / data.custom_json")
+                f"(`icmlab download`) or fix data.root / data.custom_json"
+            )
     return out
 
 
@@ -134,8 +136,6 @@ def sampling_plan(n: int, ratio: float, rng: random.Random) -> tuple[int, list[i
     return copies, sorted(rng.sample(range(n), k)) if k else []
 
 
-
-
 # --------------------------------------------------------------------------- result
 @dataclass
 class MergeResult:
@@ -167,11 +167,15 @@ class MergeResult:
 
     def summary(self) -> str:
         """A few lines for the terminal and the notebook."""
-        lines = [f"merged {self.num_records:,} records into {self.output} ({self.seconds:.1f} s), "
-                 f"image token {self.image_token!r}, {self.tokens_converted:,} tokens converted"]
+        lines = [
+            f"merged {self.num_records:,} records into {self.output} ({self.seconds:.1f} s), "
+            f"image token {self.image_token!r}, {self.tokens_converted:,} tokens converted"
+        ]
         for s in self.sources:
-            lines.append(f"  {s['name']:<20} {s['records_in']:>9,} -> {s['records_out']:>9,}  "
-                         f"x{s['ratio']:g}  converted {s['tokens_converted']:,}  {s['path']}")
+            lines.append(
+                f"  {s['name']:<20} {s['records_in']:>9,} -> {s['records_out']:>9,}  "
+                f"x{s['ratio']:g}  converted {s['tokens_converted']:,}  {s['path']}"
+            )
         if self.duplicate_ids:
             ex = ", ".join(repr(e["id"]) for e in self.duplicate_examples[:5])
             lines.append(f"  WARNING: {self.duplicate_ids:,} records reuse an id (e.g. {ex}); see {self.summary_file}")
@@ -230,15 +234,28 @@ def merge_files(
             for si, src in enumerate(sources):
                 rel = _relative(src.path, root)
                 n_in = count_records(src.path) if src.ratio != 1.0 else -1
-                copies, extra = (sampling_plan(n_in, src.ratio, random.Random(f"{seed}/{src.name}/{rel}"))
-                                 if n_in >= 0 else (1, []))
+                copies, extra = (
+                    sampling_plan(n_in, src.ratio, random.Random(f"{seed}/{src.name}/{rel}")) if n_in >= 0 else (1, [])
+                )
                 passes = [(c, None) for c in range(copies)] + ([(copies, np.array(extra, np.int64))] if extra else [])
-                st = {"name": src.name, "path": str(src.path), "file": rel, "ratio": src.ratio, "records_in": n_in,
-                      "records_out": 0, "tokens_converted": 0, "copies": copies, "sampled": len(extra)}
+                st = {
+                    "name": src.name,
+                    "path": str(src.path),
+                    "file": rel,
+                    "ratio": src.ratio,
+                    "records_in": n_in,
+                    "records_out": 0,
+                    "tokens_converted": 0,
+                    "copies": copies,
+                    "sampled": len(extra),
+                }
                 with open(src.path, "rb") as fsrc:
                     for copy, keep in passes:
-                        line = b'{"source":%b,"file":%b,"copy":%d,"index":' % (orjson.dumps(src.name),
-                                                                              orjson.dumps(rel), copy)
+                        line = b'{"source":%b,"file":%b,"copy":%d,"index":' % (
+                            orjson.dumps(src.name),
+                            orjson.dumps(rel),
+                            copy,
+                        )
                         for block in _prefetch(iter_blocks(src.path, chunk_bytes)):
                             idx = np.arange(len(block))
                             if keep is not None:
@@ -277,11 +294,17 @@ def merge_files(
         return {"source": s.name, "file": _relative(s.path, root), "index": loc & ((1 << 40) - 1)}
 
     return MergeResult(
-        output=Path(output), provenance=Path(provenance), summary_file=Path(output).parent / "merge.json",
-        image_token=image_token, num_records=written, sources=stats,
-        tokens_converted=sum(s["tokens_converted"] for s in stats), duplicate_ids=len(pairs),
-        duplicate_examples=[{"id": i, "first": where(a), "again": where(b)}
-                            for i, (a, b) in zip(ids, pairs[: len(ids)].tolist())],
+        output=Path(output),
+        provenance=Path(provenance),
+        summary_file=Path(output).parent / "merge.json",
+        image_token=image_token,
+        num_records=written,
+        sources=stats,
+        tokens_converted=sum(s["tokens_converted"] for s in stats),
+        duplicate_ids=len(pairs),
+        duplicate_examples=[
+            {"id": i, "first": where(a), "again": where(b)} for i, (a, b) in zip(ids, pairs[: len(ids)].tolist())
+        ],
         seconds=time.perf_counter() - t0,
     )
 
@@ -297,10 +320,17 @@ def run(cfg: RunConfig) -> MergeResult:
         ValueError: a source is not a JSON list of records.
     """
     token = DIALECTS[cfg.model.family]
-    result = merge_files(merge_sources(cfg), paths.merged_json(cfg), paths.provenance_jsonl(cfg),
-                         image_token=token, seed=cfg.seed, root=cfg.data.root)
-    atomic_write_json(result.summary_file, {k: (str(v) if isinstance(v, Path) else v)
-                                            for k, v in asdict(result).items()})
+    result = merge_files(
+        merge_sources(cfg),
+        paths.merged_json(cfg),
+        paths.provenance_jsonl(cfg),
+        image_token=token,
+        seed=cfg.seed,
+        root=cfg.data.root,
+    )
+    atomic_write_json(
+        result.summary_file, {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
+    )
     log.info("%s", result.summary())
     return result
 
@@ -352,8 +382,11 @@ def _needles(token: str) -> list[bytes]:
     for other in (t for t in DIALECTS.values() if t != token):
         inner = other.strip("<>")
         # "|image|" has no "<": one needle covers both spellings; "image>" would be too common a tail.
-        out += [inner.encode()] if inner.startswith("|") else [other.encode(), b"\\u003c" + inner.encode(),
-                                                               b"\\u003C" + inner.encode()]
+        out += (
+            [inner.encode()]
+            if inner.startswith("|")
+            else [other.encode(), b"\\u003c" + inner.encode(), b"\\u003C" + inner.encode()]
+        )
     return out
 
 

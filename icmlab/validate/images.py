@@ -26,14 +26,23 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP", ".webp": "WEBP",
-                 ".tif": "TIFF", ".tiff": "TIFF"}
+IMAGE_FORMATS = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".gif": "GIF",
+    ".bmp": "BMP",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
 
 
 def _plain(folder: str) -> bool:
     """A relative folder without ``.``/``..``/empty parts or backslashes: usable as a listing key as is."""
-    return not folder or (not folder.startswith("/") and "\\" not in folder
-                          and all(p not in ("", ".", "..") for p in folder.split("/")))
+    return not folder or (
+        not folder.startswith("/") and "\\" not in folder and all(p not in ("", ".", "..") for p in folder.split("/"))
+    )
 
 
 class _Listings:
@@ -112,8 +121,14 @@ def _inspect_image(path: Path, decode: bool, min_side: int, max_aspect: float) -
 
 
 def check_images(
-    root: Path, rels: list[str], *, decode: bool = True, header: bool = True, workers: int | None = None,
-    min_side: int = 4, max_aspect: float = 20.0,
+    root: Path,
+    rels: list[str],
+    *,
+    decode: bool = True,
+    header: bool = True,
+    workers: int | None = None,
+    min_side: int = 4,
+    max_aspect: float = 20.0,
 ) -> dict[str, tuple[list[tuple[str, str]], dict]]:
     """Check image files (paths relative to ``root``): existence first, then headers/decodes in threads.
 

@@ -26,17 +26,15 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 import numpy as np
 import orjson
 
-from icmlab.models.spec import DIALECTS
 from icmlab.inputs.jsonscan import DuplicateIds, iter_blocks
 from icmlab.inputs.lengths import LengthSetup, length_bound, record_length
 from icmlab.inputs.problems import KINDS, Kind  # noqa: F401  (re-exported: the stage's problem kinds)
-
-
+from icmlab.models.spec import DIALECTS
 
 
 # --------------------------------------------------------------------------- file level
@@ -101,8 +99,14 @@ def check_record(record: Any, image_token: str) -> list[tuple[str, str]]:
             out.append(("bad_image_field", f"image = {json.dumps(img)[:80]}"))
     convs = record.get("conversations")
     if type(convs) is not list or not convs:
-        out.append(("missing_conversations", "missing" if convs is None else f"{type(convs).__name__} of length "
-                    f"{len(convs) if hasattr(convs, '__len__') else '-'}"))
+        out.append(
+            (
+                "missing_conversations",
+                "missing"
+                if convs is None
+                else f"{type(convs).__name__} of length {len(convs) if hasattr(convs, '__len__') else '-'}",
+            )
+        )
         return out
     other = _OTHER[image_token]
     roles: list = []
@@ -147,8 +151,12 @@ def check_record(record: Any, image_token: str) -> list[tuple[str, str]]:
         out.append(("wrong_dialect", f"{wrong} x {other!r}; this model reads {image_token!r}"))
     if (in_human != has_image or in_gpt) and not (wrong and in_human + in_gpt == 0):
         where = f" ({in_gpt} in gpt turns)" if in_gpt else ""
-        out.append(("image_token_count", f"{in_human + in_gpt} x {image_token!r}{where} with "
-                    + ("'image' set" if has_image else "no 'image'")))
+        out.append(
+            (
+                "image_token_count",
+                f"{in_human + in_gpt} x {image_token!r}{where} with " + ("'image' set" if has_image else "no 'image'"),
+            )
+        )
     return out
 
 
@@ -181,8 +189,13 @@ def _check_span(path: str, offset: int, length: int, first: int, records: list |
             records = orjson.loads(b"[" + data + b"]")
         except orjson.JSONDecodeError as e:
             bad_utf8 = utf8_error(Path(path), offset, length) if "UTF-8" in e.msg else None
-            return {"first": first, "n": 0, "json_error": ("file_encoding", bad_utf8) if bad_utf8 else
-                    ("file_not_json", f"byte {offset + max(e.pos - 1, 0)}: {e.msg}")}
+            return {
+                "first": first,
+                "n": 0,
+                "json_error": ("file_encoding", bad_utf8)
+                if bad_utf8
+                else ("file_not_json", f"byte {offset + max(e.pos - 1, 0)}: {e.msg}"),
+            }
     token, setup, stride = _WORKER["image_token"], _WORKER["setup"], _WORKER["stride"]
     problems, images, turns, lengths = [], [], [], []
     for j, rec in enumerate(records):
@@ -194,21 +207,42 @@ def _check_span(path: str, offset: int, length: int, first: int, records: list |
             ok = not any(KINDS[k].severity == "error" for k, _ in found)
         images.append(rec.get("image") if ok else None)
         turns.append(len(rec.get("conversations") or ()) if type(rec) is dict else 0)
-        if setup is not None and ok and (i % stride == 0 or length_bound(rec, setup.num_image_tokens) > setup.model_max_length):
+        if (
+            setup is not None
+            and ok
+            and (i % stride == 0 or length_bound(rec, setup.num_image_tokens) > setup.model_max_length)
+        ):
             r = record_length(rec, setup)
             lengths.append((i, r["tokens"], r["untruncated"], r["supervised"], r["truncated"], r["image_cut"]))
             if r["supervised"] == 0:
-                problems.append((i, "answer_cut", f"{r['untruncated']} tokens > {setup.model_max_length}; no answer token left"))
+                problems.append(
+                    (i, "answer_cut", f"{r['untruncated']} tokens > {setup.model_max_length}; no answer token left")
+                )
             elif r["truncated"]:
                 problems.append((i, "truncated", f"{r['untruncated']} tokens cut to {setup.model_max_length}"))
             if r["image_cut"]:
                 problems.append((i, "image_cut", f"the cut at {setup.model_max_length} splits the image tokens"))
-    return {"first": first, "n": len(records), "problems": problems, "images": images, "turns": turns,
-            "lengths": lengths, "json_error": None}
+    return {
+        "first": first,
+        "n": len(records),
+        "problems": problems,
+        "images": images,
+        "turns": turns,
+        "lengths": lengths,
+        "json_error": None,
+    }
 
 
-def record_pass(path: Path, image_token: str, setup: LengthSetup | None, stride: int, workers: int,
-                dup: DuplicateIds, repeats: np.ndarray | None, id_blocks: list) -> Iterator[dict]:
+def record_pass(
+    path: Path,
+    image_token: str,
+    setup: LengthSetup | None,
+    stride: int,
+    workers: int,
+    dup: DuplicateIds,
+    repeats: np.ndarray | None,
+    id_blocks: list,
+) -> Iterator[dict]:
     """Stream the file's blocks to the workers; yield their results in file order.
 
     Args:
@@ -234,15 +268,18 @@ def record_pass(path: Path, image_token: str, setup: LengthSetup | None, stride:
             yield _check_span(str(path), 0, 0, block.first, block.records())
         return
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(image_token, setup, stride)) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(image_token, setup, stride)
+    ) as pool:
         pending = []
         for block in iter_blocks(path):
             _dup_add(dup, block, repeats, id_blocks)
             s, e = int(block.starts[0]), int(block.ends[-1])
-            pending.append(pool.submit(_check_span, str(path), block.offset + s, e - s, block.first)
-                           if block.offset is not None else pool.submit(_check_span, str(path), 0, 0, block.first,
-                                                                         block.records()))
+            pending.append(
+                pool.submit(_check_span, str(path), block.offset + s, e - s, block.first)
+                if block.offset is not None
+                else pool.submit(_check_span, str(path), 0, 0, block.first, block.records())
+            )
             while len(pending) > 2 * workers:
                 yield pending.pop(0).result()
         for fut in pending:

@@ -47,12 +47,12 @@ import orjson
 
 from icmlab import paths
 from icmlab.config import RunConfig
-from icmlab.models.spec import DIALECTS
-from icmlab.validate.images import check_images
-from icmlab.io import atomic_path, atomic_write_json, write_jsonl
-from icmlab.merge.provenance import read_provenance
 from icmlab.inputs.jsonscan import DuplicateIds, id_value, iter_blocks
 from icmlab.inputs.lengths import LengthSetup, length_setup_for
+from icmlab.io import atomic_path, atomic_write_json, write_jsonl
+from icmlab.merge.provenance import read_provenance
+from icmlab.models.spec import DIALECTS
+from icmlab.validate.images import check_images
 from icmlab.validate.records import KINDS, check_file, record_pass, utf8_error
 
 log = logging.getLogger("icmlab.validate.stage")
@@ -116,10 +116,17 @@ class ValidationResult:
         rows = []
         for kind, n in sorted(self.counts.items(), key=lambda kv: (KINDS[kv[0]].severity, -kv[1])):
             ex = (self.examples.get(kind) or [{}])[0]
-            rows.append({"kind": kind, "level": KINDS[kind].level, "severity": KINDS[kind].severity, "records": n,
-                         "description": KINDS[kind].description,
-                         "example": f"#{ex.get('index')} {ex.get('id')!s}: {ex.get('detail')}" if ex else "",
-                         "fix": KINDS[kind].fix})
+            rows.append(
+                {
+                    "kind": kind,
+                    "level": KINDS[kind].level,
+                    "severity": KINDS[kind].severity,
+                    "records": n,
+                    "description": KINDS[kind].description,
+                    "example": f"#{ex.get('index')} {ex.get('id')!s}: {ex.get('detail')}" if ex else "",
+                    "fix": KINDS[kind].fix,
+                }
+            )
         return rows
 
     def per_source_table(self) -> list[dict]:
@@ -127,21 +134,33 @@ class ValidationResult:
         rows = []
         for name, st in self.per_source.items():
             tok = st.get("tokens") or {}
-            rows.append({"dataset": name, "records": st["records"], "errors": st["errors"], "warnings": st["warnings"],
-                         "turns (mean)": st["turns_mean"],
-                         "tokens p50/p95/max": f"{tok['p50']}/{tok['p95']}/{tok['max']}" if tok else "-",
-                         "kinds": ", ".join(f"{k} {n}" for k, n in sorted(st["kinds"].items()))})
+            rows.append(
+                {
+                    "dataset": name,
+                    "records": st["records"],
+                    "errors": st["errors"],
+                    "warnings": st["warnings"],
+                    "turns (mean)": st["turns_mean"],
+                    "tokens p50/p95/max": f"{tok['p50']}/{tok['p95']}/{tok['max']}" if tok else "-",
+                    "kinds": ", ".join(f"{k} {n}" for k, n in sorted(st["kinds"].items())),
+                }
+            )
         return rows
 
     def summary(self) -> str:
         """Lines for the terminal, the notebook and the ``stop`` error message."""
         if self.file_problems:
             return f"{self.input}: unusable file\n" + "\n".join(f"  {k}: {d}" for k, d in self.file_problems)
-        head = (f"{self.input}: {self.num_records:,} records; {self.records_with_errors:,} with errors, "
-                f"{self.records_with_warnings:,} with warnings only; policy {self.policy}: {self.kept:,} kept")
-        lines = [head] + [f"  {r['severity']:<7} {r['kind']:<22} {r['records']:>8,}  {r['example'][:100]}"
-                          for r in self.table()]
-        lines.append(f"  lengths: {self.lengths.get('status')} {self.lengths.get('reason') or self.lengths.get('source', '')}")
+        head = (
+            f"{self.input}: {self.num_records:,} records; {self.records_with_errors:,} with errors, "
+            f"{self.records_with_warnings:,} with warnings only; policy {self.policy}: {self.kept:,} kept"
+        )
+        lines = [head] + [
+            f"  {r['severity']:<7} {r['kind']:<22} {r['records']:>8,}  {r['example'][:100]}" for r in self.table()
+        ]
+        lines.append(
+            f"  lengths: {self.lengths.get('status')} {self.lengths.get('reason') or self.lengths.get('source', '')}"
+        )
         lines.append(f"  images: {self.images.get('mode')} check of {self.images.get('unique', 0):,} files")
         lines.append(f"  report: {self.report}")
         return "\n".join(lines)
@@ -165,15 +184,28 @@ class ValidationOutputs:
     @classmethod
     def in_dir(cls, folder: Path) -> "ValidationOutputs":
         """Standard names under ``folder``."""
-        return cls(folder / "validation.json", folder / "validation.problems.jsonl", folder / "train.clean.json",
-                   folder / "rejects.jsonl")
+        return cls(
+            folder / "validation.json",
+            folder / "validation.problems.jsonl",
+            folder / "train.clean.json",
+            folder / "rejects.jsonl",
+        )
 
 
 # --------------------------------------------------------------------------- orchestration
 def validate_file(
-    path: Path, *, data_root: Path, family: str, outputs: ValidationOutputs, policy: str = "stop",
-    setup: LengthSetup | None = None, length_skip_reason: str = "", images: str = "auto",
-    workers: int | None = None, length_sample: int = 2000, provenance: Path | None = None,
+    path: Path,
+    *,
+    data_root: Path,
+    family: str,
+    outputs: ValidationOutputs,
+    policy: str = "stop",
+    setup: LengthSetup | None = None,
+    length_skip_reason: str = "",
+    images: str = "auto",
+    workers: int | None = None,
+    length_sample: int = 2000,
+    provenance: Path | None = None,
 ) -> ValidationResult:
     """Validate a LLaVA training JSON and write the report (and the cleaned file under ``drop``).
 
@@ -198,8 +230,9 @@ def validate_file(
     t0 = time.perf_counter()
     for p in (outputs.clean, outputs.rejects, outputs.problems):  # never leave a stale product behind
         p.unlink(missing_ok=True)
-    res = ValidationResult(input=path, report=outputs.report, problems_file=None, clean_file=None,
-                           rejects_file=None, policy=policy)
+    res = ValidationResult(
+        input=path, report=outputs.report, problems_file=None, clean_file=None, rejects_file=None, policy=policy
+    )
     res.file_problems = check_file(path)
     if res.file_problems:
         return _finish(res, t0, {})
@@ -251,8 +284,9 @@ def validate_file(
     return _finish(res, t0, {"records": t_records - t0, "images": t_images - t_records})
 
 
-def _summarise(res: ValidationResult, problems: dict, turns: np.ndarray, lengths: list, prov, setup,
-               skip_reason: str, stride: int) -> None:
+def _summarise(
+    res: ValidationResult, problems: dict, turns: np.ndarray, lengths: list, prov, setup, skip_reason: str, stride: int
+) -> None:
     n = res.num_records
     codes, names = (prov[0], prov[1]) if prov else (np.zeros(n, np.int32), ["train"])
     err = np.zeros(n, bool)
@@ -274,7 +308,9 @@ def _summarise(res: ValidationResult, problems: dict, turns: np.ndarray, lengths
         mine = codes == c
         tok = sampled[codes[sampled[:, 0]] == c, 2] if len(sampled) else np.array([])
         res.per_source[name] = {
-            "records": int(mine.sum()), "errors": int((err & mine).sum()), "warnings": int((warn & mine).sum()),
+            "records": int(mine.sum()),
+            "errors": int((err & mine).sum()),
+            "warnings": int((warn & mine).sum()),
             "turns_mean": round(float(turns[mine].mean()), 2) if mine.any() else 0.0,
             "kinds": dict(kinds_by_src.get(c, {})),
             "tokens": _token_stats(tok, setup),
@@ -282,18 +318,29 @@ def _summarise(res: ValidationResult, problems: dict, turns: np.ndarray, lengths
     if setup is None:
         res.lengths = {"status": "skipped", "reason": skip_reason or "no tokenizer"}
     else:
-        res.lengths = {"status": "done", "source": setup.source, "model_max_length": setup.model_max_length,
-                       "num_image_tokens": setup.num_image_tokens, "measured": int(len(lens)),
-                       "sampled_every": stride, "truncated": per_kind.get("truncated", 0),
-                       "answer_cut": per_kind.get("answer_cut", 0)}
+        res.lengths = {
+            "status": "done",
+            "source": setup.source,
+            "model_max_length": setup.model_max_length,
+            "num_image_tokens": setup.num_image_tokens,
+            "measured": int(len(lens)),
+            "sampled_every": stride,
+            "truncated": per_kind.get("truncated", 0),
+            "answer_cut": per_kind.get("answer_cut", 0),
+        }
 
 
 def _token_stats(tok: np.ndarray, setup: LengthSetup | None) -> dict:
     if setup is None or not len(tok):
         return {}
-    return {"sampled": int(len(tok)), "mean": round(float(tok.mean()), 1), "p50": int(np.percentile(tok, 50)),
-            "p95": int(np.percentile(tok, 95)), "max": int(tok.max()),
-            "over_max_length": int((tok > setup.model_max_length).sum())}
+    return {
+        "sampled": int(len(tok)),
+        "mean": round(float(tok.mean()), 1),
+        "p50": int(np.percentile(tok, 50)),
+        "p95": int(np.percentile(tok, 95)),
+        "max": int(tok.max()),
+        "over_max_length": int((tok > setup.model_max_length).sum()),
+    }
 
 
 class _IdsOnly(NamedTuple):
@@ -307,8 +354,9 @@ class _IdsOnly(NamedTuple):
         return len(self.id_offsets) - 1
 
 
-def _write_records(res: ValidationResult, path: Path, out: ValidationOutputs, problems: dict, prov,
-                   policy: str, blocks: list) -> None:
+def _write_records(
+    res: ValidationResult, path: Path, out: ValidationOutputs, problems: dict, prov, policy: str, blocks: list
+) -> None:
     """One pass over the file: problems JSONL, examples, and under ``drop`` the clean file + rejects.
 
     Ids come from the byte scanner; only rejected records are parsed (the rejects file holds them).
@@ -367,21 +415,34 @@ def _finish(res: ValidationResult, t0: float, seconds: dict) -> ValidationResult
     if res.file_problems:
         res.counts = {k: 1 for k, _ in res.file_problems}
     report = {
-        "input": str(res.input), "policy": res.policy, "ok": res.ok, "num_records": res.num_records,
-        "records_with_errors": res.records_with_errors, "records_with_warnings": res.records_with_warnings,
-        "kept": res.kept, "file_problems": res.file_problems,
-        "problems": {k: {**KINDS[k]._asdict(), "count": n, "examples": res.examples.get(k, [])}
-                     for k, n in sorted(res.counts.items())},
-        "per_source": res.per_source, "lengths": res.lengths, "images": res.images, "seconds": res.seconds,
-        "outputs": {k: str(v) if v else None for k, v in (("problems", res.problems_file), ("clean", res.clean_file),
-                                                          ("rejects", res.rejects_file))},
+        "input": str(res.input),
+        "policy": res.policy,
+        "ok": res.ok,
+        "num_records": res.num_records,
+        "records_with_errors": res.records_with_errors,
+        "records_with_warnings": res.records_with_warnings,
+        "kept": res.kept,
+        "file_problems": res.file_problems,
+        "problems": {
+            k: {**KINDS[k]._asdict(), "count": n, "examples": res.examples.get(k, [])}
+            for k, n in sorted(res.counts.items())
+        },
+        "per_source": res.per_source,
+        "lengths": res.lengths,
+        "images": res.images,
+        "seconds": res.seconds,
+        "outputs": {
+            k: str(v) if v else None
+            for k, v in (("problems", res.problems_file), ("clean", res.clean_file), ("rejects", res.rejects_file))
+        },
     }
     atomic_write_json(res.report, report)
     return res
 
 
-def run(cfg: RunConfig, *, images: str = "auto", workers: int | None = None, length_sample: int = 2000
-        ) -> ValidationResult:
+def run(
+    cfg: RunConfig, *, images: str = "auto", workers: int | None = None, length_sample: int = 2000
+) -> ValidationResult:
     """Validate stage entry point: check ``paths.merged_json(cfg)`` and apply ``cfg.data.invalid_records``.
 
     Args:
@@ -401,13 +462,23 @@ def run(cfg: RunConfig, *, images: str = "auto", workers: int | None = None, len
     if setup is None:
         log.warning("length check skipped: %s", reason)
     res = validate_file(
-        paths.merged_json(cfg), data_root=cfg.data.root, family=cfg.model.family,
-        outputs=ValidationOutputs.for_config(cfg), policy=cfg.data.invalid_records, setup=setup,
-        length_skip_reason=reason, images=images, workers=workers, length_sample=length_sample,
+        paths.merged_json(cfg),
+        data_root=cfg.data.root,
+        family=cfg.model.family,
+        outputs=ValidationOutputs.for_config(cfg),
+        policy=cfg.data.invalid_records,
+        setup=setup,
+        length_skip_reason=reason,
+        images=images,
+        workers=workers,
+        length_sample=length_sample,
         provenance=paths.provenance_jsonl(cfg),
     )
     log.info("%s", res.summary())
     if res.file_problems or (cfg.data.invalid_records == "stop" and res.records_with_errors):
-        raise DataValidationError(res.summary() + "\n(set data.invalid_records: drop to train without these records)"
-                                  if not res.file_problems else res.summary())
+        raise DataValidationError(
+            res.summary() + "\n(set data.invalid_records: drop to train without these records)"
+            if not res.file_problems
+            else res.summary()
+        )
     return res
