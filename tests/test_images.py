@@ -1,45 +1,54 @@
 """Image loading, pad-to-square and CLIP preprocessing against the original pipeline's pixels.
 
-Oracle: tests/fixtures/image_pad (7 sources through the ORIGINAL LLaVA / mPLUG-Owl2 loader:
+Oracle: tests/fixtures/image_pad (sources through the ORIGINAL LLaVA / mPLUG-Owl2 loader:
 ``convert('RGB')`` -> ``expand2square(mean colour)`` -> ``CLIPImageProcessor`` at 336 / 448 px).
+Images, processors, sizes, the background colour, CLIP mean/std and hashes are all read from
+``index.json``, so any oracle set of the same format drops in.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-from pathlib import Path
 
 import numpy as np
+import oracles as O
 import pytest
 from PIL import Image
 
 from icmlab.inputs.images import (
-    CLIP_MEAN, CLIP_STD, build_image_processor, expand2square, load_and_preprocess, load_rgb, mean_background,
+    CLIP_MEAN,
+    CLIP_STD,
+    build_image_processor,
+    expand2square,
+    load_and_preprocess,
+    load_rgb,
+    mean_background,
     preprocess_images,
 )
 
-FIX = Path(__file__).parent / "fixtures" / "image_pad"
-INDEX = json.loads((FIX / "index.json").read_text())
-NAMES = [im["name"] for im in INDEX["images"]]
-RESOLUTIONS = {"llava_336": 336, "owl2_448": 448}
+FIX = O.IMAGE_PAD
+INDEX = O.image_index()
+IMAGES = INDEX["images"]
+RESOLUTIONS = O.image_resolutions()  # processor name -> crop size (e.g. llava_336 -> 336)
+IMAGE_PARAMS = [pytest.param(im, id=im["name"]) for im in IMAGES]
 
 
-def _source(name: str) -> Path:
-    return FIX / next(im["source_file"] for im in INDEX["images"] if im["name"] == name)
+def _config(res: str) -> dict:
+    return INDEX["processors"][res]["preprocessor_config_json"]
 
 
 @pytest.fixture(scope="session")
 def oracle() -> dict[str, dict[str, np.ndarray]]:
-    """Rebuild the original float32 tensors from the stored uint8 pixels (see fixtures README)."""
-    mean, std = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
+    """Rebuild the original float32 tensors from the stored uint8 pixels (see fixtures README),
+    with the mean/std the original processor was configured with."""
     out: dict[str, dict[str, np.ndarray]] = {}
     for res in RESOLUTIONS:
+        mean, std = np.array(_config(res)["image_mean"], np.float32), np.array(_config(res)["image_std"], np.float32)
         with np.load(FIX / f"{res}_uint8.npz") as z:
             out[res] = {}
-            for name in NAMES:
-                a = (z[name].transpose(1, 2, 0).astype(np.float64) * (1 / 255)).astype(np.float32)
-                out[res][name] = np.ascontiguousarray(((a - mean) / std).transpose(2, 0, 1))
+            for im in IMAGES:
+                a = (z[im["name"]].transpose(1, 2, 0).astype(np.float64) * (1 / 255)).astype(np.float32)
+                out[res][im["name"]] = np.ascontiguousarray(((a - mean) / std).transpose(2, 0, 1))
     return out
 
 
@@ -50,29 +59,45 @@ def processors():
 
 def test_stored_oracle_is_lossless(oracle):
     """The rebuilt tensors hash to the original .npy contents recorded in index.json."""
-    for im in INDEX["images"]:
+    for im in IMAGES:
         for res in RESOLUTIONS:
+            t = im[res]
+            assert list(oracle[res][im["name"]].shape) == t["tensor_shape"] and t["tensor_dtype"] == "float32"
             digest = hashlib.sha256(oracle[res][im["name"]].tobytes()).hexdigest()
-            assert digest == im[res]["tensor_sha256"], (res, im["name"])
+            assert digest == t["tensor_sha256"], (res, im["name"])
+
+
+def test_processors_are_configured_like_upstream(processors):
+    """Our CLIP processor is configured as the original's (the oracle records its settings)."""
+    for res, proc in processors.items():
+        cfg, eff = _config(res), INDEX["processors"][res]["effective"]
+        assert np.allclose(proc.image_mean, cfg["image_mean"]) and np.allclose(proc.image_std, cfg["image_std"])
+        assert int(proc.resample) == eff["resample"] and proc.rescale_factor == eff["rescale_factor"]
+        assert proc.size.shortest_edge == eff["size"]["shortest_edge"]
+        assert (proc.crop_size.height, proc.crop_size.width) == (eff["crop_size"]["height"], eff["crop_size"]["width"])
+        assert np.allclose(CLIP_MEAN, cfg["image_mean"]) and np.allclose(CLIP_STD, cfg["image_std"])
 
 
 @pytest.mark.parametrize("res", list(RESOLUTIONS))
-@pytest.mark.parametrize("name", NAMES)
-def test_pad_pipeline_equals_upstream(oracle, processors, res, name):
-    pixels = load_and_preprocess([_source(name)], processors[res], "pad")
-    size = RESOLUTIONS[res]
-    assert pixels.shape == (1, 3, size, size) and pixels.dtype.is_floating_point
-    diff = np.abs(pixels[0].numpy() - oracle[res][name]).max()
-    assert diff <= 1e-5, f"{res}/{name}: max abs diff {diff}"
+@pytest.mark.parametrize("im", IMAGE_PARAMS)
+def test_pad_pipeline_equals_upstream(oracle, processors, res, im):
+    pixels = load_and_preprocess([FIX / im["source_file"]], processors[res], "pad")
+    assert list(pixels.shape) == [1, *im[res]["tensor_shape"]] and pixels.dtype.is_floating_point
+    assert pixels.shape[-2:] == (RESOLUTIONS[res], RESOLUTIONS[res])
+    diff = np.abs(pixels[0].numpy() - oracle[res][im["name"]]).max()
+    assert diff <= 1e-5, f"{res}/{im['name']}: max abs diff {diff}"
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_padded_square_equals_upstream(processors, name):
-    bg = mean_background(processors["llava_336"])
-    assert bg == tuple(INDEX["background_rgb"]) == (122, 116, 104)
-    ours = expand2square(load_rgb(_source(name)), bg)
-    theirs = Image.open(FIX / "padded" / f"{name}.png").convert("RGB")
-    assert ours.size == theirs.size
+@pytest.mark.parametrize("res", list(RESOLUTIONS))
+@pytest.mark.parametrize("im", IMAGE_PARAMS)
+def test_padded_square_equals_upstream(processors, res, im):
+    bg = mean_background(processors[res])
+    assert bg == tuple(INDEX["background_rgb"])
+    src = load_rgb(FIX / im["source_file"])
+    assert list(src.size) == im["source_size_wh"]
+    ours = expand2square(src, bg)
+    theirs = Image.open(FIX / im["padded_file"]).convert("RGB")
+    assert list(ours.size) == im["padded_size_wh"] == list(theirs.size)
     assert np.array_equal(np.asarray(ours), np.asarray(theirs))
 
 
@@ -123,6 +148,9 @@ def test_bad_inputs(tmp_path):
 
 
 def test_load_rgb_converts_modes():
-    for name in ("rgba_320x200", "gray_L_300x180", "palette_160x240"):
-        img = load_rgb(_source(name))
-        assert img.mode == "RGB"
+    other_modes = [im for im in IMAGES if im["source_mode"] != "RGB"]
+    assert other_modes, "the oracle has no non-RGB source"
+    for im in other_modes:
+        assert Image.open(FIX / im["source_file"]).mode == im["source_mode"]
+        img = load_rgb(FIX / im["source_file"])
+        assert img.mode == im["padded_mode"] == "RGB"

@@ -2,7 +2,9 @@
 
 Oracles: ``tests/fixtures/tiny_llava_v15`` (original layout and outputs from haotian-liu/LLaVA, plus
 its llava-hf conversion under ``hf/``) and ``tests/fixtures/manifests/llava_*`` (every tensor of
-the real 7B checkpoints). Tiny parts for the MSFT path are built in-process.
+the real 7B checkpoints). Tiny parts for the MSFT path are built in-process. Every expected value
+taken from an oracle is read from its files (``oracles.py``), so another oracle set of the same
+format drops in.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import oracles as O
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -22,7 +26,6 @@ from transformers import (
     LlavaForConditionalGeneration,
     PreTrainedTokenizerFast,
 )
-from PIL import Image
 
 from icmlab.io import read_json
 from icmlab.models import get_family
@@ -30,9 +33,22 @@ from icmlab.models.llava15 import adapter as L
 from icmlab.models.llava15 import convert as C
 from icmlab.models.llava15.tiny import tiny_text_config, tiny_vision_config
 
-FIX = Path(__file__).parent / "fixtures" / "tiny_llava_v15"
-MANIFESTS = Path(__file__).parent / "fixtures" / "manifests"
-OLD_VOCAB = 512
+FIX = O.TINY_LLAVA
+MANIFESTS = O.MANIFESTS
+ORIG_CONFIG = O.tiny_config(FIX)
+OLD_VOCAB = ORIG_CONFIG["vocab_size"]  # rows of the original embedding
+CONVERSION = O.llava_conversion()  # hf/conversion.json: the native ids and vocabulary
+IGNORE = O.ignore_index()
+TOKENS_PER_IMAGE = O.tokens_per_image(FIX)
+VOCAB_MULTIPLE = 64  # convert_llava_weights_to_hf.py pads the grown vocabulary to a multiple of 64
+# the in-process MSFT parts (not an oracle): vocabulary, CLIP image and patch size
+PARTS_VOCAB, PARTS_IMAGE, PARTS_PATCH = 300, 32, 8
+
+
+def _grown_vocab(n: int) -> int:
+    """Rows after adding <image> and <pad> and padding to the multiple."""
+    return -(-(n + 2) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
 
 torch.set_num_threads(1)
 
@@ -47,7 +63,7 @@ def make_tokenizer(n: int) -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="session")
 def original_dir(tmp_path_factory) -> Path:
-    """The fixture's original checkpoint plus the tokenizer it lacks (512 tokens, as its embedding)."""
+    """The fixture's original checkpoint plus the tokenizer it lacks (as many tokens as its embedding)."""
     d = tmp_path_factory.mktemp("orig")
     for name in ("config.json", "model.safetensors"):
         shutil.copy(FIX / name, d / name)
@@ -67,8 +83,9 @@ def hf_inputs() -> dict:
 
 def _forward(model, inp):
     with torch.no_grad():
-        return model(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"],
-                     pixel_values=inp["pixel_values"]).logits
+        return model(
+            input_ids=inp["input_ids"], attention_mask=inp["attention_mask"], pixel_values=inp["pixel_values"]
+        ).logits
 
 
 # ------------------------------------------------------------------ original checkpoint -> native
@@ -88,8 +105,18 @@ def test_converted_state_dict_equals_fixture_conversion(converted):
         else:
             assert torch.equal(value, r), key
     cfg = converted.config
-    assert (cfg.image_token_id, cfg.pad_token_id, cfg.text_config.vocab_size) == (512, 513, 576)
-    assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy, cfg.image_seq_length) == (-2, "default", 16)
+    assert (cfg.image_token_id, cfg.pad_token_id, cfg.text_config.vocab_size) == (
+        CONVERSION["image_token_index"],
+        CONVERSION["pad_token_id"],
+        CONVERSION["vocab_size_hf"],
+    )
+    assert CONVERSION["vocab_size_hf"] == _grown_vocab(OLD_VOCAB)
+    assert CONVERSION["tokens_per_image"] == TOKENS_PER_IMAGE
+    assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy, cfg.image_seq_length) == (
+        ORIG_CONFIG["mm_vision_select_layer"],
+        O.SELECT_STRATEGY[ORIG_CONFIG["mm_vision_select_feature"]],
+        TOKENS_PER_IMAGE,
+    )
 
 
 def test_rename_table_matches_fixture():
@@ -107,17 +134,24 @@ def test_converted_logits_loss_and_greedy_match_oracles(converted, hf_inputs):
     assert (logits - exp_hf)[valid].abs().max() <= 1e-5
     orig_valid = exp["expanded_attention_mask"].bool()
     assert (logits[..., :OLD_VOCAB] - exp["logits"])[orig_valid].abs().max() <= 1e-5
-    # loss over the original 512 columns equals the original loss (added rows join the full softmax)
+    # loss over the original columns equals the original loss (added rows join the full softmax)
+    recorded = O.llava_conversion_results("eager")
     labels = hf_inputs["labels"][:, 1:]
-    restricted = torch.nn.functional.cross_entropy(logits[:, :-1, :OLD_VOCAB].reshape(-1, OLD_VOCAB),
-                                                   labels.reshape(-1), ignore_index=-100)
+    restricted = torch.nn.functional.cross_entropy(
+        logits[:, :-1, :OLD_VOCAB].reshape(-1, OLD_VOCAB), labels.reshape(-1), ignore_index=IGNORE
+    )
     assert abs(restricted.item() - exp["loss"].item()) <= 1e-5
+    assert abs(restricted.item() - recorded["loss_native_restricted_to_original_vocab"]) <= 1e-5
     with torch.no_grad():
         out = converted(**{k: hf_inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")})
-    assert abs(out.loss.item() - 6.4652557373046875) <= 1e-5  # conversion.json loss_native
-    gen = converted.generate(input_ids=hf_inputs["gen_input_ids"], pixel_values=hf_inputs["gen_pixel_values"],
-                             max_new_tokens=8, do_sample=False)
-    assert torch.equal(gen[:, hf_inputs["gen_input_ids"].shape[1]:], exp["gen_tokens"])
+    assert abs(out.loss.item() - recorded["loss_native"]) <= 1e-5
+    gen = converted.generate(
+        input_ids=hf_inputs["gen_input_ids"],
+        pixel_values=hf_inputs["gen_pixel_values"],
+        max_new_tokens=exp["gen_tokens"].shape[1],
+        do_sample=False,
+    )
+    assert torch.equal(gen[:, hf_inputs["gen_input_ids"].shape[1] :], exp["gen_tokens"])
 
 
 def test_sdpa_close_to_eager(converted, hf_inputs):
@@ -128,26 +162,28 @@ def test_sdpa_close_to_eager(converted, hf_inputs):
 
 def test_tower_from_separate_clip_checkpoint_and_bin_shards(tmp_path, converted, hf_inputs):
     sd = load_file(FIX / "model.safetensors")
-    tower = "model.vision_tower.vision_tower.vision_model."
+    tower = O.llava_tower_prefix()  # model.vision_tower.vision_tower.vision_model.
     ckpt, clip = tmp_path / "ckpt", tmp_path / "clip"
     ckpt.mkdir(), clip.mkdir()
     shutil.copy(FIX / "config.json", ckpt / "config.json")
     rest = {k: v for k, v in sd.items() if not k.startswith(tower)}
     names = sorted(rest)
-    shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
-              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    shards = {
+        "pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+        "pytorch_model-00002-of-00002.bin": names[len(names) // 2 :],
+    }
     for shard, keys in shards.items():
         torch.save({k: rest[k] for k in keys}, ckpt / shard)
     (ckpt / "pytorch_model.bin.index.json").write_text(
-        '{"weight_map": {' + ", ".join(f'"{k}": "{s}"' for s, ks in shards.items() for k in ks) + "}}")
+        '{"weight_map": {' + ", ".join(f'"{k}": "{s}"' for s, ks in shards.items() for k in ks) + "}}"
+    )
     assert set(C.read_state_dict(ckpt)) == set(rest)
     # a CLIPModel-style checkpoint: vision_model.* plus text parts that must be ignored
-    clip_sd = {"vision_model." + k[len(tower):]: v for k, v in sd.items() if k.startswith(tower)}
+    clip_sd = {"vision_model." + k[len(tower) :]: v for k, v in sd.items() if k.startswith(tower)}
     clip_sd.update({"text_model.embeddings.token_embedding.weight": torch.zeros(4, 8), "logit_scale": torch.ones(())})
     save_file(clip_sd, clip / "model.safetensors")
     vcfg = read_json(FIX / "config.json")["vision_config"]
-    (clip / "config.json").write_text(
-        '{"model_type": "clip", "vision_config": ' + str(vcfg).replace("'", '"') + "}")
+    (clip / "config.json").write_text('{"model_type": "clip", "vision_config": ' + str(vcfg).replace("'", '"') + "}")
     with pytest.raises(ValueError, match="vision_source"):
         C.convert_original_state_dict(rest)
     model = C.load_original_checkpoint(ckpt, vision_source=clip, attn_implementation="eager")
@@ -173,13 +209,19 @@ def parts(tmp_path_factory) -> SimpleNamespace:
     """Tiny Vicuna-like LLM + CLIP tower + stage-1 projector, saved as upstream ships them."""
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("parts")
-    llm = LlamaForCausalLM(tiny_text_config(300, hidden_size=48, intermediate_size=96, max_position_embeddings=128))
+    llm = LlamaForCausalLM(
+        tiny_text_config(PARTS_VOCAB, hidden_size=48, intermediate_size=96, max_position_embeddings=128)
+    )
     llm.save_pretrained(d / "vicuna")
-    make_tokenizer(300).save_pretrained(d / "vicuna")
-    clip = CLIPVisionModel(tiny_vision_config(32, 8, num_hidden_layers=3))
+    make_tokenizer(PARTS_VOCAB).save_pretrained(d / "vicuna")
+    clip = CLIPVisionModel(tiny_vision_config(PARTS_IMAGE, PARTS_PATCH, num_hidden_layers=3))
     clip.save_pretrained(d / "clip")
-    projector = {"model.mm_projector.0.weight": torch.randn(48, 32), "model.mm_projector.0.bias": torch.randn(48),
-                 "model.mm_projector.2.weight": torch.randn(48, 48), "model.mm_projector.2.bias": torch.randn(48)}
+    projector = {
+        "model.mm_projector.0.weight": torch.randn(48, 32),
+        "model.mm_projector.0.bias": torch.randn(48),
+        "model.mm_projector.2.weight": torch.randn(48, 48),
+        "model.mm_projector.2.bias": torch.randn(48),
+    }
     torch.save(projector, d / "mm_projector.bin")
     return SimpleNamespace(dir=d, llm=llm.state_dict(), clip=clip.state_dict(), projector=projector)
 
@@ -193,14 +235,23 @@ def test_assemble_from_parts_keeps_every_weight(parts):
             assert torch.equal(sd[f"model.multi_modal_projector.{name}.{kind}"], want)
     for key, value in parts.llm.items():
         native = C.rename_original_key(key)
-        got = sd[native][:300] if key in ("model.embed_tokens.weight", "lm_head.weight") else sd[native]
+        got = sd[native][:PARTS_VOCAB] if key in ("model.embed_tokens.weight", "lm_head.weight") else sd[native]
         assert torch.equal(got, value), key
     for key, value in parts.clip.items():
         if not key.endswith("position_ids"):
             assert torch.equal(sd[f"model.vision_tower.{key}"], value), key
     cfg = model.config
-    assert (cfg.image_token_id, cfg.pad_token_id, cfg.text_config.vocab_size) == (300, 301, 320)
-    assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy, cfg.image_seq_length) == (-2, "default", 16)
+    assert (cfg.image_token_id, cfg.pad_token_id, cfg.text_config.vocab_size) == (
+        PARTS_VOCAB,
+        PARTS_VOCAB + 1,
+        _grown_vocab(PARTS_VOCAB),
+    )
+    # the LLaVA-1.5 recipe (as the original checkpoint's config records it): layer -2, patch tokens only
+    assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy, cfg.image_seq_length) == (
+        ORIG_CONFIG["mm_vision_select_layer"],
+        O.SELECT_STRATEGY[ORIG_CONFIG["mm_vision_select_feature"]],
+        (PARTS_IMAGE // PARTS_PATCH) ** 2,
+    )
 
 
 def test_assemble_rejects_mismatched_projector(parts, tmp_path):
@@ -214,24 +265,48 @@ def test_assemble_rejects_mismatched_projector(parts, tmp_path):
 def _cfg(strategy: str = "after", lora: bool = False, **model) -> SimpleNamespace:
     """A duck-typed RunConfig with the fields the adapter reads."""
     return SimpleNamespace(
-        model=SimpleNamespace(**{"base": None, "base_format": "hf", "llm": None, "vision_tower": None,
-                                 "mm_projector": None, "revision": None, "dtype": "float32", **model}),
-        train=SimpleNamespace(strategy=strategy, bf16=False, freeze_vision=True, tune_projector=True,
-                              lora=SimpleNamespace(enabled=lora, r=4, alpha=8, dropout=0.0)),
-        hardware=SimpleNamespace(attn_implementation="eager"), data=SimpleNamespace(model_max_length=64))
+        model=SimpleNamespace(
+            **{
+                "base": None,
+                "base_format": "hf",
+                "llm": None,
+                "vision_tower": None,
+                "mm_projector": None,
+                "revision": None,
+                "dtype": "float32",
+                **model,
+            }
+        ),
+        train=SimpleNamespace(
+            strategy=strategy,
+            bf16=False,
+            freeze_vision=True,
+            tune_projector=True,
+            lora=SimpleNamespace(enabled=lora, r=4, alpha=8, dropout=0.0),
+        ),
+        hardware=SimpleNamespace(attn_implementation="eager"),
+        data=SimpleNamespace(model_max_length=64),
+    )
 
 
 def test_load_for_training_mix_freezes_vision(parts):
-    cfg = _cfg("mix", llm=str(parts.dir / "vicuna"), vision_tower=str(parts.dir / "clip"),
-               mm_projector=str(parts.dir / "mm_projector.bin"))
+    cfg = _cfg(
+        "mix",
+        llm=str(parts.dir / "vicuna"),
+        vision_tower=str(parts.dir / "clip"),
+        mm_projector=str(parts.dir / "mm_projector.bin"),
+    )
     bundle = L.load_for_training(cfg)
-    assert bundle.family == "llava15" and bundle.image_token_id == 300 and bundle.num_image_tokens == 16
-    assert bundle.tokenizer.convert_tokens_to_ids(["<image>", "<pad>"]) == [300, 301]
-    assert bundle.tokenizer.padding_side == "right" and bundle.tokenizer.model_max_length == 64
+    # <image> and <pad> are appended after the LLM's vocabulary; CLIP gives (image / patch)^2 tokens
+    assert bundle.family == "llava15" and bundle.image_token_id == PARTS_VOCAB
+    assert bundle.num_image_tokens == (PARTS_IMAGE // PARTS_PATCH) ** 2
+    assert bundle.tokenizer.convert_tokens_to_ids(["<image>", "<pad>"]) == [PARTS_VOCAB, PARTS_VOCAB + 1]
+    assert bundle.tokenizer.padding_side == "right"
+    assert bundle.tokenizer.model_max_length == cfg.data.model_max_length
     flags = {n: p.requires_grad for n, p in bundle.model.named_parameters()}
     assert not any(v for n, v in flags.items() if n.startswith("model.vision_tower."))
     assert all(v for n, v in flags.items() if not n.startswith("model.vision_tower."))
-    assert bundle.image_processor.crop_size == {"height": 32, "width": 32}
+    assert bundle.image_processor.crop_size == {"height": PARTS_IMAGE, "width": PARTS_IMAGE}
     cfg.model.mm_projector = None
     with pytest.raises(ValueError, match="model.mm_projector"):
         L.load_for_training(cfg)
@@ -272,7 +347,8 @@ def test_lora_trains_adapters_and_projector_only(hf_inputs):
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     peft_model = L.apply_lora(model, r=4, alpha=8, dropout=0.0)
     lora_modules = {n.rsplit(".lora_A", 1)[0] for n, _ in peft_model.named_parameters() if ".lora_A." in n}
-    assert len(lora_modules) == 2 * 7  # q k v o gate up down in each of the 2 layers
+    # q k v o gate up down in each decoder layer of the checkpoint
+    assert len(lora_modules) == ORIG_CONFIG["num_hidden_layers"] * 7
     assert all(".language_model.layers." in n for n in lora_modules)
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
     _train_steps(peft_model, hf_inputs, [p for p in peft_model.parameters() if p.requires_grad])
@@ -311,16 +387,24 @@ def test_original_bundle_saves_llava_hf_layout(original_dir, tmp_path, converted
     assert not on_disk & set(ref)
     image = Image.new("RGB", (70, 40), (200, 30, 90))
     batch = processor(text="USER: <image>\nw5 w6 ASSISTANT:", images=image, return_tensors="pt")
-    assert int((batch["input_ids"] == 512).sum()) == 16 and tuple(batch["pixel_values"].shape) == (1, 3, 56, 56)
+    size = ORIG_CONFIG["vision_config"]["image_size"]
+    assert int((batch["input_ids"] == CONVERSION["image_token_index"]).sum()) == TOKENS_PER_IMAGE
+    assert tuple(batch["pixel_values"].shape) == (1, 3, size, size)
     with torch.no_grad():
         a = model(**batch).logits
         b = converted(**batch).logits
     assert torch.equal(a, b)
     prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Rate it."}]},
-         {"role": "assistant", "content": "Good."}, {"role": "user", "content": "Why?"}],
-        tokenize=False, add_generation_prompt=True)
-    assert prompt == f"{L.VICUNA_V1_SYSTEM} USER: <image>\nRate it. ASSISTANT: Good.</s>USER: Why? ASSISTANT:"
+        [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Rate it."}]},
+            {"role": "assistant", "content": "Good."},
+            {"role": "user", "content": "Why?"},
+        ],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert L.VICUNA_V1_SYSTEM == O.vicuna_v1_system()  # what upstream's v1 template renders
+    assert prompt == f"{O.vicuna_v1_system()} USER: <image>\nRate it. ASSISTANT: Good.</s>USER: Why? ASSISTANT:"
     # an hf-format start from the saved bundle reproduces the weights
     cfg = _cfg(base=str(out))
     again = L.load_for_training(cfg)
@@ -348,8 +432,9 @@ def test_lora_bundle_saves_merged_weights(original_dir, tmp_path, hf_inputs):
 def test_tokenizer_size_must_match_checkpoint(tmp_path):
     for name in ("config.json", "model.safetensors"):
         shutil.copy(FIX / name, tmp_path / name)
-    make_tokenizer(500).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="500 tokens"):
+    wrong = OLD_VOCAB - 12
+    make_tokenizer(wrong).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"{wrong} tokens"):
         L.load_for_inference(tmp_path, dtype="float32", attn_implementation="eager")
 
 
@@ -375,8 +460,11 @@ def test_resolve_source_prefers_local_then_hub(monkeypatch, tmp_path):
     import huggingface_hub
 
     calls = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda repo, revision=None: calls.append((repo, revision)) or str(tmp_path))
+    monkeypatch.setattr(
+        huggingface_hub,
+        "snapshot_download",
+        lambda repo, revision=None: calls.append((repo, revision)) or str(tmp_path),
+    )
     assert C.resolve_source(tmp_path) == tmp_path and not calls
     assert C.resolve_source("llava-hf/llava-1.5-7b-hf", revision="abc") == tmp_path
     assert calls == [("llava-hf/llava-1.5-7b-hf", "abc")]
@@ -419,10 +507,14 @@ def test_real_7b_matches_manifests():
     total = sum(p.numel() for p in model.parameters())
     assert total == read_json(MANIFESTS / "llava_15_7b_hf_transformers5.notes.json")["total_parameter_elements"]
     original = _manifest("llava_v15_7b_original.tsv")
+    orig_cfg = read_json(MANIFESTS / "llava_v15_7b_original.notes.json")["config"]
+    hf_vocab = read_json(MANIFESTS / "llava_15_7b_hf_transformers5.notes.json")["text_config"]["vocab_size"]
+    assert hf_vocab == _grown_vocab(orig_cfg["vocab_size"])
     for name, shape in original.items():
         target = C.rename_original_key(name)
-        if name in ("model.embed_tokens.weight", "lm_head.weight"):  # 32000 rows; +<image> +<pad>, padded to 32064
-            assert shape == (32000, 4096) and native[target] == (32064, 4096)
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):  # +<image> +<pad>, padded to the multiple
+            assert shape == (orig_cfg["vocab_size"], orig_cfg["hidden_size"])
+            assert native[target] == (hf_vocab, orig_cfg["hidden_size"])
         else:
             assert native[target] == shape, name
     meta_sd = {k: torch.empty(s, device="meta", dtype=torch.float16) for k, s in original.items()}

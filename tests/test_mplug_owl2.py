@@ -5,7 +5,8 @@ the original code (transformers 4.31) on a tiny random model: its state dict wit
 names, its inputs in the original form (one ``-200`` marker per image) and what it computed.
 We load that state dict through our original-checkpoint path, convert the inputs to our form
 (each marker -> ``num_image_tokens`` placeholders) and compare. The 7B manifest checks every
-name and shape of the real checkpoint on the meta device.
+name and shape of the real checkpoint on the meta device. Every expected value is read from the
+oracle's files (``oracles.py``), so another oracle set of the same format drops in.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import oracles as O
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,10 +23,15 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from icmlab.models import mplug_owl2 as owl
 from icmlab.models.mplug_owl2.abstractor import key_position_table, query_position_table
 
-FIXTURE = Path(__file__).parent / "fixtures" / "tiny_mplug_owl2"
-MANIFEST = Path(__file__).parent / "fixtures" / "manifests" / "mplug_owl2_llama2_7b.tsv"
+FIXTURE = O.TINY_OWL2
+MANIFEST = O.MANIFESTS / "mplug_owl2_llama2_7b.tsv"
+MANIFEST_NOTES = O.manifest_notes(O.MANIFEST_NOTES["mplug_owl2"])
+RAW = O.tiny_config(FIXTURE)  # the original config.json
+VISUAL, ABSTRACTOR = RAW["visual_config"]["visual_model"], RAW["visual_config"]["visual_abstractor"]
+TOKENS_PER_IMAGE = O.tokens_per_image(FIXTURE)
+TEXT_ONLY_ROWS = O.text_only_rows(FIXTURE)
 TOL = 1e-5
-MARKER = -200
+MARKER = O.image_token_index()  # the original's one-per-image placeholder (-200)
 
 torch.set_num_threads(1)
 
@@ -73,16 +80,21 @@ def outputs(model, native_batch):
 
 
 # --------------------------------------------------------------------------- config
-def test_original_config_translates(model):
+def test_original_config_translates(model, expected):
     cfg = model.config
-    raw = json.loads((FIXTURE / "config.json").read_text())
-    assert cfg.model_type == "mplug_owl2"
-    assert cfg.rms_norm_eps == raw["rms_norm_eps"] and cfg.vocab_size == raw["vocab_size"] == 512
-    assert cfg.vision_config.image_size == 56 and cfg.vision_config.patch_size == 14
-    assert cfg.abstractor_config.num_learnable_queries == 8 and cfg.abstractor_config.grid_size == 4
-    assert cfg.abstractor_config.layer_norm_eps == 1e-6
-    assert cfg.num_image_tokens == 9
-    assert cfg.image_token_index == 512  # default: vocab_size, outside the embedding table
+    raw = RAW
+    assert cfg.model_type == raw["model_type"] == "mplug_owl2"
+    assert cfg.rms_norm_eps == raw["rms_norm_eps"] and cfg.vocab_size == raw["vocab_size"]
+    assert cfg.vision_config.image_size == VISUAL["image_size"] and cfg.vision_config.patch_size == VISUAL["patch_size"]
+    assert cfg.vision_config.layer_norm_eps == VISUAL["layer_norm_eps"]
+    abstractor = cfg.abstractor_config
+    assert abstractor.num_learnable_queries == ABSTRACTOR["num_learnable_queries"]
+    assert abstractor.grid_size == ABSTRACTOR["grid_size"] == VISUAL["image_size"] // VISUAL["patch_size"]
+    assert abstractor.layer_norm_eps == ABSTRACTOR["layer_norm_eps"]
+    # the abstractor's queries plus the end token, as the original computed them
+    assert cfg.num_image_tokens == TOKENS_PER_IMAGE == expected["image_features"].shape[1]
+    assert cfg.num_image_tokens == ABSTRACTOR["num_learnable_queries"] + 1
+    assert cfg.image_token_index == raw["vocab_size"]  # default: vocab_size, outside the embedding table
     # The Auto classes resolve the original directory through our registration.
     auto_cfg = AutoConfig.from_pretrained(FIXTURE)
     assert isinstance(auto_cfg, owl.MPLUGOwl2Config)
@@ -126,10 +138,14 @@ def test_logits_match_every_sample(outputs, expected):
         assert diff <= TOL
 
 
-def test_modality_and_embeddings_match(outputs, expected):
+def test_modality_and_embeddings_match(outputs, inputs, expected):
     valid = expected["expanded_attention_mask"].bool()
     assert torch.equal(outputs.modality_indicators[valid], expected["modality_indicators"][valid])
-    assert int(outputs.modality_indicators.sum()) == 2 * 9  # two images, nine tokens each
+    # every image marker of the inputs became TOKENS_PER_IMAGE image positions
+    n_images = int((inputs["input_ids"] == MARKER).sum())
+    assert n_images > 0
+    assert int(outputs.modality_indicators.sum()) == n_images * TOKENS_PER_IMAGE
+    assert int(expected["modality_indicators"].sum()) == n_images * TOKENS_PER_IMAGE
     embeds = outputs.hidden_states[0]
     assert (embeds[valid] - expected["inputs_embeds"][valid]).abs().max().item() <= TOL
 
@@ -140,13 +156,15 @@ def test_loss_matches(outputs, expected):
     assert diff <= TOL
 
 
-def test_text_only_sample_alone_matches(model, inputs, expected):
+@pytest.mark.parametrize("row", TEXT_ONLY_ROWS)
+def test_text_only_sample_alone_matches(model, inputs, expected, row):
     # The text-only row with no pixel_values at all equals the original's batched row.
-    row = 2
+    assert not (inputs["input_ids"][row] == MARKER).any()
     batch = _native(model, inputs["input_ids"][row : row + 1], inputs["attention_mask"][row : row + 1])
     with torch.no_grad():
         out = model(**batch)
     n = int(batch["attention_mask"].sum())
+    assert n == int(expected["expanded_attention_mask"][row].sum())
     assert (out.logits[0, :n] - expected["logits"][row, :n]).abs().max().item() <= TOL
     assert int(out.modality_indicators.sum()) == 0
 
@@ -159,7 +177,7 @@ def test_greedy_generation_matches(model, inputs, expected):
             **prompt,
             pixel_values=inputs["gen_images"],
             do_sample=False,
-            max_new_tokens=8,
+            max_new_tokens=expected["gen_tokens"].shape[1],
             output_scores=True,
             return_dict_in_generate=True,
         )
@@ -171,9 +189,26 @@ def test_greedy_generation_matches(model, inputs, expected):
     assert diff <= TOL
 
 
+def _image_prompt(inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt cut from the first batch row with an image marker: up to two tokens past the marker."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    row = next(b for b in range(ids.shape[0]) if (ids[b] == MARKER).any())
+    valid = int(mask[row].sum())
+    marker = int((ids[row] == MARKER).nonzero()[0, 0])
+    return ids[row, : min(valid, marker + 3)], inputs["images"][row]
+
+
+def _text_prompt(inputs) -> torch.Tensor:
+    """The first half of the first text-only row (so it is the shortest prompt of the batch)."""
+    row = TEXT_ONLY_ROWS[0]
+    valid = int(inputs["attention_mask"][row].sum())
+    return inputs["input_ids"][row, : max(2, valid // 2)]
+
+
 def test_batched_left_padded_generation_equals_single(model, inputs):
-    prompts = [inputs["gen_input_ids"][0], inputs["input_ids"][0, :9], inputs["input_ids"][2, :6]]
-    images = [inputs["gen_images"][0], inputs["images"][0], None]
+    image_ids, image = _image_prompt(inputs)
+    prompts = [inputs["gen_input_ids"][0], image_ids, _text_prompt(inputs)]
+    images = [inputs["gen_images"][0], image, None]
     singles = []
     for ids, image in zip(prompts, images):
         one = _native(model, ids[None])
@@ -187,7 +222,11 @@ def test_batched_left_padded_generation_equals_single(model, inputs):
     for b, p in enumerate(prompts):
         ids[b, : len(p)], mask[b, : len(p)] = p, 1
     batch = _native(model, ids, mask, padding_side="left")
-    assert batch["attention_mask"][:, 0].tolist() == [1, 1, 0]  # the text-only row is left-padded
+    # rows shorter than the longest (expanded) prompt are left-padded -- at least the text-only one
+    lengths = [int((p == MARKER).sum()) * (TOKENS_PER_IMAGE - 1) + len(p) for p in prompts]
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert batch["attention_mask"][:, 0].tolist() == [int(n == max(lengths)) for n in lengths]
+    assert lengths[-1] < max(lengths)
     pixels = torch.stack([im for im in images if im is not None])
     with torch.no_grad():
         out = model.generate(**batch, pixel_values=pixels, do_sample=False, max_new_tokens=6)
@@ -223,7 +262,10 @@ def test_bin_shards_load_like_safetensors(model, tmp_path, native_batch):
     assert set(loaded.state_dict()) == set(ref)
     assert all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())
     raw = owl.read_original_state_dict(tmp_path)
-    assert len(raw) == len(state) - 2  # the two rotary_emb.inv_freq buffers are dropped
+    # the rotary_emb.inv_freq buffers (one per decoder layer) are dropped
+    dropped = {k for k in state if k.endswith("rotary_emb.inv_freq")}
+    assert len(dropped) == RAW["num_hidden_layers"]
+    assert set(raw) == set(state) - dropped
 
 
 def test_original_keys_load_without_renames(model):
@@ -259,10 +301,16 @@ def test_load_errors(tmp_path):
 
 
 def test_position_tables_are_recomputable(model):
-    attn = model.model.visual_abstractor.encoder.layers[0].crossattention.attention
-    assert (query_position_table(32, 8) - attn.q_pos_embed).abs().max().item() < 1e-6
-    assert (key_position_table(32, 4) - attn.k_pos_embed).abs().max().item() < 1e-6
-    assert torch.equal(attn.k_pos_embed[0], torch.zeros(32))
+    d, queries, grid = ABSTRACTOR["hidden_size"], ABSTRACTOR["num_learnable_queries"], ABSTRACTOR["grid_size"]
+    state = load_file(str(FIXTURE / "model.safetensors"))
+    for i, layer in enumerate(model.model.visual_abstractor.encoder.layers):
+        attn = layer.crossattention.attention
+        stored = f"model.visual_abstractor.encoder.layers.{i}.crossattention.attention."
+        for ours, name in ((attn.q_pos_embed, "q_pos_embed"), (attn.k_pos_embed, "k_pos_embed")):
+            assert torch.equal(ours, state[stored + name]), name  # the original's buffers, loaded
+        assert (query_position_table(d, queries) - attn.q_pos_embed).abs().max().item() < 1e-6
+        assert (key_position_table(d, grid) - attn.k_pos_embed).abs().max().item() < 1e-6
+        assert torch.equal(attn.k_pos_embed[0], torch.zeros(d))  # the CLS row
 
 
 # --------------------------------------------------------------------------- 7B layout
@@ -278,8 +326,9 @@ def test_full_size_matches_manifest():
     assert set(ours) == set(manifest)
     assert ours == manifest
     n_params = sum(p.numel() for p in big.parameters())
-    assert n_params == 8_197_859_328  # "8.20B", the manifest's total
-    assert big.config.num_image_tokens == 65
+    assert n_params == MANIFEST_NOTES["total_parameter_elements"]  # "8.20B"
+    assert big.config.num_image_tokens == O.native_image_tokens("mplug_owl2")
+    assert big.config.vision_config.image_size == O.native_image_size("mplug_owl2")
 
 
 def test_module_groups_partition_parameters():
@@ -369,7 +418,18 @@ def test_sdpa_matches_eager(native_batch, outputs):
 
 
 # --------------------------------------------------------------------------- family adapter
-TOKENIZER = Path(__file__).parent / "fixtures" / "llama2-tokenizer"
+TOKENIZER = O.TOKENIZER
+_TOK_JSON = O.read_json(TOKENIZER / "tokenizer.json")
+TOKENIZER_VOCAB = 1 + max(*_TOK_JSON["model"]["vocab"].values(), *(t["id"] for t in _TOK_JSON["added_tokens"]))
+UNK_ID = next(t["id"] for t in _TOK_JSON["added_tokens"] if t["content"] == "<unk>")
+BUNDLE_IMAGE = 64  # the in-process bundle's image size (not an oracle)
+
+
+def _bundle_config():
+    """The tiny bundle's config: the LLaMA-2 vocabulary, the image id just past it."""
+    return owl.build_tiny_config(
+        vocab_size=TOKENIZER_VOCAB, image_token_index=TOKENIZER_VOCAB, image_size=BUNDLE_IMAGE, hidden_size=32
+    )
 
 
 @pytest.fixture(scope="session")
@@ -380,13 +440,15 @@ def tiny_bundle_dir(tmp_path_factory) -> Path:
     from icmlab.models import ModelBundle
 
     torch.manual_seed(0)
-    cfg = owl.build_tiny_config(vocab_size=32000, image_token_index=32000, image_size=64, hidden_size=32)
+    cfg = _bundle_config()
     model = owl.MPLUGOwl2ForCausalLM(cfg)
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     tokenizer.pad_token = tokenizer.unk_token
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    processor = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": BUNDLE_IMAGE}, crop_size={"height": BUNDLE_IMAGE, "width": BUNDLE_IMAGE}
+    )
     bundle = ModelBundle(model, tokenizer, processor, cfg.image_token_index, cfg.num_image_tokens, owl.FAMILY)
     return owl.save_bundle(bundle, tmp_path_factory.mktemp("bundle") / "model")
 
@@ -395,8 +457,12 @@ def _run_config(base: Path, **train):
     from types import SimpleNamespace as NS
 
     train = {"freeze_vision": True, "tune_projector": True, "bf16": False, "lora": NS(enabled=False), **train}
-    return NS(model=NS(base=str(base), base_format="hf", revision=None, dtype="auto"), train=NS(**train),
-              hardware=NS(attn_implementation="eager"), data=NS(model_max_length=256))
+    return NS(
+        model=NS(base=str(base), base_format="hf", revision=None, dtype="auto"),
+        train=NS(**train),
+        hardware=NS(attn_implementation="eager"),
+        data=NS(model_max_length=256),
+    )
 
 
 def test_adapter_round_trip(tiny_bundle_dir):
@@ -404,9 +470,10 @@ def test_adapter_round_trip(tiny_bundle_dir):
         p.name for p in tiny_bundle_dir.iterdir()
     }
     bundle = owl.load_for_inference(tiny_bundle_dir, dtype="fp32", attn_implementation="eager")
-    assert bundle.family == "mplug_owl2" and bundle.num_image_tokens == 17 and bundle.image_token_id == 32000
-    assert bundle.tokenizer.padding_side == "left" and bundle.tokenizer.pad_token_id == 0
-    assert bundle.image_processor.crop_size["height"] == 64
+    assert bundle.family == "mplug_owl2" and bundle.num_image_tokens == _bundle_config().num_image_tokens
+    assert bundle.image_token_id == TOKENIZER_VOCAB == len(bundle.tokenizer)
+    assert bundle.tokenizer.padding_side == "left" and bundle.tokenizer.pad_token_id == UNK_ID
+    assert bundle.image_processor.crop_size["height"] == BUNDLE_IMAGE
     assert not bundle.model.training
 
 
