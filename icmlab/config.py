@@ -123,14 +123,24 @@ class TrainConfig:
     """AdamW beta1."""
     adam_beta2: float = 0.999
     """AdamW beta2."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping."""
+    max_grad_norm: float | None = None
+    """Gradient clipping norm. ``None`` (default) = upstream's: the DeepSpeed JSON decides (``zero2``/``zero3``
+    have no ``gradient_clipping`` key: no clipping; ``zero3_offload`` says ``auto``: 1.0) and runs without
+    DeepSpeed clip at the HF Trainer's 1.0. A number clips at that norm under every config; 0 turns clipping off."""
+    loss_normalization: Literal["micro_batch_mean", "token_mean"] = "micro_batch_mean"
+    """How the loss of a step is averaged. ``micro_batch_mean`` (upstream, transformers 4.3x): each micro-batch's
+    loss is the mean over its answer tokens, the step averages the micro-batches (accumulation and ranks alike).
+    ``token_mean`` (transformers 5's default): the sum over the answer tokens of the whole global batch divided by
+    their number, so every trained token weighs the same. See ``icmlab/train/loss.py``."""
     logging_steps: int = 1
     """Log every N steps (metrics.jsonl)."""
     save_steps: int = 50000
     """Checkpoint every N steps."""
     save_total_limit: int = 1
     """Checkpoints kept."""
+    save_every_minutes: float | None = None
+    """Also checkpoint when this many minutes of wall time passed since the last save (None = only
+    every ``save_steps``); rank 0's clock decides for all ranks. Pre-emption (SIGTERM) always saves."""
     gradient_checkpointing: bool = True
     """Recompute activations to save memory."""
     group_by_modality_length: bool = True
@@ -198,12 +208,17 @@ class HardwareConfig:
     """Nodes (multi-node needs ``hostfile``)."""
     hostfile: str | None = None
     """DeepSpeed hostfile for multi-node runs."""
-    deepspeed: Literal["none", "zero2", "zero3", "zero3_offload"] = "zero3"
-    """DeepSpeed ZeRO config (``parameters/deepspeed/<name>.json``)."""
+    deepspeed: Literal["none", "zero2", "zero3", "zero3_offload", "zero3_mplug_owl2"] = "zero3"
+    """DeepSpeed ZeRO config (``parameters/deepspeed/<name>.json``); ``zero3_mplug_owl2`` is mPLUG-Owl2's own
+    ZeRO-3 (no parameter prefetch or reuse: ``stage3_max_live_parameters``/``max_reuse_distance``/
+    ``prefetch_bucket_size`` 0), which its recipes use as upstream."""
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     """Attention kernel; ``auto`` = flash-attn 2 when installed on CUDA, else sdpa."""
     launcher: Literal["auto", "inprocess", "deepspeed", "torchrun"] = "auto"
     """``auto``: in the notebook kernel for one device, ``deepspeed`` subprocess for several."""
+    num_processes: int = 1
+    """Training processes (ranks) per node with ``device: cpu``: more than 1 launches them over gloo
+    through the same ``deepspeed``/``torchrun`` launcher as GPUs (``OMP_NUM_THREADS`` = cores / ranks)."""
 
 
 @dataclass
@@ -257,8 +272,9 @@ class RunConfig:
 
     @property
     def world_size(self) -> int:
-        """Number of training processes (GPUs × nodes; 1 on CPU)."""
-        return 1 if self.hardware.device == "cpu" else self.hardware.num_gpus * self.hardware.num_nodes
+        """Number of training processes (GPUs × nodes; ``num_processes`` × nodes on CPU)."""
+        h = self.hardware
+        return (h.num_processes if h.device == "cpu" else h.num_gpus) * h.num_nodes
 
     @property
     def gradient_accumulation_steps(self) -> int:
@@ -385,8 +401,10 @@ def validate(cfg: RunConfig) -> list[str]:
         parts = spec.required_parts(t.strategy)
         for key in parts:
             if not getattr(m, key):
-                e.append(f"model.{key}: required for {spec.title} '{t.strategy}': the run assembles "
-                         f"{' + '.join('model.' + p for p in parts)}")
+                e.append(
+                    f"model.{key}: required for {spec.title} '{t.strategy}': the run assembles "
+                    f"{' + '.join('model.' + p for p in parts)}"
+                )
     if not spec.trains_vision and not t.freeze_vision:
         e.append(f"train.freeze_vision: {spec.title} recipes always freeze the vision tower; set it to true")
     for src in d.sampling:
@@ -402,8 +420,10 @@ def validate(cfg: RunConfig) -> list[str]:
     if t.per_device_batch_size < 1 or t.global_batch_size < 1:
         e.append("train.per_device_batch_size / train.global_batch_size: must be >= 1")
     elif t.global_batch_size % per_step:
-        e.append(f"train.global_batch_size: {t.global_batch_size} is not a multiple of per_device_batch_size × "
-                 f"GPUs × nodes = {t.per_device_batch_size} × {cfg.world_size}; change one of them")
+        e.append(
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of per_device_batch_size × "
+            f"GPUs × nodes = {t.per_device_batch_size} × {cfg.world_size}; change one of them"
+        )
     if t.lr <= 0:
         e.append(f"train.lr: must be > 0, got {t.lr}")
     if not 0 <= t.warmup_ratio < 1:
@@ -413,6 +433,8 @@ def validate(cfg: RunConfig) -> list[str]:
     for rep in t.report_to:
         if rep not in ("none", "wandb", "tensorboard"):
             e.append(f"train.report_to: unknown logger {rep!r}; allowed: none, wandb, tensorboard")
+    if t.max_grad_norm is not None and t.max_grad_norm < 0:
+        e.append(f"train.max_grad_norm: must be >= 0 (0 = no clipping) or null (upstream's), got {t.max_grad_norm}")
     if t.lora.enabled and (t.lora.r < 1 or t.lora.alpha < 1):
         e.append("train.lora.r / train.lora.alpha: must be >= 1")
     for b in cfg.eval.benchmarks:
@@ -422,16 +444,28 @@ def validate(cfg: RunConfig) -> list[str]:
         if c not in ("blank", "shuffled"):
             e.append(f"eval.controls: unknown control {c!r}; allowed: blank, shuffled")
     if h.device == "cpu":
-        if h.deepspeed != "none" and h.launcher not in ("auto", "inprocess"):
-            e.append("hardware.launcher: a multi-process launcher needs GPUs; use inprocess on CPU")
+        if h.launcher not in ("auto", "inprocess") and h.num_processes * h.num_nodes == 1:
+            e.append(
+                f"hardware.launcher: {h.launcher} on CPU needs several ranks; set hardware.num_processes > 1 "
+                "or use launcher: inprocess"
+            )
         if h.attn_implementation == "flash_attention_2":
             e.append("hardware.attn_implementation: flash_attention_2 needs CUDA; use sdpa or eager on CPU")
         if t.bf16:
-            e.append("train.bf16: bfloat16 training needs an Ampere+ GPU; set train.bf16: false with hardware.device: cpu")
+            e.append(
+                "train.bf16: bfloat16 training needs an Ampere+ GPU; set train.bf16: false with hardware.device: cpu"
+            )
     if h.num_gpus < 1 or h.num_nodes < 1:
         e.append("hardware.num_gpus / hardware.num_nodes: must be >= 1")
-    if h.num_nodes > 1 and not h.hostfile:
-        e.append("hardware.hostfile: required for multi-node runs (hardware.num_nodes > 1)")
+    if t.save_every_minutes is not None and t.save_every_minutes <= 0:
+        e.append(f"train.save_every_minutes: must be > 0 or null, got {t.save_every_minutes}")
+    if h.num_processes < 1:
+        e.append(f"hardware.num_processes: must be >= 1, got {h.num_processes}")
+    if h.num_nodes > 1 and not h.hostfile and h.launcher != "torchrun":
+        e.append(
+            "hardware.hostfile: required for multi-node runs (hardware.num_nodes > 1) with the deepspeed "
+            "launcher; on SLURM use `icmlab slurm` (torchrun per node, rendezvous from SLURM_*)"
+        )
     if cfg.download.concurrency < 1:
         e.append("download.concurrency: must be >= 1")
     if not cfg.run_name or "/" in cfg.run_name:

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 import tomllib
 from pathlib import Path
@@ -108,7 +109,10 @@ def test_this_venv_is_exactly_the_lock():
         pins, expect_torch = lock_pins(REQ / "lock-gpu.txt"), torch_version()
     else:
         pytest.skip("not a venv made by `make install` / `make install-gpu`")
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in md.distributions()}
+    # The venv's own site-packages only: once a test has imported setuptools, its vendored
+    # packaging/platformdirs dist-infos are on sys.path too and are not what the venv installed.
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in md.distributions(path=site)}
     wrong = {n: (v, installed.get(n)) for n, v in pins.items() if installed.get(n) != v}
     assert not wrong, f"venv differs from the lock (name: (locked, installed)): {wrong}; run make install"
     # Packages beyond the lock (an opted-in wandb, say) are the user's business: `make install`

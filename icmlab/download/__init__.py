@@ -15,5 +15,15 @@ Usage (notebook ``01_download``)::
 from icmlab.download.stage import DownloadError, DownloadResult, PlannedItem, check_layout, plan, run
 from icmlab.download.tables import format_layout, format_plan, layout_html, plan_html
 
-__all__ = ["DownloadError", "DownloadResult", "PlannedItem", "check_layout", "format_layout", "format_plan",
-           "layout_html", "plan", "plan_html", "run"]
+__all__ = [
+    "DownloadError",
+    "DownloadResult",
+    "PlannedItem",
+    "check_layout",
+    "format_layout",
+    "format_plan",
+    "layout_html",
+    "plan",
+    "plan_html",
+    "run",
+]

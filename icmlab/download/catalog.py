@@ -31,8 +31,14 @@ from icmlab.models.spec import family_spec
 
 KINDS = ("file", "archive", "tree", "model", "model_file")
 DATA_KINDS = ("file", "archive", "tree")
-HIGH_LEVEL_IMAGES = ("coco_train2017", "gqa_images", "ocr_vqa_images", "textvqa_train_val_images",
-                     "vg_images", "vg_images2")
+HIGH_LEVEL_IMAGES = (
+    "coco_train2017",
+    "gqa_images",
+    "ocr_vqa_images",
+    "textvqa_train_val_images",
+    "vg_images",
+    "vg_images2",
+)
 DATASET_SOURCES = {"icm_instruct": ("icm_instruct_train",), "q_instruct": ("q_instruct_labels", "q_instruct_images")}
 
 
@@ -149,10 +155,19 @@ def _source(name: str, raw: dict[str, Any], where: str) -> Source:
     if bad:
         raise ValueError(f"{where}: source {name!r} has unknown fields {sorted(bad)}")
     src = Source(
-        name=name, title=raw.pop("title", name), kind=raw.pop("kind", "file"),
-        hf_repo=hf.get("repo"), hf_type=hf.get("type"), hf_file=hf.get("file"), revision=hf.get("revision"),
-        alt_repos=tuple(hf.get("alt_repos", ())), allow=tuple(hf.get("allow", ())), expect=expect,
-        requires=tuple(raw.pop("requires", ())), **raw)
+        name=name,
+        title=raw.pop("title", name),
+        kind=raw.pop("kind", "file"),
+        hf_repo=hf.get("repo"),
+        hf_type=hf.get("type"),
+        hf_file=hf.get("file"),
+        revision=hf.get("revision"),
+        alt_repos=tuple(hf.get("alt_repos", ())),
+        allow=tuple(hf.get("allow", ())),
+        expect=expect,
+        requires=tuple(raw.pop("requires", ())),
+        **raw,
+    )
     if src.kind not in KINDS:
         raise ValueError(f"{where}: source {name!r}: kind {src.kind!r} not in {KINDS}")
     if src.kind == "archive" and src.archive not in ("zip", "tar"):
@@ -189,8 +204,11 @@ def load_catalog(demo: bool = False, path: Path | None = None) -> Catalog:
                 raise ValueError(f"{where}: demo source {name!r} has no real entry")
             base = dataclasses.asdict(sources[name])
             base["expect"] = [dataclasses.asdict(e) | {"files": None, "approx": False} for e in sources[name].expect]
-            merged = {k: v for k, v in base.items() if k in ("title", "kind", "archive", "strip", "convert",
-                                                              "target", "expect")}
+            merged = {
+                k: v
+                for k, v in base.items()
+                if k in ("title", "kind", "archive", "strip", "convert", "target", "expect")
+            }
             merged.update(over)
             sources[name] = _source(name, merged, where)
         for name, entry in (section.get("models") or {}).items():
@@ -260,19 +278,27 @@ def needed_sources(cfg: RunConfig, catalog: Catalog) -> tuple[list[Need], list[L
             raise ValueError(f"data.sources.{name}: unknown source; known: {', '.join(sorted(catalog.sources))}")
         src = catalog.sources[name]
         if src.kind not in DATA_KINDS:
-            raise ValueError(f"data.sources.{name}: {name} is a model checkpoint; point model.base / model.llm / "
-                             "model.vision_tower / model.mm_projector at a local folder or file instead")
+            raise ValueError(
+                f"data.sources.{name}: {name} is a model checkpoint; point model.base / model.llm / "
+                "model.vision_tower / model.mm_projector at a local folder or file instead"
+            )
         if name in needs:
             loc, digest = split_location(str(value))
-            needs[name].source = dataclasses.replace(src, location=loc, sha256=digest or src.sha256,
-                                                     size=src.size if not digest else None)
+            needs[name].source = dataclasses.replace(
+                src, location=loc, sha256=digest or src.sha256, size=src.size if not digest else None
+            )
     if catalog.demo:
-        missing = [n for n, nd in needs.items() if nd.source.kind in DATA_KINDS and not nd.source.artifact
-                   and not nd.source.location]
+        missing = [
+            n
+            for n, nd in needs.items()
+            if nd.source.kind in DATA_KINDS and not nd.source.artifact and not nd.source.location
+        ]
         if missing:
-            raise ValueError(f"the demo has no synthetic stand-in for {', '.join(missing)} "
-                             f"(asked for by {'; '.join(needs[m].reasons[0] for m in missing)}); "
-                             "use eval.split: dev, or point data.sources at real files")
+            raise ValueError(
+                f"the demo has no synthetic stand-in for {', '.join(missing)} "
+                f"(asked for by {'; '.join(needs[m].reasons[0] for m in missing)}); "
+                "use eval.split: dev, or point data.sources at real files"
+            )
     return list(needs.values()), locals_
 
 
@@ -290,8 +316,10 @@ def _model_needs(cfg: RunConfig, catalog: Catalog, add, locals_: list[LocalModel
     elif cfg.eval.baseline:
         keys.append(("model.base", m.base, "eval.baseline (the instruction-tuned reference)"))
     if assembled:
-        keys += [(f"model.{p}", getattr(m, p), _PART_ROLES.get(p, f"part of the {t.strategy} run"))
-                 for p in spec.required_parts(t.strategy)]
+        keys += [
+            (f"model.{p}", getattr(m, p), _PART_ROLES.get(p, f"part of the {t.strategy} run"))
+            for p in spec.required_parts(t.strategy)
+        ]
     elif m.base_format == "original" and m.vision_tower:  # an original LLaVA checkpoint names its CLIP apart
         keys.append(("model.vision_tower", m.vision_tower, "CLIP tower of the original-layout checkpoint"))
     for key, value, why in keys:
@@ -309,8 +337,14 @@ def _model_needs(cfg: RunConfig, catalog: Catalog, add, locals_: list[LocalModel
         src = catalog.by_repo(value)
         if src is None:  # a hub id the catalog does not list: fetch it all the same
             kind, file = ("model_file", "mm_projector.bin") if key == "model.mm_projector" else ("model", None)
-            src = Source(name=f"hub:{value}", title=f"{value} (not in the catalog)", kind=kind, hf_repo=value,
-                         hf_type="model", hf_file=file)
+            src = Source(
+                name=f"hub:{value}",
+                title=f"{value} (not in the catalog)",
+                kind=kind,
+                hf_repo=value,
+                hf_type="model",
+                hf_file=file,
+            )
         if m.revision:
             src = dataclasses.replace(src, revision=m.revision)
         add(src.name, reason, src)
@@ -325,7 +359,7 @@ def _demo_model_at(catalog: Catalog, root: Path, path: Path) -> Source | None:
         if (root / s.target).resolve() == path.resolve():
             return s
         tail = Path(s.target).parts[1:] if Path(s.target).parts[0] == "models" else Path(s.target).parts
-        if path.parts[-len(tail):] == tail:
+        if path.parts[-len(tail) :] == tail:
             return dataclasses.replace(s, target=str(path.resolve()))
     return None
 
@@ -376,8 +410,14 @@ def count_files(folder: Path) -> int:
     return n
 
 
-def check_layout(root: Path, needs: list[Need], locals_: list[LocalModel], records: dict[str, dict],
-                 notes: dict[str, str] | None = None, extra_files: list[Path] | None = None) -> list[LayoutRow]:
+def check_layout(
+    root: Path,
+    needs: list[Need],
+    locals_: list[LocalModel],
+    records: dict[str, dict],
+    notes: dict[str, str] | None = None,
+    extra_files: list[Path] | None = None,
+) -> list[LayoutRow]:
     """Compare every expected path of the needed sources with the disk.
 
     Args:
@@ -418,8 +458,15 @@ def _path_row(root: Path, name: str, e: Expect, archive_count: int | None, extra
         with open(p, "rb") as f:
             head = f.read(2048)
         if head.lstrip()[:1] == b"<" and b"html" in head.lower():
-            return LayoutRow(name, e.path, "HTML page", None, None, False,
-                             "an HTML page saved instead of the data (a '/blob/' link?); delete it and run again")
+            return LayoutRow(
+                name,
+                e.path,
+                "HTML page",
+                None,
+                None,
+                False,
+                "an HTML page saved instead of the data (a '/blob/' link?); delete it and run again",
+            )
         return LayoutRow(name, e.path, "ok", None, None, False, note)
     found = count_files(p)
     status = "ok"
@@ -434,9 +481,11 @@ def _hub_row(src: Source, rec: dict) -> LayoutRow:
     from huggingface_hub import try_to_load_from_cache
 
     label = f"HF cache: {src.hf_repo}" + (f"/{src.hf_file}" if src.hf_file else "")
-    got = try_to_load_from_cache(src.hf_repo, src.hf_file or "config.json", revision=src.revision,
-                                 repo_type=src.hf_type)
+    got = try_to_load_from_cache(
+        src.hf_repo, src.hf_file or "config.json", revision=src.revision, repo_type=src.hf_type
+    )
     present = isinstance(got, str) or bool(rec.get("path") and Path(rec["path"]).exists())
     note = "complete" if rec else ("partly cached: run the download step" if present else "")
-    return LayoutRow(src.name, label, "ok" if present and rec else ("not downloaded" if not present else "partial"),
-                     note=note)
+    return LayoutRow(
+        src.name, label, "ok" if present and rec else ("not downloaded" if not present else "partial"), note=note
+    )

@@ -99,8 +99,10 @@ def archive_format(path: Path) -> str:
         return "zip"
     if tarfile.is_tarfile(path):
         return "tar"
-    raise ArchiveError(f"{path}: not a zip or tar archive (first bytes {head!r}); the file is corrupt, "
-                       "truncated, or not the archive it should be")
+    raise ArchiveError(
+        f"{path}: not a zip or tar archive (first bytes {head!r}); the file is corrupt, "
+        "truncated, or not the archive it should be"
+    )
 
 
 def _safe_name(raw: str, strip: int) -> str | None:
@@ -178,16 +180,18 @@ def list_members(path: Path, strip_components: int = 0) -> list[Member]:
                         elif ti.islnk():
                             target = _safe_name(ti.linkname, strip_components)
                             if target is None:
-                                raise UnsafeArchiveError(f"entry {ti.name!r}: hard link to {ti.linkname!r} "
-                                                         "outside the extracted part")
+                                raise UnsafeArchiveError(
+                                    f"entry {ti.name!r}: hard link to {ti.linkname!r} outside the extracted part"
+                                )
                             members.append(Member(name, "hardlink", 0, target, ti))
                         else:
                             raise UnsafeArchiveError(f"entry {ti.name!r}: device or FIFO entries are not extracted")
                     except UnsafeArchiveError as e:
                         bad.append(str(e))
     except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError) as e:
-        raise ArchiveError(f"{path}: cannot read the archive ({type(e).__name__}: {e}); "
-                           "it is corrupt or truncated") from None
+        raise ArchiveError(
+            f"{path}: cannot read the archive ({type(e).__name__}: {e}); it is corrupt or truncated"
+        ) from None
     if bad:
         more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
         raise UnsafeArchiveError(f"{path}: refused, nothing was extracted: " + "; ".join(bad[:10]) + more)
@@ -258,8 +262,10 @@ def extract_archive(
                     try:
                         _write(dest, open_member, m.size, overwrite, res)
                     except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError) as e:
-                        raise ArchiveError(f"{path}: corrupt or truncated at {m.name!r} "
-                                           f"({type(e).__name__}: {e}); fetch the archive again") from None
+                        raise ArchiveError(
+                            f"{path}: corrupt or truncated at {m.name!r} "
+                            f"({type(e).__name__}: {e}); fetch the archive again"
+                        ) from None
                 bar.update(m.size)
     finally:
         bar.close()
@@ -366,13 +372,27 @@ class ConvertReport:
 
     def summary(self) -> dict:
         """JSON-able summary (the dead list in full: it is what the user has to look at)."""
-        return {"jpeg": self.jpeg, "converted": self.converted, "kept": self.kept, "dead": len(self.dead),
-                "dead_files": [{"file": f, "reason": r} for f, r in self.dead],
-                "duplicates": self.duplicates, "formats": self.formats}
+        return {
+            "jpeg": self.jpeg,
+            "converted": self.converted,
+            "kept": self.kept,
+            "dead": len(self.dead),
+            "dead_files": [{"file": f, "reason": r} for f, r in self.dead],
+            "duplicates": self.duplicates,
+            "formats": self.formats,
+        }
 
 
-def convert_images_to_jpg(src: Path, dst: Path, *, move: bool = False, overwrite: bool = False, quality: int = 95,
-                          workers: int | None = None, progress: bool = True) -> ConvertReport:
+def convert_images_to_jpg(
+    src: Path,
+    dst: Path,
+    *,
+    move: bool = False,
+    overwrite: bool = False,
+    quality: int = 95,
+    workers: int | None = None,
+    progress: bool = True,
+) -> ConvertReport:
     """Save every image under ``src`` (any depth, any format) as real JPEG ``dst/<stem>.jpg``.
 
     The LLaVA mix665k JSON names every OCR-VQA image ``<id>.jpg`` while the downloads are often
@@ -436,8 +456,10 @@ def convert_images_to_jpg(src: Path, dst: Path, *, move: bool = False, overwrite
         return "converted", None, fmt
 
     workers = workers or min(4, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(jobs), unit="img", desc="ocr_vqa → .jpg",
-                                                   disable=not progress, leave=False) as bar:
+    with (
+        ThreadPoolExecutor(workers) as pool,
+        tqdm(total=len(jobs), unit="img", desc="ocr_vqa → .jpg", disable=not progress, leave=False) as bar,
+    ):
         for (stem, p), (status, reason, fmt) in zip(jobs.items(), pool.map(one, jobs.items())):
             bar.update(1)
             if status == "dead":

@@ -91,8 +91,10 @@ def sha256_file(path: Path, desc: str | None = None) -> str:
     """sha256 of a file, read in 1 MiB chunks (with a progress bar when ``desc`` is given)."""
     h = hashlib.sha256()
     size = path.stat().st_size
-    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=desc,
-                                      disable=desc is None, leave=False) as bar:
+    with (
+        open(path, "rb") as f,
+        tqdm(total=size, unit="B", unit_scale=True, desc=desc, disable=desc is None, leave=False) as bar,
+    ):
         while chunk := f.read(CHUNK):
             h.update(chunk)
             bar.update(len(chunk))
@@ -141,11 +143,15 @@ def html_message(url: str, what: str) -> str:
     """The explanation given when ``url`` answered with an HTML page instead of ``what``."""
     fix = suggest_url(url)
     if fix:
-        return (f"{url} returned an HTML web page, not {what}: '/blob/' URLs show the file's page. "
-                f"Use the raw-file URL instead: {fix}")
-    return (f"{url} returned an HTML page instead of {what} (a login page, a captive portal, an error page "
-            "or a file-viewer link). Open it in a browser to see which, then use the direct download URL "
-            "(on Hugging Face: '/resolve/<revision>/<file>').")
+        return (
+            f"{url} returned an HTML web page, not {what}: '/blob/' URLs show the file's page. "
+            f"Use the raw-file URL instead: {fix}"
+        )
+    return (
+        f"{url} returned an HTML page instead of {what} (a login page, a captive portal, an error page "
+        "or a file-viewer link). Open it in a browser to see which, then use the direct download URL "
+        "(on Hugging Face: '/resolve/<revision>/<file>')."
+    )
 
 
 def local_path(location: str) -> Path | None:
@@ -153,7 +159,7 @@ def local_path(location: str) -> Path | None:
     scheme = urllib.parse.urlsplit(location).scheme.lower()
     if scheme == "file":
         return Path(urllib.request.url2pathname(urllib.parse.urlsplit(location).path))
-    if scheme in ("", ) or (len(scheme) == 1 and os.name == "nt"):
+    if scheme in ("",) or (len(scheme) == 1 and os.name == "nt"):
         return Path(location).expanduser()
     return None
 
@@ -188,11 +194,14 @@ def _open(url: str, offset: int, validator: str | None, timeout: float) -> tuple
     except urllib.error.HTTPError as e:
         e.close()
         if e.code in (401, 403):
-            raise AuthError(f"{url}: the server answered {e.code} ({e.reason}): this source needs credentials or "
-                            "an access grant from the data's owners.") from None
+            raise AuthError(
+                f"{url}: the server answered {e.code} ({e.reason}): this source needs credentials or "
+                "an access grant from the data's owners."
+            ) from None
         if e.code in (404, 410):
-            raise NotFoundError(f"{url}: the server answered {e.code} ({e.reason}): the file is not there "
-                                "(moved or renamed?)") from None
+            raise NotFoundError(
+                f"{url}: the server answered {e.code} ({e.reason}): the file is not there (moved or renamed?)"
+            ) from None
         if e.code == 416:
             return 416, {}, io.BytesIO(), url
         if e.code in (408, 425, 429) or e.code >= 500:
@@ -262,8 +271,7 @@ def fetch_url(
     resumed_from, transferred, failures = offset, 0, 0
     hasher = _Digest()
     _hash_prefix(part, offset, hasher)  # the kept bytes count towards the checksum
-    bar = tqdm(total=size, initial=offset, unit="B", unit_scale=True, desc=what[:40], disable=not progress,
-               leave=False)
+    bar = tqdm(total=size, initial=offset, unit="B", unit_scale=True, desc=what[:40], disable=not progress, leave=False)
     try:
         while not (size is not None and offset == size and part.exists()):
             try:
@@ -295,9 +303,11 @@ def fetch_url(
             problems.append(f"sha256 {digest}, expected {sha256.lower()}")
         if problems:
             _remove(part, meta)
-            raise ChecksumError(f"{url}: {'; '.join(problems)}. The download was removed and nothing was "
-                                f"written to {dest}; if the catalog's checksum is outdated, point data.sources "
-                                "at a file you trust.")
+            raise ChecksumError(
+                f"{url}: {'; '.join(problems)}. The download was removed and nothing was "
+                f"written to {dest}; if the catalog's checksum is outdated, point data.sources "
+                "at a file you trust."
+            )
         with open(part, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(part, dest)
@@ -329,8 +339,20 @@ class _Got:
     restarted: bool
 
 
-def _transfer(url: str, part: Path, meta: Path, offset: int, state: dict, size: int | None, hasher, bar,
-              timeout: float, allow_html: bool, what: str, cancel: threading.Event | None) -> _Got:
+def _transfer(
+    url: str,
+    part: Path,
+    meta: Path,
+    offset: int,
+    state: dict,
+    size: int | None,
+    hasher,
+    bar,
+    timeout: float,
+    allow_html: bool,
+    what: str,
+    cancel: threading.Event | None,
+) -> _Got:
     """One request appending to ``part`` from ``offset``; raises :class:`_Retry` on transient trouble."""
     status, headers, stream, final_url = _open(url, offset, state.get("validator"), timeout)
     moved = 0

@@ -20,8 +20,16 @@ import os
 import re
 from pathlib import Path
 
-from icmlab.download.fetch import (AuthError, FetchError, FetchResult, HTMLInsteadOfData, NotFoundError, html_message,
-                          looks_like_html, verify_file)
+from icmlab.download.fetch import (
+    AuthError,
+    FetchError,
+    FetchResult,
+    HTMLInsteadOfData,
+    NotFoundError,
+    html_message,
+    looks_like_html,
+    verify_file,
+)
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -34,18 +42,26 @@ def hf_page(repo_id: str, repo_type: str | None) -> str:
 
 def _hf_error(e: Exception, repo_id: str, repo_type: str | None, what: str) -> FetchError:
     """Translate a huggingface_hub exception into our errors with an actionable message."""
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RemoteEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     status = getattr(getattr(e, "response", None), "status_code", None)
-    login = (f"To get it: request access on {hf_page(repo_id, repo_type)} (logged in), then authenticate this "
-             "machine with `hf auth login` or the HF_TOKEN environment variable, and run the step again.")
+    login = (
+        f"To get it: request access on {hf_page(repo_id, repo_type)} (logged in), then authenticate this "
+        "machine with `hf auth login` or the HF_TOKEN environment variable, and run the step again."
+    )
     if isinstance(e, GatedRepoError) or status in (401, 403):
         kind = "gated" if isinstance(e, GatedRepoError) else "private, gated or needs a login"
         return AuthError(f"{what}: {repo_id} is {kind} (the hub answered {status}). {login}")
     if isinstance(e, RevisionNotFoundError):
-        return NotFoundError(f"{what}: the pinned revision does not exist in {repo_id}; check model.revision or "
-                             "the catalog's revision")
+        return NotFoundError(
+            f"{what}: the pinned revision does not exist in {repo_id}; check model.revision or the catalog's revision"
+        )
     if isinstance(e, RemoteEntryNotFoundError):
         return NotFoundError(f"{what}: not found in {repo_id} ({hf_page(repo_id, repo_type)})")
     if isinstance(e, RepositoryNotFoundError):
@@ -92,18 +108,25 @@ def fetch_hf_file(
 
     what = f"{repo_id}/{filename}"
     try:
-        path = Path(huggingface_hub.hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision,
-                                                    endpoint=endpoint))
+        path = Path(
+            huggingface_hub.hf_hub_download(
+                repo_id, filename, repo_type=repo_type, revision=revision, endpoint=endpoint
+            )
+        )
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
         if isinstance(e, LocalEntryNotFoundError) and not isinstance(e, HfHubHTTPError):
-            raise FetchError(f"{what}: the hub could not be reached and the file is not cached "
-                             f"({str(e).splitlines()[0]}); check the network, HF_ENDPOINT or HF_HUB_OFFLINE") from e
+            raise FetchError(
+                f"{what}: the hub could not be reached and the file is not cached "
+                f"({str(e).splitlines()[0]}); check the network, HF_ENDPOINT or HF_HUB_OFFLINE"
+            ) from e
         raise _hf_error(e, repo_id, repo_type, what) from e
     with open(path, "rb") as f:
         head = f.read(2048)
     if not allow_html and looks_like_html(head):
-        raise HTMLInsteadOfData(html_message(f"{endpoint or huggingface_hub.constants.ENDPOINT}/{repo_id}", what)
-                                + " (the hub mirror answered with a web page: check HF_ENDPOINT)")
+        raise HTMLInsteadOfData(
+            html_message(f"{endpoint or huggingface_hub.constants.ENDPOINT}/{repo_id}", what)
+            + " (the hub mirror answered with a web page: check HF_ENDPOINT)"
+        )
     blob = Path(os.path.realpath(path)).name
     expected = sha256 or (blob if _HEX64.match(blob) else None)
     digest = verify_file(path, size, expected if verify else None, what=what)
@@ -142,13 +165,20 @@ def fetch_hf_snapshot(
     ignore = list(ignore_patterns or [])
     try:
         if prefer_safetensors:
-            files = huggingface_hub.HfApi(endpoint=endpoint).list_repo_files(repo_id, repo_type=repo_type,
-                                                                              revision=revision)
+            files = huggingface_hub.HfApi(endpoint=endpoint).list_repo_files(
+                repo_id, repo_type=repo_type, revision=revision
+            )
             if any(f.endswith(".safetensors") for f in files):
                 ignore += ["pytorch_model*.bin", "*.pt"]
-        path = huggingface_hub.snapshot_download(repo_id, repo_type=repo_type, revision=revision, endpoint=endpoint,
-                                                 allow_patterns=allow_patterns, ignore_patterns=ignore or None,
-                                                 max_workers=max_workers)
+        path = huggingface_hub.snapshot_download(
+            repo_id,
+            repo_type=repo_type,
+            revision=revision,
+            endpoint=endpoint,
+            allow_patterns=allow_patterns,
+            ignore_patterns=ignore or None,
+            max_workers=max_workers,
+        )
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
         raise _hf_error(e, repo_id, repo_type, repo_id) from e
     return Path(path)

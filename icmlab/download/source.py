@@ -28,12 +28,21 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from icmlab.download.catalog import Catalog, Source, count_files
 from icmlab import paths
 from icmlab.config import RunConfig
+from icmlab.download.catalog import Catalog, Source, count_files
 from icmlab.download.extract import ArchiveError, convert_images_to_jpg, copy_tree, extract_archive, place_file
-from icmlab.download.fetch import (AuthError, FetchError, HTMLInsteadOfData, NotFoundError, fetch_url, html_message, local_path,
-                          looks_like_html, verify_file)
+from icmlab.download.fetch import (
+    AuthError,
+    FetchError,
+    HTMLInsteadOfData,
+    NotFoundError,
+    fetch_url,
+    html_message,
+    local_path,
+    looks_like_html,
+    verify_file,
+)
 from icmlab.download.hub import fetch_hf_file, fetch_hf_snapshot
 from icmlab.io import atomic_write_json, read_json
 
@@ -60,9 +69,20 @@ def marker_path(cfg: RunConfig, name: str) -> Path:
 
 def _fingerprint(src: Source) -> str:
     """What makes a completed source still valid: its origin and how it was laid out."""
-    return json.dumps({"origin": src.origin, "sha256": src.sha256, "size": src.size, "kind": src.kind,
-                       "target": src.target, "archive": src.archive, "strip": src.strip, "convert": src.convert,
-                       "allow": list(src.allow)}, sort_keys=True)
+    return json.dumps(
+        {
+            "origin": src.origin,
+            "sha256": src.sha256,
+            "size": src.size,
+            "kind": src.kind,
+            "target": src.target,
+            "archive": src.archive,
+            "strip": src.strip,
+            "convert": src.convert,
+            "allow": list(src.allow),
+        },
+        sort_keys=True,
+    )
 
 
 def read_json_or_none(path: Path) -> dict | None:
@@ -95,8 +115,9 @@ def hf_cached(src: Source, filename: str | None = None) -> Path | None:
     """The hub-cache path of the source's file (``config.json`` for snapshots) when cached, else None."""
     from huggingface_hub import try_to_load_from_cache
 
-    got = try_to_load_from_cache(src.hf_repo, filename or src.hf_file or "config.json", revision=src.revision,
-                                 repo_type=src.hf_type)
+    got = try_to_load_from_cache(
+        src.hf_repo, filename or src.hf_file or "config.json", revision=src.revision, repo_type=src.hf_type
+    )
     return Path(got) if isinstance(got, str) else None
 
 
@@ -131,14 +152,22 @@ def run_source(ctx: SourceContext, src: Source) -> ItemOutcome:
         moved, record = _process(ctx, src)
     except AuthError as e:
         hint = f" {' '.join(src.gated.split())}" if src.gated else ""
-        return ItemOutcome(src.name, "failed", 0, time.monotonic() - t0,
-                           f"{src.name}: {e}{hint} If you already have the file, set data.sources.{src.name}: "
-                           f"/path/to/{Path(src.hf_file or src.url or src.name).name} (or --set "
-                           f"data.sources.{src.name}=...).")
+        return ItemOutcome(
+            src.name,
+            "failed",
+            0,
+            time.monotonic() - t0,
+            f"{src.name}: {e}{hint} If you already have the file, set data.sources.{src.name}: "
+            f"/path/to/{Path(src.hf_file or src.url or src.name).name} (or --set "
+            f"data.sources.{src.name}=...).",
+        )
     except (FetchError, ArchiveError, OSError, ValueError) as e:
         return ItemOutcome(src.name, "failed", 0, time.monotonic() - t0, f"{src.name}: {e}")
-    record |= {"fingerprint": _fingerprint(src), "origin": src.origin,
-               "completed": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record |= {
+        "fingerprint": _fingerprint(src),
+        "origin": src.origin,
+        "completed": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     atomic_write_json(marker_path(ctx.cfg, src.name), record)  # written last: the source is complete
     return ItemOutcome(src.name, "fetched", moved, time.monotonic() - t0)
 
@@ -153,8 +182,12 @@ def _process(ctx: SourceContext, src: Source) -> tuple[int, dict]:
         if loc is None or not loc.exists():
             raise FileNotFoundError(f"{src.name}: demo checkpoint {loc} was not generated")
         # a projector file comes with the files beside it (config.json), as in the real projector repos
-        copy_tree(loc if loc.is_dir() else loc.parent, target if loc.is_dir() else target.parent,
-                  overwrite=overwrite, link=False)
+        copy_tree(
+            loc if loc.is_dir() else loc.parent,
+            target if loc.is_dir() else target.parent,
+            overwrite=overwrite,
+            link=False,
+        )
         if loc.is_file() and loc.name != target.name:
             place_file(loc, target, link=False)
         return 0, {"path": str(target), "source": str(loc)}
@@ -170,10 +203,20 @@ def _process(ctx: SourceContext, src: Source) -> tuple[int, dict]:
         return moved, {"path": str(target)}
     if src.kind in ("model", "tree") and not src.location:  # hub snapshots
         is_model = src.kind == "model"
-        snap = _hf_call(ctx, src, lambda repo, rev: fetch_hf_snapshot(
-            repo, repo_type=src.hf_type, revision=rev, endpoint=ctx.endpoint, allow_patterns=list(src.allow) or None,
-            ignore_patterns=list(ctx.catalog.model_ignore) if is_model else None, prefer_safetensors=is_model,
-            max_workers=ctx.cfg.download.concurrency))
+        snap = _hf_call(
+            ctx,
+            src,
+            lambda repo, rev: fetch_hf_snapshot(
+                repo,
+                repo_type=src.hf_type,
+                revision=rev,
+                endpoint=ctx.endpoint,
+                allow_patterns=list(src.allow) or None,
+                ignore_patterns=list(ctx.catalog.model_ignore) if is_model else None,
+                prefer_safetensors=is_model,
+                max_workers=ctx.cfg.download.concurrency,
+            ),
+        )
         if is_model:
             return 0, {"path": str(snap)}
         copy_tree(snap, target, overwrite=overwrite, link=True)
@@ -211,27 +254,47 @@ def _hf_call(ctx: SourceContext, src: Source, call):
 def _hf_file(ctx: SourceContext, src: Source) -> tuple[int, Path]:
     """One verified hub file in the hub cache: (bytes downloaded, cached path)."""
     cached_before = hf_cached(src) is not None
-    r = _hf_call(ctx, src, lambda repo, rev: fetch_hf_file(
-        repo, src.hf_file, repo_type=src.hf_type, revision=rev, endpoint=ctx.endpoint, size=src.size,
-        sha256=src.sha256, verify=ctx.cfg.download.verify))
+    r = _hf_call(
+        ctx,
+        src,
+        lambda repo, rev: fetch_hf_file(
+            repo,
+            src.hf_file,
+            repo_type=src.hf_type,
+            revision=rev,
+            endpoint=ctx.endpoint,
+            size=src.size,
+            sha256=src.sha256,
+            verify=ctx.cfg.download.verify,
+        ),
+    )
     return (0 if cached_before else r.size), r.path
 
 
 def _fetch_kw(ctx: SourceContext, src: Source) -> dict:
-    return {"size": src.size, "sha256": src.sha256 if ctx.cfg.download.verify else None,
-            "retries": ctx.cfg.download.retries, "progress": ctx.progress, "what": src.name, "cancel": ctx.cancel}
+    return {
+        "size": src.size,
+        "sha256": src.sha256 if ctx.cfg.download.verify else None,
+        "retries": ctx.cfg.download.retries,
+        "progress": ctx.progress,
+        "what": src.name,
+        "cancel": ctx.cancel,
+    }
 
 
 def _get_archive(ctx: SourceContext, src: Source, loc: Path | None) -> tuple[Path, int, bool]:
     """The verified archive: (path, bytes moved, whether it is our download, to delete after extraction)."""
     if loc is not None:  # a local file: checked in place, never copied or modified
         if not loc.is_file():
-            raise FileNotFoundError(f"data.sources.{src.name}: {loc} is not a file "
-                                    f"(expected the {src.archive} archive)")
+            raise FileNotFoundError(
+                f"data.sources.{src.name}: {loc} is not a file (expected the {src.archive} archive)"
+            )
         with open(loc, "rb") as f:
             if looks_like_html(f.read(2048)):
-                raise HTMLInsteadOfData(html_message(_canonical_url(src), f"the {src.archive} archive")
-                                        + f" (the local file {loc} is that page)")
+                raise HTMLInsteadOfData(
+                    html_message(_canonical_url(src), f"the {src.archive} archive")
+                    + f" (the local file {loc} is that page)"
+                )
         verify_file(loc, src.size, src.sha256 if ctx.cfg.download.verify else None, what=f"{src.name} ({loc})")
         return loc, 0, False
     if src.location or src.url:
@@ -253,21 +316,31 @@ def _unpack(ctx: SourceContext, src: Source, archive: Path, overwrite: bool) -> 
     target = ctx.root / (src.target or ".")
     if src.convert == "ocr_vqa_jpg":
         staging = paths.download_staging(ctx.root, src.name)
-        extract_archive(archive, staging, strip_components=src.strip, progress=ctx.progress, desc=src.name,
-                        cancel=ctx.cancel)
+        extract_archive(
+            archive, staging, strip_components=src.strip, progress=ctx.progress, desc=src.name, cancel=ctx.cancel
+        )
         rep = convert_images_to_jpg(staging, target, move=True, overwrite=overwrite, progress=ctx.progress)
         atomic_write_json(ocr_report_path(ctx.cfg), rep.summary() | {"archive": str(archive)})
         shutil.rmtree(staging)
         with contextlib.suppress(OSError):
             staging.parent.rmdir()  # only when no other source is being staged
         return _counts(src, {src.target: rep.jpeg + rep.converted + rep.kept})
-    res = extract_archive(archive, target, strip_components=src.strip, overwrite=overwrite, progress=ctx.progress,
-                          desc=src.name, cancel=ctx.cancel)
+    res = extract_archive(
+        archive,
+        target,
+        strip_components=src.strip,
+        overwrite=overwrite,
+        progress=ctx.progress,
+        desc=src.name,
+        cancel=ctx.cancel,
+    )
     if not res.files:
         raise ArchiveError(f"{archive}: the archive holds no files (an empty or zeroed download?)")
     prefix = "" if src.target in (None, ".") else src.target.rstrip("/") + "/"
-    return _counts(src, {e.path: sum(1 for f in res.files if (prefix + f).startswith(e.path.rstrip("/") + "/"))
-                         for e in src.expect})
+    return _counts(
+        src,
+        {e.path: sum(1 for f in res.files if (prefix + f).startswith(e.path.rstrip("/") + "/")) for e in src.expect},
+    )
 
 
 def _counts(src: Source, counts: dict) -> dict[str, int]:

@@ -34,12 +34,24 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from icmlab.download.catalog import LayoutRow, LocalModel, Need, count_files, load_catalog, needed_sources
-from icmlab.download.catalog import check_layout as _check_layout
 from icmlab import paths
 from icmlab.config import RunConfig
-from icmlab.download.source import (STATE, ItemOutcome, SourceContext, done_record, download_path, hf_cached,
-                                    marker_path, ocr_report_path, read_json_or_none, run_source)
+from icmlab.download.catalog import LayoutRow, LocalModel, Need, count_files, load_catalog, needed_sources
+from icmlab.download.catalog import check_layout as _check_layout
+from icmlab.download.extract import missing_references
+from icmlab.download.fetch import local_path
+from icmlab.download.source import (
+    STATE,
+    ItemOutcome,
+    SourceContext,
+    done_record,
+    download_path,
+    hf_cached,
+    marker_path,
+    ocr_report_path,
+    read_json_or_none,
+    run_source,
+)
 from icmlab.download.tables import (  # noqa: F401  (format_plan, plan_html: re-exported for notebooks and the CLI)
     fmt_size,
     format_layout,
@@ -49,8 +61,6 @@ from icmlab.download.tables import (  # noqa: F401  (format_plan, plan_html: re-
     plan_html,
     text_table,
 )
-from icmlab.download.extract import missing_references
-from icmlab.download.fetch import local_path
 from icmlab.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -121,18 +131,34 @@ class DownloadResult:
     def summary(self) -> str:
         """Terminal report: outcomes, layout table, totals."""
         lines = [f"data root: {self.data_root}", ""]
-        lines += text_table(["source", "action", "moved", "time", "message"],
-                        [[o.name, o.action, fmt_size(o.transferred), f"{o.seconds:.1f}s", o.message.splitlines()[0]
-                          if o.message else ""] for o in self.outcomes])
-        lines += ["", format_layout(self.layout), "",
-                  f"{len(self.outcomes)} sources, {fmt_size(self.transferred)} moved in {self.seconds:.1f}s; "
-                  f"layout {'complete' if all(r.ok for r in self.layout) else 'INCOMPLETE'}"]
+        lines += text_table(
+            ["source", "action", "moved", "time", "message"],
+            [
+                [
+                    o.name,
+                    o.action,
+                    fmt_size(o.transferred),
+                    f"{o.seconds:.1f}s",
+                    o.message.splitlines()[0] if o.message else "",
+                ]
+                for o in self.outcomes
+            ],
+        )
+        lines += [
+            "",
+            format_layout(self.layout),
+            "",
+            f"{len(self.outcomes)} sources, {fmt_size(self.transferred)} moved in {self.seconds:.1f}s; "
+            f"layout {'complete' if all(r.ok for r in self.layout) else 'INCOMPLETE'}",
+        ]
         if not all(r.ok for r in self.layout):
             lines.append(f"to redo a source, delete {self.data_root / STATE / 'done'}/<source>.json and run again")
         if self.ocr_vqa:
-            lines.append(f"OCR-VQA: {self.ocr_vqa.get('dead', 0)} undecodable, "
-                         f"{len(self.ocr_vqa.get('missing_referenced', []))} referenced but missing "
-                         f"(see {self.ocr_vqa.get('report')})")
+            lines.append(
+                f"OCR-VQA: {self.ocr_vqa.get('dead', 0)} undecodable, "
+                f"{len(self.ocr_vqa.get('missing_referenced', []))} referenced but missing "
+                f"(see {self.ocr_vqa.get('report')})"
+            )
         return "\n".join(lines)
 
     def html(self) -> str:
@@ -160,8 +186,19 @@ def plan(cfg: RunConfig) -> list[PlannedItem]:
         _demo_locations(cfg, needs, build=False)
     items = [_plan_item(cfg, n) for n in needs]
     for lm in locals_:
-        items.append(PlannedItem(lm.key, "local checkpoint", "model", str(lm.path), None, False, str(lm.path),
-                                 "local" if lm.path.exists() else "MISSING", [lm.key]))
+        items.append(
+            PlannedItem(
+                lm.key,
+                "local checkpoint",
+                "model",
+                str(lm.path),
+                None,
+                False,
+                str(lm.path),
+                "local" if lm.path.exists() else "MISSING",
+                [lm.key],
+            )
+        )
     return items
 
 
@@ -205,8 +242,14 @@ def run(cfg: RunConfig, *, progress: bool = True) -> DownloadResult:
         try:
             for fut in as_completed([pool.submit(run_source, ctx, src) for src in todo]):
                 outcome = fut.result()
-                log.info("%s: %s (%s, %.1fs)%s", outcome.name, outcome.action, fmt_size(outcome.transferred),
-                         outcome.seconds, f": {outcome.message}" if outcome.message else "")
+                log.info(
+                    "%s: %s (%s, %.1fs)%s",
+                    outcome.name,
+                    outcome.action,
+                    fmt_size(outcome.transferred),
+                    outcome.seconds,
+                    f": {outcome.message}" if outcome.message else "",
+                )
                 outcomes.append(outcome)
                 bar.update(1)
         except KeyboardInterrupt:
@@ -220,8 +263,9 @@ def run(cfg: RunConfig, *, progress: bool = True) -> DownloadResult:
     result = DownloadResult(root, outcomes, check_layout(cfg, needs, locals_), time.monotonic() - t0, ocr)
     failed = [o for o in outcomes if o.action == "failed"]
     if failed:
-        raise DownloadError(f"{len(failed)} of {len(outcomes)} sources failed:\n" +
-                            "\n".join(f"- {o.message}" for o in failed), result)
+        raise DownloadError(
+            f"{len(failed)} of {len(outcomes)} sources failed:\n" + "\n".join(f"- {o.message}" for o in failed), result
+        )
     return result
 
 
@@ -235,8 +279,10 @@ def preflight_disk(cfg: RunConfig, items: list[PlannedItem]) -> None:
 
     need: dict[int, list] = {}
     for it in items:
-        for where, nbytes in ((Path(constants.HF_HUB_CACHE) if it.to_cache else cfg.data.root, it.todo_bytes),
-                              (cfg.data.root, it.extract_bytes)):
+        for where, nbytes in (
+            (Path(constants.HF_HUB_CACHE) if it.to_cache else cfg.data.root, it.todo_bytes),
+            (cfg.data.root, it.extract_bytes),
+        ):
             if nbytes:
                 anchor = _existing_ancestor(where)
                 entry = need.setdefault(os.stat(anchor).st_dev, [anchor, 0, []])
@@ -248,15 +294,18 @@ def preflight_disk(cfg: RunConfig, items: list[PlannedItem]) -> None:
         free = shutil.disk_usage(anchor).free
         if free - nbytes < spare:
             big = ", ".join(f"{n} {fmt_size(b)}" for b, n in sorted(parts, reverse=True)[:4])
-            problems.append(f"{anchor}: needs {fmt_size(nbytes)} + {fmt_size(spare)} spare, {fmt_size(free)} free "
-                            f"(largest: {big})")
+            problems.append(
+                f"{anchor}: needs {fmt_size(nbytes)} + {fmt_size(spare)} spare, {fmt_size(free)} free (largest: {big})"
+            )
     unknown = [it.name for it in items if it.status != "done" and it.size is None]
     if problems:
         raise InsufficientDiskSpace(
-            "not enough disk space for the download step:\n  " + "\n  ".join(problems) +
-            ("\n  (not counted, size unknown: " + ", ".join(unknown) + ")" if unknown else "") +
-            "\nFree space, set data.root (data) or HF_HOME (hub cache) to a larger disk, or lower "
-            "download.min_free_gb.")
+            "not enough disk space for the download step:\n  "
+            + "\n  ".join(problems)
+            + ("\n  (not counted, size unknown: " + ", ".join(unknown) + ")" if unknown else "")
+            + "\nFree space, set data.root (data) or HF_HOME (hub cache) to a larger disk, or lower "
+            "download.min_free_gb."
+        )
 
 
 # --------------------------------------------------------------------------- planning
@@ -273,8 +322,21 @@ def _plan_item(cfg: RunConfig, need: Need) -> PlannedItem:
     unpack = src.kind in ("archive", "tree") or (src.kind == "file" and not src.location)
     extract = (size or 0) * (2 if src.convert else 1) if unpack else 0
     target = {None: "HF cache", ".": "(data root)"}.get(src.target, src.target)
-    item = PlannedItem(src.name, src.title, src.kind, src.origin, size, src.size is not None, target, "to fetch",
-                       list(need.reasons), bool(src.gated), size or 0, extract, bool(src.hf_repo) and not src.location)
+    item = PlannedItem(
+        src.name,
+        src.title,
+        src.kind,
+        src.origin,
+        size,
+        src.size is not None,
+        target,
+        "to fetch",
+        list(need.reasons),
+        bool(src.gated),
+        size or 0,
+        extract,
+        bool(src.hf_repo) and not src.location,
+    )
     if done_record(cfg, src):
         item.status, item.todo_bytes, item.extract_bytes = "done", 0, 0
     elif src.location:
@@ -330,8 +392,9 @@ def _demo_locations(cfg: RunConfig, needs: list[Need], *, build: bool) -> None:
         s = need.source
         if s.artifact and not s.location and s.artifact in arts:
             entry = arts[s.artifact]
-            need.source = replace(s, location=(src_dir / entry["path"]).as_uri(), size=entry["size"],
-                                  sha256=entry["sha256"])
+            need.source = replace(
+                s, location=(src_dir / entry["path"]).as_uri(), size=entry["size"], sha256=entry["sha256"]
+            )
         elif s.checkpoint and s.checkpoint in ckpts:
             need.source = replace(s, location=str(ckpts[s.checkpoint]))
         elif s.checkpoint and ck_same:
@@ -355,8 +418,9 @@ def _ocr_vqa_report(cfg: RunConfig, needs: list[Need]) -> dict | None:
     return rep | {"report": str(path)}
 
 
-def check_layout(cfg: RunConfig, needs: list[Need] | None = None,
-                 locals_: list[LocalModel] | None = None) -> list[LayoutRow]:
+def check_layout(
+    cfg: RunConfig, needs: list[Need] | None = None, locals_: list[LocalModel] | None = None
+) -> list[LayoutRow]:
     """The layout table of the recipe: every expected folder/file/checkpoint, present or missing, with counts.
 
     Args:
@@ -372,8 +436,10 @@ def check_layout(cfg: RunConfig, needs: list[Need] | None = None,
     notes = {}
     ocr = read_json_or_none(ocr_report_path(cfg))
     if ocr:
-        notes["ocr_vqa_images"] = (f"{ocr.get('converted', 0)} re-encoded to JPEG, {ocr.get('dead', 0)} undecodable, "
-                                   f"{len(ocr.get('missing_referenced', []))} referenced but missing "
-                                   f"(ocr_vqa/ocr_vqa_report.json)")
+        notes["ocr_vqa_images"] = (
+            f"{ocr.get('converted', 0)} re-encoded to JPEG, {ocr.get('dead', 0)} undecodable, "
+            f"{len(ocr.get('missing_referenced', []))} referenced but missing "
+            f"(ocr_vqa/ocr_vqa_report.json)"
+        )
     custom = [Path(p) if Path(p).is_absolute() else cfg.data.root / p for p in cfg.data.custom_json]
     return _check_layout(cfg.data.root, needs, locals_ or [], records, notes, custom)

@@ -40,14 +40,16 @@ def text_table(header: list[str], rows: list[list]) -> list[str]:
     """Aligned plain-text table lines (cells cut at 60 characters)."""
     cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in r] for r in rows]
     widths = [min(60, max(len(r[i]) for r in cells)) for i in range(len(header))]
-    out = ["  ".join((c if len(c) <= w else c[: w - 1] + "…").ljust(w) for c, w in zip(r, widths)).rstrip()
-           for r in cells]
+    out = [
+        "  ".join((c if len(c) <= w else c[: w - 1] + "…").ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells
+    ]
     out.insert(1, "  ".join("-" * w for w in widths))
     return out
 
 
 def html_table(header: list[str], rows: list[list], status_col: int | None = None) -> str:
     """An HTML table; the status column is green for ok/done and red otherwise."""
+
     def cell(i: int, c: Any) -> str:
         text = html.escape("" if c is None else str(c))
         if i != status_col:
@@ -79,17 +81,27 @@ def layout_html(rows: list[LayoutRow]) -> str:
 
 def _plan_rows(items: list[PlannedItem]) -> tuple[list[str], list[list]]:
     header = ["source", "what", "from", "size", "to", "status", "why"]
-    rows = [[it.name, it.title, it.origin, fmt_size(it.size, it.exact), it.target,
-             it.status + (" (gated)" if it.gated and it.status != "done" else ""), "; ".join(it.reasons)]
-            for it in items]
+    rows = [
+        [
+            it.name,
+            it.title,
+            it.origin,
+            fmt_size(it.size, it.exact),
+            it.target,
+            it.status + (" (gated)" if it.gated and it.status != "done" else ""),
+            "; ".join(it.reasons),
+        ]
+        for it in items
+    ]
     return header, rows
 
 
 def _totals(items: list[PlannedItem]) -> str:
     todo = [it for it in items if it.status not in ("done", "local", "MISSING")]
     unknown = [it.name for it in todo if it.size is None]
-    return (f"{len(items)} sources, {len(todo)} to do, ≈{fmt_size(sum(it.size or 0 for it in todo))} to fetch"
-            + (f" (+ unknown size: {', '.join(unknown)})" if unknown else ""))
+    return f"{len(items)} sources, {len(todo)} to do, ≈{fmt_size(sum(it.size or 0 for it in todo))} to fetch" + (
+        f" (+ unknown size: {', '.join(unknown)})" if unknown else ""
+    )
 
 
 def format_plan(items: list[PlannedItem]) -> str:

@@ -232,6 +232,7 @@ def run(cfg: RunConfig) -> EvaluateResult:
             device=device,
             revision=cfg.model.revision,
             attn_implementation=cfg.hardware.attn_implementation,
+            endpoint=cfg.download.endpoint,
         )
         if cfg.model.base_format == "original" and cfg.model.vision_tower:
             kwargs["vision_source"] = cfg.model.vision_tower  # original LLaVA loads CLIP separately
@@ -241,7 +242,11 @@ def run(cfg: RunConfig) -> EvaluateResult:
         del base
     log.info("evaluating the fine-tuned model %s", finetuned_dir)
     tuned = family.load_for_inference(
-        finetuned_dir, dtype=dtype, device=device, attn_implementation=cfg.hardware.attn_implementation
+        finetuned_dir,
+        dtype=dtype,
+        device=device,
+        attn_implementation=cfg.hardware.attn_implementation,
+        endpoint=cfg.download.endpoint,
     )
     evaluations["fine-tuned"] = evaluate_bundle(cfg, tuned, sets, list(cfg.eval.controls), device)
     evaluations["fine-tuned"].meta["checkpoint"] = str(finetuned_dir)

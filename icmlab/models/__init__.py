@@ -51,6 +51,28 @@ class ModelBundle:
     extra: dict = field(default_factory=dict)
 
 
+#: ``train.loss_normalization`` values (see :mod:`icmlab.train.loss`).
+LOSS_NORMALIZATIONS = ("micro_batch_mean", "token_mean")
+
+
+def set_loss_normalization(model: Any, mode: str) -> None:
+    """Tell the HF Trainer how ``model``'s loss is averaged over a step (its ``accepts_loss_kwargs`` switch).
+
+    ``micro_batch_mean`` (upstream): the Trainer passes no token count, the model returns the mean over
+    the micro-batch's answer tokens and the Trainer divides by the accumulation steps (ranks average
+    their gradients). ``token_mean`` (transformers 5): the Trainer counts the answer tokens of the
+    global batch and the model divides its summed loss by that count. Set on the unwrapped model
+    (a PEFT wrapper forwards the attribute to it).
+
+    Raises:
+        ValueError: for an unknown mode, naming ``train.loss_normalization``.
+    """
+    if mode not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"train.loss_normalization: {mode!r}; allowed: {', '.join(LOSS_NORMALIZATIONS)}")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.accepts_loss_kwargs = mode == "token_mean"
+
+
 def get_family(name: str) -> ModuleType:
     """Return the adapter module of a model family.
 
@@ -76,11 +98,15 @@ def write_bundle_dir(out_dir: str | Path, bundle: ModelBundle, write: Callable[[
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write(tmp)
-        atomic_write_json(tmp / "icmlab_bundle.json", {
-            "family": bundle.family, "image_token_id": bundle.image_token_id,
-            "num_image_tokens": bundle.num_image_tokens,
-            "extra": {k: v for k, v in bundle.extra.items() if isinstance(v, (str, int, float, bool, dict, list))},
-        })
+        atomic_write_json(
+            tmp / "icmlab_bundle.json",
+            {
+                "family": bundle.family,
+                "image_token_id": bundle.image_token_id,
+                "num_image_tokens": bundle.num_image_tokens,
+                "extra": {k: v for k, v in bundle.extra.items() if isinstance(v, (str, int, float, bool, dict, list))},
+            },
+        )
         out.mkdir(parents=True, exist_ok=True)
         for item in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
             os.replace(item, out / item.name)

@@ -18,8 +18,12 @@ def group_of(name: str, module_groups: dict[str, list[str]]) -> str | None:
     return None
 
 
-def apply_trainable(model: nn.Module, module_groups: dict[str, list[str]], defaults: dict[str, bool],
-                    groups: dict[str, bool] | None = None) -> dict[str, int]:
+def apply_trainable(
+    model: nn.Module,
+    module_groups: dict[str, list[str]],
+    defaults: dict[str, bool],
+    groups: dict[str, bool] | None = None,
+) -> dict[str, int]:
     """Set ``requires_grad`` per module group (``defaults`` overridden by ``groups``).
 
     Returns:

@@ -31,8 +31,23 @@ from icmlab.models.llava15.adapter import (
 from icmlab.models.llava15.tiny import build_tiny_config
 
 __all__ = [
-    "ATTN_CHOICES", "CHAT_TEMPLATE", "DEFAULT_TRAINABLE", "DIALECT", "FAMILY", "LORA_TARGETS", "MODULE_GROUPS", "SPEC",
-    "add_image_and_pad_tokens", "apply_lora", "apply_trainable", "build_tiny_config", "load_for_inference",
-    "load_for_training", "real_config", "resolve_attn_implementation", "resolve_dtype",
-    "save_bundle", "training_dtype",
+    "ATTN_CHOICES",
+    "CHAT_TEMPLATE",
+    "DEFAULT_TRAINABLE",
+    "DIALECT",
+    "FAMILY",
+    "LORA_TARGETS",
+    "MODULE_GROUPS",
+    "SPEC",
+    "add_image_and_pad_tokens",
+    "apply_lora",
+    "apply_trainable",
+    "build_tiny_config",
+    "load_for_inference",
+    "load_for_training",
+    "real_config",
+    "resolve_attn_implementation",
+    "resolve_dtype",
+    "save_bundle",
+    "training_dtype",
 ]

@@ -26,8 +26,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from icmlab.models import groups as _groups
 from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
@@ -39,7 +37,8 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.utils import is_flash_attn_2_available
 
-from icmlab.models import ModelBundle, write_bundle_dir
+from icmlab.models import ModelBundle, set_loss_normalization, write_bundle_dir
+from icmlab.models import groups as _groups
 from icmlab.models.llava15.convert import (
     IMAGE_TOKEN,
     KNOWN_VISION_TOWERS,
@@ -48,7 +47,7 @@ from icmlab.models.llava15.convert import (
     build_llava_config,
     load_original_checkpoint,
 )
-from icmlab.models.llava15.files import read_config, resolve_source
+from icmlab.models.llava15.files import hub_options, read_config, resolve_source
 from icmlab.models.spec import FAMILY_SPECS
 
 SPEC = FAMILY_SPECS["llava15"]
@@ -124,8 +123,12 @@ def resolve_attn_implementation(requested: str = "auto", dtype: torch.dtype | No
 
 
 _DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
 }
 
 
@@ -159,8 +162,16 @@ def real_config(size: str) -> LlavaConfig:
     }
     if size.lower() not in sizes:
         raise ValueError(f"model.size={size!r}: LLaVA-v1.5 comes in {sorted(sizes)}")
-    text = dict(sizes[size.lower()], vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    text = dict(
+        sizes[size.lower()],
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        hidden_act="silu",
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     text["num_key_value_heads"] = text["num_attention_heads"]
     vision = CLIPVisionConfig(**KNOWN_VISION_TOWERS["openai/clip-vit-large-patch14-336"])
     return build_llava_config(text, vision, old_vocab=32000, new_vocab=32064)
@@ -211,11 +222,19 @@ def _image_processor(directory: Path | None, vision: CLIPVisionConfig) -> Any:
 def _bundle(model, tokenizer, image_processor, **extra) -> ModelBundle:
     cfg = model.config
     if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != cfg.image_token_id:
-        raise ValueError(f"tokenizer maps {IMAGE_TOKEN} to {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}, "
-                         f"model expects image_token_index={cfg.image_token_id}")
-    return ModelBundle(model=model, tokenizer=tokenizer, image_processor=image_processor,
-                       image_token_id=cfg.image_token_id, num_image_tokens=cfg.image_seq_length,
-                       family=FAMILY, extra=extra)
+        raise ValueError(
+            f"tokenizer maps {IMAGE_TOKEN} to {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}, "
+            f"model expects image_token_index={cfg.image_token_id}"
+        )
+    return ModelBundle(
+        model=model,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        image_token_id=cfg.image_token_id,
+        num_image_tokens=cfg.image_seq_length,
+        family=FAMILY,
+        extra=extra,
+    )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -229,25 +248,54 @@ def _load_any(source: str | Path, *, revision, vision_source, dtype, attn, paddi
         model = load_original_checkpoint(path, vision_source=vision_source, dtype=dtype, attn_implementation=attn)
         tok = add_image_and_pad_tokens(_load_tokenizer(path, padding_side, max_length), model.config)
         vdir = resolve_source(vision_source) if vision_source else None
-        return _bundle(model, tok, _image_processor(vdir, model.config.vision_config),
-                       source=str(path), format="original", converted=True)
+        return _bundle(
+            model,
+            tok,
+            _image_processor(vdir, model.config.vision_config),
+            source=str(path),
+            format="original",
+            converted=True,
+        )
     if raw.get("model_type") != "llava":
-        raise ValueError(f"{path}/config.json: model_type={raw.get('model_type')!r} is neither llava (llava-hf) "
-                         "nor an original LLaVA checkpoint (mm_vision_tower)")
+        raise ValueError(
+            f"{path}/config.json: model_type={raw.get('model_type')!r} is neither llava (llava-hf) "
+            "nor an original LLaVA checkpoint (mm_vision_tower)"
+        )
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     tok = _load_tokenizer(path, padding_side, max_length)
     return _bundle(model, tok, _image_processor(path, model.config.vision_config), source=str(path), format="hf")
 
 
 def training_dtype(cfg: Any) -> torch.dtype:
-    """``cfg.model.dtype``; ``auto`` = bfloat16 when ``cfg.train.bf16`` else float32."""
+    """The dtype the weights are loaded in for training: ``cfg.model.dtype``, or for ``auto``:
+
+    - bfloat16 when ``train.bf16`` runs under DeepSpeed (ZeRO keeps the fp32 master weights itself,
+      as upstream);
+    - float32 otherwise, also for ``train.bf16`` without DeepSpeed: the Trainer then runs the forward
+      under bf16 autocast and AdamW updates fp32 master weights (pure-bf16 AdamW loses small updates).
+      ``model.dtype: bfloat16`` is the switch back to pure bf16 (half the weight memory).
+    """
     spec = getattr(cfg.model, "dtype", "auto")
     if spec in (None, "auto"):
-        return torch.bfloat16 if getattr(cfg.train, "bf16", False) else torch.float32
+        bf16 = getattr(cfg.train, "bf16", False)
+        deepspeed = getattr(getattr(cfg, "hardware", None), "deepspeed", "none") != "none"
+        return torch.bfloat16 if bf16 and deepspeed else torch.float32
     return resolve_dtype(spec)
 
 
+def compute_dtype(cfg: Any) -> torch.dtype:
+    """The dtype the matmuls run in: bfloat16 under ``train.bf16`` (weights or autocast), else the weights' dtype."""
+    return torch.bfloat16 if getattr(cfg.train, "bf16", False) else training_dtype(cfg)
+
+
 def load_for_training(cfg: Any) -> ModelBundle:
+    """Build the starting model of a run (see :func:`_load_for_training`), fetching hub checkpoints that the
+    download stage has not placed through ``cfg.download.endpoint`` (:func:`~icmlab.models.llava15.files.hub_options`)."""
+    with hub_options(endpoint=getattr(getattr(cfg, "download", None), "endpoint", None)):
+        return _load_for_training(cfg)
+
+
+def _load_for_training(cfg: Any) -> ModelBundle:
     """Build the starting model of a run with upstream's trainable parts.
 
     Reads ``cfg.model.{base, base_format, llm, vision_tower, mm_projector, revision, dtype}``,
@@ -266,7 +314,8 @@ def load_for_training(cfg: Any) -> ModelBundle:
     """
     m, t = cfg.model, cfg.train
     dtype = training_dtype(cfg)
-    attn = resolve_attn_implementation(getattr(cfg.hardware, "attn_implementation", "auto"), dtype)
+    # flash-attn runs on the bf16 autocast inputs even when the weights are fp32 masters
+    attn = resolve_attn_implementation(getattr(cfg.hardware, "attn_implementation", "auto"), compute_dtype(cfg))
     max_len = getattr(getattr(cfg, "data", None), "model_max_length", None)
     revision = getattr(m, "revision", None)
     if SPEC.assembles(t.strategy):
@@ -275,12 +324,19 @@ def load_for_training(cfg: Any) -> ModelBundle:
             raise ValueError(
                 f"train.strategy={t.strategy} needs model.{', model.'.join(missing)} (Vicuna, CLIP, stage-1 projector)"
             )
-        model = assemble_from_parts(m.llm, m.vision_tower, m.mm_projector, dtype=dtype, attn_implementation=attn,
-                                    revision=revision)
-        tok = add_image_and_pad_tokens(_load_tokenizer(resolve_source(m.llm, revision=revision), "right", max_len),
-                                       model.config)
-        bundle = _bundle(model, tok, _image_processor(resolve_source(m.vision_tower), model.config.vision_config),
-                         format="mix", source=f"{m.llm} + {m.vision_tower} + {m.mm_projector}")
+        model = assemble_from_parts(
+            m.llm, m.vision_tower, m.mm_projector, dtype=dtype, attn_implementation=attn, revision=revision
+        )
+        tok = add_image_and_pad_tokens(
+            _load_tokenizer(resolve_source(m.llm, revision=revision), "right", max_len), model.config
+        )
+        bundle = _bundle(
+            model,
+            tok,
+            _image_processor(resolve_source(m.vision_tower), model.config.vision_config),
+            format="mix",
+            source=f"{m.llm} + {m.vision_tower} + {m.mm_projector}",
+        )
     elif t.strategy == "after":
         if not getattr(m, "base", None):
             raise ValueError("train.strategy=after needs model.base (a llava-hf or original LLaVA-v1.5 checkpoint)")
@@ -288,8 +344,15 @@ def load_for_training(cfg: Any) -> ModelBundle:
         if fmt not in ("hf", "original"):
             raise ValueError(f"model.base_format={fmt!r}; allowed: hf, original")
         vision = getattr(m, "vision_tower", None) if fmt == "original" else None
-        bundle = _load_any(m.base, revision=revision, vision_source=vision, dtype=dtype, attn=attn,
-                           padding_side="right", max_length=max_len)
+        bundle = _load_any(
+            m.base,
+            revision=revision,
+            vision_source=vision,
+            dtype=dtype,
+            attn=attn,
+            padding_side="right",
+            max_length=max_len,
+        )
         if bundle.extra["format"] != fmt:
             raise ValueError(
                 f"model.base={m.base} is a {bundle.extra['format']} checkpoint but model.base_format={fmt!r}"
@@ -297,20 +360,37 @@ def load_for_training(cfg: Any) -> ModelBundle:
     else:
         raise ValueError(f"train.strategy={t.strategy!r}; allowed: mix, after")
     bundle.model.config.use_cache = False  # no KV cache while training (and with gradient checkpointing)
-    apply_trainable(bundle.model, {"vision_encoder": not getattr(t, "freeze_vision", True),
-                                   "projector": getattr(t, "tune_projector", True), "llm": True})
+    apply_trainable(
+        bundle.model,
+        {
+            "vision_encoder": not getattr(t, "freeze_vision", True),
+            "projector": getattr(t, "tune_projector", True),
+            "llm": True,
+        },
+    )
     lora = getattr(t, "lora", None)
     if lora is not None and getattr(lora, "enabled", False):
-        bundle.model = apply_lora(bundle.model, lora.r, lora.alpha, lora.dropout,
-                                     train_projector=getattr(t, "tune_projector", True))
-    bundle.extra.update(attn_implementation=attn, dtype=str(dtype).removeprefix("torch."),
-                        lora=bool(lora is not None and getattr(lora, "enabled", False)))
+        bundle.model = apply_lora(
+            bundle.model, lora.r, lora.alpha, lora.dropout, train_projector=getattr(t, "tune_projector", True)
+        )
+    set_loss_normalization(bundle.model, getattr(t, "loss_normalization", "micro_batch_mean"))
+    bundle.extra.update(
+        attn_implementation=attn,
+        dtype=str(dtype).removeprefix("torch."),
+        lora=bool(lora is not None and getattr(lora, "enabled", False)),
+    )
     return bundle
 
 
 def load_for_inference(
-    path: str | Path, dtype: str | torch.dtype = "auto", attn_implementation: str = "auto", device: str = "cpu",
-    *, revision: str | None = None, vision_source: str | None = None,
+    path: str | Path,
+    dtype: str | torch.dtype = "auto",
+    attn_implementation: str = "auto",
+    device: str = "cpu",
+    *,
+    revision: str | None = None,
+    vision_source: str | None = None,
+    endpoint: str | None = None,
 ) -> ModelBundle:
     """Load a saved bundle, a llava-hf checkpoint or an original checkpoint for generation.
 
@@ -320,6 +400,7 @@ def load_for_inference(
         attn_implementation: see :func:`resolve_attn_implementation`.
         device: where to put the model.
         revision: hub revision.
+        endpoint: hub URL used if the checkpoint is not in the cache (None = ``HF_ENDPOINT``).
         vision_source: CLIP dir for original checkpoints (see ``load_original_checkpoint``).
 
     Returns:
@@ -327,8 +408,16 @@ def load_for_inference(
     """
     dt = resolve_dtype(dtype, device)
     attn = resolve_attn_implementation(attn_implementation, dt)
-    bundle = _load_any(path, revision=revision, vision_source=vision_source, dtype=dt, attn=attn,
-                       padding_side="left", max_length=None)
+    with hub_options(endpoint=endpoint):
+        bundle = _load_any(
+            path,
+            revision=revision,
+            vision_source=vision_source,
+            dtype=dt,
+            attn=attn,
+            padding_side="left",
+            max_length=None,
+        )
     bundle.model.to(device).eval()
     bundle.extra.update(attn_implementation=attn, dtype=str(dt).removeprefix("torch."))
     return bundle
@@ -350,7 +439,9 @@ def save_bundle(bundle: ModelBundle, out_dir: str | Path) -> Path:
         model = bundle.model = model.merge_and_unload()
     vision = model.config.vision_config
     processor = LlavaProcessor(
-        image_processor=bundle.image_processor, tokenizer=bundle.tokenizer, patch_size=vision.patch_size,
+        image_processor=bundle.image_processor,
+        tokenizer=bundle.tokenizer,
+        patch_size=vision.patch_size,
         vision_feature_select_strategy=model.config.vision_feature_select_strategy,
         num_additional_image_tokens=1,  # CLS; "default" removes it again -> (S/P)^2 placeholders
         chat_template=CHAT_TEMPLATE,
@@ -380,7 +471,11 @@ LORA_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj"
 
 
 def apply_lora(
-    model: nn.Module, r: int = 128, alpha: int = 256, dropout: float = 0.05, *,
+    model: nn.Module,
+    r: int = 128,
+    alpha: int = 256,
+    dropout: float = 0.05,
+    *,
     train_projector: bool = True,
 ) -> nn.Module:
     """Wrap the model with LoRA on the LLM's linear layers only (upstream ``finetune_task_lora.sh``).
@@ -394,6 +489,14 @@ def apply_lora(
     """
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=LORA_TARGETS,
-                        modules_to_save=["multi_modal_projector"] if train_projector else None)
-    return get_peft_model(model, config)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        bias="none",
+        target_modules=LORA_TARGETS,
+        modules_to_save=["multi_modal_projector"] if train_projector else None,
+    )
+    # Adapters in the weights' dtype (upstream casts the PEFT model to bf16): PEFT's default fp32 adapters
+    # beside bf16 weights make ZeRO-3 refuse the parameter group (one dtype per flat buffer).
+    return get_peft_model(model, config, autocast_adapter_dtype=False)

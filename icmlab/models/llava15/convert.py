@@ -39,8 +39,8 @@ from typing import Any
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from icmlab.models.spec import FAMILY_SPECS
 from icmlab.models.llava15.files import read_config, read_state_dict, resolve_source
+from icmlab.models.spec import FAMILY_SPECS
 
 IMAGE_TOKEN = FAMILY_SPECS["llava15"].image_token
 PAD_TOKEN = "<pad>"
@@ -51,13 +51,27 @@ NEW_ROW_COV_SCALE = 1e-5
 # the original checkpoint carries the tower weights but no CLIP config is at hand.
 KNOWN_VISION_TOWERS: dict[str, dict[str, Any]] = {
     "openai/clip-vit-large-patch14-336": dict(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
         num_channels=3,
     ),
     "openai/clip-vit-large-patch14": dict(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
         num_channels=3,
     ),
 }
@@ -65,10 +79,27 @@ KNOWN_VISION_TOWERS: dict[str, dict[str, Any]] = {
 # Llama settings copied from an original/vicuna config.json into ``text_config``; the mm_* keys of
 # the original config must not leak into it.
 _TEXT_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-    "rope_scaling", "rope_parameters", "attention_bias", "attention_dropout", "mlp_bias", "head_dim",
-    "pretraining_tp", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "attention_bias",
+    "attention_dropout",
+    "mlp_bias",
+    "head_dim",
+    "pretraining_tp",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "initializer_range",
     "use_cache",
 )
 _SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
@@ -135,7 +166,7 @@ def native_to_hub_key(key: str) -> str:
         ("model.multi_modal_projector.", "multi_modal_projector."),
     ):
         if key.startswith(src):
-            return dst + key[len(src):]
+            return dst + key[len(src) :]
     raise ValueError(f"{key!r} is not a native LlavaForConditionalGeneration parameter name")
 
 
@@ -150,7 +181,7 @@ def clip_vision_state_dict(sd: dict[str, torch.Tensor], source: str = "CLIP chec
     """
     out = {}
     for key, tensor in sd.items():
-        name = key[len("vision_model."):] if key.startswith("vision_model.") else key
+        name = key[len("vision_model.") :] if key.startswith("vision_model.") else key
         if name.startswith(_VISION_PARTS) and not _DROPPED.search(name):
             out[name] = tensor
     if not out:
@@ -258,9 +289,7 @@ def vision_config_for(orig_cfg: dict, vision_source_cfg: dict | None) -> CLIPVis
     tower = orig_cfg.get("mm_vision_tower")
     if tower in KNOWN_VISION_TOWERS:
         return CLIPVisionConfig(**KNOWN_VISION_TOWERS[tower])
-    raise ValueError(
-        f"no CLIP config for mm_vision_tower={tower!r}: pass vision_source=<CLIP dir or hub id>"
-    )
+    raise ValueError(f"no CLIP config for mm_vision_tower={tower!r}: pass vision_source=<CLIP dir or hub id>")
 
 
 def build_llava_config(
@@ -295,7 +324,10 @@ def build_llava_config(
 
 
 def instantiate(
-    config: LlavaConfig, state_dict: dict[str, torch.Tensor], *, dtype: torch.dtype | None = None,
+    config: LlavaConfig,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
 ) -> LlavaForConditionalGeneration:
     """Build the native model from a native-named state dict; every parameter must be provided.
@@ -310,7 +342,11 @@ def instantiate(
     # (native names given here would be saved verbatim, unlike every other LLaVA checkpoint).
     hub_sd = {native_to_hub_key(k): v for k, v in state_dict.items()}
     model, info = LlavaForConditionalGeneration.from_pretrained(
-        None, config=config, state_dict=hub_sd, dtype=dtype, attn_implementation=attn_implementation,
+        None,
+        config=config,
+        state_dict=hub_sd,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
         output_loading_info=True,
     )
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
@@ -365,7 +401,10 @@ def load_original_checkpoint(
     native = convert_original_state_dict(sd, vision_state_dict=vision_sd, seed=seed)
     old_vocab = sd["model.embed_tokens.weight"].shape[0]
     config = build_llava_config(
-        cfg, vision_cfg, old_vocab=old_vocab, new_vocab=native["lm_head.weight"].shape[0],
+        cfg,
+        vision_cfg,
+        old_vocab=old_vocab,
+        new_vocab=native["lm_head.weight"].shape[0],
         vision_feature_layer=cfg.get("mm_vision_select_layer", -2),
         select_strategy=_SELECT_FEATURE[cfg.get("mm_vision_select_feature", "patch")],
     )
@@ -468,7 +507,10 @@ def assemble_from_parts(
     old_vocab = native["model.language_model.embed_tokens.weight"].shape[0]
     _grow_in_place(native, seed, VOCAB_MULTIPLE)
     config = build_llava_config(
-        text_cfg, vision_cfg, old_vocab=old_vocab, new_vocab=native["lm_head.weight"].shape[0],
+        text_cfg,
+        vision_cfg,
+        old_vocab=old_vocab,
+        new_vocab=native["lm_head.weight"].shape[0],
         vision_feature_layer=vision_feature_layer,
     )
     dtype = dtype or native["lm_head.weight"].dtype

@@ -21,12 +21,26 @@ from typing import Any
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
 #: Vision tower of every tiny LLaVA (``image_size``/``patch_size`` are set per call).
-VISION_DEFAULTS: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=2, projection_dim=32, initializer_range=0.1)
+VISION_DEFAULTS: dict[str, Any] = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    projection_dim=32,
+    initializer_range=0.1,
+)
 #: Language model of every tiny LLaVA (and of the text-only "vicuna" part of the demo).
-TEXT_DEFAULTS: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                     initializer_range=0.1, bos_token_id=1, eos_token_id=2)
+TEXT_DEFAULTS: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def tiny_vision_config(image_size: int = 32, patch_size: int = 8, **overrides: Any) -> CLIPVisionConfig:
@@ -45,9 +59,16 @@ def tiny_text_config(vocab_size: int, **overrides: Any) -> LlamaConfig:
     return LlamaConfig(**{**TEXT_DEFAULTS, "vocab_size": vocab_size, **overrides})
 
 
-def build_tiny_config(vocab_size: int, image_token_index: int, *, image_size: int = 32, patch_size: int = 8,
-                      vision: dict[str, Any] | None = None, text: dict[str, Any] | None = None,
-                      **overrides: Any) -> LlavaConfig:
+def build_tiny_config(
+    vocab_size: int,
+    image_token_index: int,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision: dict[str, Any] | None = None,
+    text: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> LlavaConfig:
     """Config of a tiny random LLaVA-v1.5 (``LlavaForConditionalGeneration``).
 
     Args:
@@ -68,7 +89,9 @@ def build_tiny_config(vocab_size: int, image_token_index: int, *, image_size: in
     fields: dict[str, Any] = dict(
         vision_config=tiny_vision_config(image_size, patch_size, **(vision or {})),
         text_config=tiny_text_config(vocab_size, **(text or {})),
-        image_token_index=image_token_index, image_seq_length=(image_size // patch_size) ** 2,
-        vision_feature_select_strategy="default", vision_feature_layer=-2,
+        image_token_index=image_token_index,
+        image_seq_length=(image_size // patch_size) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
     )
     return LlavaConfig(**{**fields, **overrides})

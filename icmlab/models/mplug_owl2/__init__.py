@@ -42,19 +42,18 @@ from .adapter import (
 )
 from .configuration import MPLUGOwl2AbstractorConfig, MPLUGOwl2Config, MPLUGOwl2VisionConfig
 from .convert import expand_image_tokens, load_original, read_original_state_dict
-from .tiny import build_tiny_config
 from .modeling import (
     MPLUGOwl2CausalLMOutputWithPast,
     MPLUGOwl2ForCausalLM,
     MPLUGOwl2Model,
     MPLUGOwl2PreTrainedModel,
 )
+from .tiny import build_tiny_config
 
 AutoConfig.register(MPLUGOwl2Config.model_type, MPLUGOwl2Config, exist_ok=True)
 AutoConfig.register(MPLUGOwl2VisionConfig.model_type, MPLUGOwl2VisionConfig, exist_ok=True)
 AutoConfig.register(MPLUGOwl2AbstractorConfig.model_type, MPLUGOwl2AbstractorConfig, exist_ok=True)
 AutoModelForCausalLM.register(MPLUGOwl2Config, MPLUGOwl2ForCausalLM, exist_ok=True)
-
 
 
 __all__ = [
@@ -67,7 +66,6 @@ __all__ = [
     "apply_trainable",
     "load_for_inference",
     "load_for_training",
-   
     "save_bundle",
     "MPLUGOwl2AbstractorConfig",
     "MPLUGOwl2CausalLMOutputWithPast",

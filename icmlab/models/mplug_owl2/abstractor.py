@@ -89,9 +89,7 @@ class MPLUGOwl2AbstractorMultiHeadAttention(nn.Module):
         self.register_buffer(
             "q_pos_embed", query_position_table(config.hidden_size, config.num_learnable_queries), persistent=True
         )
-        self.register_buffer(
-            "k_pos_embed", key_position_table(config.hidden_size, config.grid_size), persistent=True
-        )
+        self.register_buffer("k_pos_embed", key_position_table(config.hidden_size, config.grid_size), persistent=True)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)

@@ -25,16 +25,14 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from icmlab.models import groups as _groups
 from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from icmlab.io import read_json
-from icmlab.models import ModelBundle, write_bundle_dir
-from icmlab.models.llava15.adapter import resolve_attn_implementation, resolve_dtype, training_dtype
-from icmlab.models.llava15.files import resolve_source
-
+from icmlab.models import ModelBundle, set_loss_normalization, write_bundle_dir
+from icmlab.models import groups as _groups
+from icmlab.models.llava15.adapter import compute_dtype, resolve_attn_implementation, resolve_dtype, training_dtype
+from icmlab.models.llava15.files import hub_options, resolve_source
 from icmlab.models.spec import FAMILY_SPECS
 
 from .convert import load_original
@@ -84,14 +82,24 @@ def _image_processor(directory: Path, image_size: int) -> Any:
 def _bundle(model: MPLUGOwl2ForCausalLM, tokenizer: Any, image_processor: Any, **extra: Any) -> ModelBundle:
     cfg = model.config
     return ModelBundle(
-        model=model, tokenizer=tokenizer, image_processor=image_processor, image_token_id=cfg.image_token_index,
-        num_image_tokens=cfg.num_image_tokens, family=FAMILY, extra=extra,
+        model=model,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        image_token_id=cfg.image_token_index,
+        num_image_tokens=cfg.num_image_tokens,
+        family=FAMILY,
+        extra=extra,
     )
 
 
 # ----------------------------------------------------------------------------- loading
 def _load_any(
-    source: str | Path, *, revision: str | None, dtype: torch.dtype, attn: str, padding_side: str,
+    source: str | Path,
+    *,
+    revision: str | None,
+    dtype: torch.dtype,
+    attn: str,
+    padding_side: str,
     max_length: int | None,
 ) -> ModelBundle:
     """Load an original X-PLUG checkpoint (``visual_config``) or an icmlab-saved one."""
@@ -116,6 +124,13 @@ def _load_any(
 
 
 def load_for_training(cfg: Any) -> ModelBundle:
+    """Build the starting model of a run (see :func:`_load_for_training`), fetching hub checkpoints that the
+    download stage has not placed through ``cfg.download.endpoint`` (:func:`~icmlab.models.llava15.files.hub_options`)."""
+    with hub_options(endpoint=getattr(getattr(cfg, "download", None), "endpoint", None)):
+        return _load_for_training(cfg)
+
+
+def _load_for_training(cfg: Any) -> ModelBundle:
     """Build the starting model of a run with the configured trainable parts.
 
     Reads ``cfg.model.{base, base_format, revision, dtype}``, ``cfg.train.{freeze_vision,
@@ -131,29 +146,38 @@ def load_for_training(cfg: Any) -> ModelBundle:
     m, t = cfg.model, cfg.train
     if not getattr(m, "base", None):
         raise ValueError("model.base must name an mPLUG-Owl2 checkpoint (e.g. MAGAer13/mplug-owl2-llama2-7b)")
-    dtype = training_dtype(cfg)
-    attn = resolve_attn_implementation(getattr(cfg.hardware, "attn_implementation", "auto"), dtype)
+    dtype = training_dtype(cfg)  # fp32 masters for bf16 without DeepSpeed (see llava15.adapter.training_dtype)
+    attn = resolve_attn_implementation(getattr(cfg.hardware, "attn_implementation", "auto"), compute_dtype(cfg))
     max_len = getattr(getattr(cfg, "data", None), "model_max_length", None)
-    bundle = _load_any(m.base, revision=getattr(m, "revision", None), dtype=dtype, attn=attn,
-                       padding_side="right", max_length=max_len)
+    bundle = _load_any(
+        m.base, revision=getattr(m, "revision", None), dtype=dtype, attn=attn, padding_side="right", max_length=max_len
+    )
     fmt = getattr(m, "base_format", "hf")
     if bundle.extra["format"] != fmt:
         raise ValueError(f"model.base={m.base} is a {bundle.extra['format']} checkpoint but model.base_format={fmt!r}")
     bundle.model.config.use_cache = False
     tune_projector = getattr(t, "tune_projector", True)
-    apply_trainable(bundle.model, {"vision_encoder": not getattr(t, "freeze_vision", True),
-                                   "projector": tune_projector, "llm": True})
+    apply_trainable(
+        bundle.model,
+        {"vision_encoder": not getattr(t, "freeze_vision", True), "projector": tune_projector, "llm": True},
+    )
     lora = getattr(t, "lora", None)
     use_lora = bool(lora is not None and getattr(lora, "enabled", False))
     if use_lora:
         bundle.model = apply_lora(bundle.model, lora.r, lora.alpha, lora.dropout, train_projector=tune_projector)
+    set_loss_normalization(bundle.model, getattr(t, "loss_normalization", "micro_batch_mean"))
     bundle.extra.update(attn_implementation=attn, dtype=str(dtype).removeprefix("torch."), lora=use_lora)
     return bundle
 
 
 def load_for_inference(
-    path: str | Path, dtype: str | torch.dtype = "auto", attn_implementation: str = "auto", device: str = "cpu",
-    *, revision: str | None = None,
+    path: str | Path,
+    dtype: str | torch.dtype = "auto",
+    attn_implementation: str = "auto",
+    device: str = "cpu",
+    *,
+    revision: str | None = None,
+    endpoint: str | None = None,
 ) -> ModelBundle:
     """Load a saved bundle or an original checkpoint for generation.
 
@@ -163,13 +187,15 @@ def load_for_inference(
         attn_implementation: ``auto``, ``flash_attention_2``, ``sdpa`` or ``eager``.
         device: where to put the model.
         revision: hub revision.
+        endpoint: hub URL used if the checkpoint is not in the cache (None = ``HF_ENDPOINT``).
 
     Returns:
         The bundle in eval mode with a LEFT-padding tokenizer (batched generation).
     """
     dt = resolve_dtype(dtype, device)
     attn = resolve_attn_implementation(attn_implementation, dt)
-    bundle = _load_any(path, revision=revision, dtype=dt, attn=attn, padding_side="left", max_length=None)
+    with hub_options(endpoint=endpoint):
+        bundle = _load_any(path, revision=revision, dtype=dt, attn=attn, padding_side="left", max_length=None)
     bundle.model.to(device).eval()
     bundle.extra.update(attn_implementation=attn, dtype=str(dt).removeprefix("torch."))
     return bundle
@@ -210,7 +236,11 @@ def apply_trainable(model: nn.Module, groups: dict[str, bool] | None = None) -> 
 
 
 def apply_lora(
-    model: nn.Module, r: int = 128, alpha: int = 256, dropout: float = 0.05, *,
+    model: nn.Module,
+    r: int = 128,
+    alpha: int = 256,
+    dropout: float = 0.05,
+    *,
     train_projector: bool = True,
 ) -> nn.Module:
     """Wrap the model with LoRA on the LLM's linear layers (both multiway copies of k/v).
@@ -223,6 +253,14 @@ def apply_lora(
     """
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=LORA_TARGETS,
-                        modules_to_save=["visual_abstractor"] if train_projector else None)
-    return get_peft_model(model, config)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        bias="none",
+        target_modules=LORA_TARGETS,
+        modules_to_save=["visual_abstractor"] if train_projector else None,
+    )
+    # Adapters in the weights' dtype (upstream casts the PEFT model to bf16): PEFT's default fp32 adapters
+    # beside bf16 weights make ZeRO-3 refuse the parameter group (one dtype per flat buffer).
+    return get_peft_model(model, config, autocast_adapter_dtype=False)

@@ -244,9 +244,7 @@ def translate_original_visual_config(visual: dict) -> tuple[dict, dict]:
         raise ValueError("visual_config must hold both 'visual_model' and 'visual_abstractor' blocks")
     vm, va = visual["visual_model"], visual["visual_abstractor"]
     if not vm.get("use_cls_token", True) or not vm.get("use_post_layernorm", True):
-        raise ValueError(
-            "visual_config.visual_model with use_cls_token/use_post_layernorm false is not supported"
-        )
+        raise ValueError("visual_config.visual_model with use_cls_token/use_post_layernorm false is not supported")
     if va.get("add_v2t_pos_emb", False):
         raise ValueError("visual_config.visual_abstractor.add_v2t_pos_emb=true is not supported")
     vision = {k: vm[k] for k in _VISION_KEYS if k in vm}

@@ -37,7 +37,7 @@ from .abstractor import (
     query_position_table,
 )
 from .configuration import MPLUGOwl2Config
-from .llm import MPLUGOwl2DecoderLayer, ModalityRouting
+from .llm import ModalityRouting, MPLUGOwl2DecoderLayer
 from .vision import MPLUGOwl2VisionEmbeddings, MPLUGOwl2VisionModel
 
 IGNORE_INDEX = -100
