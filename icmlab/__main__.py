@@ -7,7 +7,8 @@ Commands:
     merge      merge the recipe's JSONs in the model's image-token dialect
     validate   preflight validation report (and cleaned file with the ``drop`` policy)
     inspect    dataset statistics and figures (PNG) in the run directory
-    train      train (launches deepspeed/torchrun for several GPUs); also the launcher's worker entry
+    train      train (launches deepspeed/torchrun for several GPUs or CPU ranks); also the launcher's worker entry
+    slurm      write an sbatch script for the run (--nodes, --gpus-per-node, --partition, --time, --submit)
     evaluate   baseline vs fine-tuned evaluation and the HTML/PNG report
 
 Every command loads the config the same way as the notebooks (``load_run_config``).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from icmlab.config import ConfigError, load_run_config
@@ -46,19 +48,60 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and --help)."""
-    p = argparse.ArgumentParser(prog="icmlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="icmlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("run", *STAGE_MODULES):
+    for name in ("run", *STAGE_MODULES, "slurm"):
         sp = sub.add_parser(name)
         sp.add_argument("params", help="parameters file (parameters/<model>__<dataset>__<strategy>.yaml)")
-        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.lr=1e-5 (repeatable)")
+        sp.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set train.lr=1e-5 (repeatable)",
+        )
         if name == "run":
             sp.add_argument("--only", nargs="+", metavar="STEP", help="run only these stages")
             sp.add_argument("--from", dest="start", metavar="STEP", help="start at this stage")
             sp.add_argument("--force", action="store_true", help="re-run stages even when up to date")
         if name == "download":
             sp.add_argument("--dry-run", action="store_true", help="list what would be fetched and how big")
+        if name == "slurm":
+            sp.add_argument("--nodes", type=int, default=None, help="nodes (default: hardware.num_nodes)")
+            sp.add_argument(
+                "--gpus-per-node",
+                type=int,
+                default=None,
+                dest="per_node",
+                help="ranks per node: GPUs (hardware.num_gpus), or CPU processes with hardware.device: "
+                "cpu (hardware.num_processes)",
+            )
+            sp.add_argument("--partition", default=None, help="#SBATCH --partition")
+            sp.add_argument("--time", default=None, help="#SBATCH --time (e.g. 12:00:00)")
+            sp.add_argument(
+                "--grace",
+                type=int,
+                default=None,
+                metavar="SECONDS",
+                help="SIGTERM this long before the time limit (--signal=TERM@SECONDS; default 300)",
+            )
+            sp.add_argument("--cpus-per-task", type=int, default=None, help="#SBATCH --cpus-per-task")
+            sp.add_argument(
+                "--srun-ranks",
+                action="store_true",
+                help="one srun task per rank (rank from SLURM_PROCID) instead of one per node",
+            )
+            sp.add_argument(
+                "--sbatch",
+                action="append",
+                default=[],
+                metavar="OPTION",
+                help="extra #SBATCH option, e.g. --sbatch=--account=proj (repeatable)",
+            )
+            sp.add_argument("--submit", action="store_true", help="submit the script with sbatch")
         if name == "train":
             # deepspeed's launcher appends --local_rank=N to the worker command line.
             sp.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -75,10 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.command == "run":
-        from icmlab.runner import StageFailed, run_pipeline
+        from icmlab.runner import StageFailed, StageInterrupted, run_pipeline
 
         try:
             result = run_pipeline(cfg, only=args.only, start=args.start, force=args.force)
+        except StageInterrupted as e:  # SIGTERM: the checkpoint is saved, a rerun resumes
+            print(f"interrupted: {e}", file=sys.stderr)
+            return 143
         except (StageFailed, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -87,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         if result.report.exists():
             print(f"report: {result.report}")
         return 0
+    if args.command == "slurm":
+        return _slurm(cfg, args)
     module = importlib.import_module(STAGE_MODULES[args.command])
     if args.command == "download" and args.dry_run:
         plan = module.plan(cfg)
@@ -101,8 +149,44 @@ def main(argv: list[str] | None = None) -> int:
     text = getattr(result, "summary", None) or getattr(result, "table", None)
     print(text() if callable(text) else result)
     # A training job stopped by SIGTERM saved a checkpoint but is not finished: 128 + SIGTERM, so
-    # launchers and schedulers see it as interrupted (a rerun resumes).
-    return 143 if getattr(result, "interrupted", False) else 0
+    # launchers and schedulers see it as interrupted (a rerun resumes). A rank of a job that
+    # icmlab launched exits 0 instead, so that the deepspeed/torchrun launcher does not tear the
+    # other ranks down; the job's interrupted.json carries the verdict to the launching process.
+    if not getattr(result, "interrupted", False):
+        return 0
+    from icmlab.train.launch import LAUNCHED_ENV, is_launched_worker
+
+    return 0 if is_launched_worker() and os.environ.get(LAUNCHED_ENV) == "1" else 143
+
+
+def _slurm(cfg, args: argparse.Namespace) -> int:
+    """``icmlab slurm``: write (and optionally submit) the run's sbatch script."""
+    from icmlab.train import slurm
+    from icmlab.train.args import resolve_device
+
+    try:
+        if cfg.hardware.device == "auto":  # a login node may have no GPU: decide from the request
+            cfg.hardware.device = (
+                "cuda" if args.per_node or cfg.hardware.num_gpus > 1 else resolve_device(cfg).hardware.device
+            )
+        shaped = slurm.cluster_config(cfg, nodes=args.nodes, per_node=args.per_node)
+        kwargs = {
+            "partition": args.partition,
+            "time": args.time,
+            "cpus_per_task": args.cpus_per_task,
+            "srun_ranks": args.srun_ranks,
+            "extra": tuple(args.sbatch),
+        }
+        if args.grace is not None:
+            kwargs["grace_s"] = args.grace
+        job = slurm.write_sbatch(shaped, **kwargs)
+        if args.submit:
+            slurm.submit(job)
+    except (RuntimeError, ValueError) as e:
+        print(f"error: slurm: {e}", file=sys.stderr)
+        return 1
+    print(job.summary())
+    return 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ notebooks are the record of the run), and writes a completion marker per stage *
 whose marker is present and whose fingerprint (resolved config, notebook content, input files,
 previous stages) is unchanged is skipped. The first failure stops the run with a message naming the
 notebook and the cell; the executed notebook is kept for diagnosis.
+
+SIGTERM (a scheduler's pre-emption, ``kill``) is forwarded to the notebook kernel, which runs in
+a session of its own and would not see it: an in-process training saves a checkpoint at the end of
+its step, a launched job's ranks do the same (see :mod:`icmlab.train.launch`). The stage is then
+not marked done, and :class:`StageInterrupted` ends the run (``icmlab run`` exits 143); a rerun
+resumes from the checkpoint.
 """
 
 from __future__ import annotations
@@ -13,10 +19,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -33,12 +42,55 @@ class StageFailed(RuntimeError):
     """A stage notebook raised; the message names the notebook, the cell and the executed copy."""
 
 
+class StageInterrupted(RuntimeError):
+    """SIGTERM stopped the run during a stage (forwarded to its kernel); rerun to resume."""
+
+
+def _child_pids() -> list[int]:
+    """Processes whose parent is this one (the notebook kernel among them); Linux ``/proc``."""
+    me, out = os.getpid(), []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == me:
+                    out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+class _ForwardSigterm:
+    """While active (main thread only), SIGTERM to this process goes to its children (the kernel)."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.received = True
+        log.warning("SIGTERM: forwarding it to the notebook kernel (training checkpoints and stops)")
+        for pid in _child_pids():
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def __enter__(self) -> "_ForwardSigterm":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 @dataclass
 class StageOutcome:
     """What happened to one stage."""
 
     stage: str
-    status: str  # "ran" | "skipped" | "failed"
+    status: str  # "ran" | "skipped" | "failed" | "interrupted"
     seconds: float
     output: Path
 
@@ -78,7 +130,7 @@ def select_stages(only: list[str] | None = None, start: str | None = None) -> li
             raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     chosen = list(STAGES)
     if start:
-        chosen = chosen[chosen.index(start):]
+        chosen = chosen[chosen.index(start) :]
     if only:
         chosen = [s for s in chosen if s in only]
     return chosen
@@ -87,9 +139,11 @@ def select_stages(only: list[str] | None = None, start: str | None = None) -> li
 def stage_inputs(cfg: RunConfig, stage: str) -> list[Path]:
     """Files whose change must re-run a stage even when its config is unchanged."""
     if stage == "merge":
-        return [paths.dataset_json(cfg, d) for d in cfg.data.datasets if d != "custom"] + [
-            cfg.data.root / p for p in cfg.data.custom_json] + (
-            [paths.dataset_json(cfg, "llava_v1_5_mix665k")] if cfg.train.strategy == "mix" else [])
+        return (
+            [paths.dataset_json(cfg, d) for d in cfg.data.datasets if d != "custom"]
+            + [cfg.data.root / p for p in cfg.data.custom_json]
+            + ([paths.dataset_json(cfg, "llava_v1_5_mix665k")] if cfg.train.strategy == "mix" else [])
+        )
     if stage in ("validate", "inspect"):
         return [paths.merged_json(cfg)]
     if stage == "train":
@@ -135,8 +189,10 @@ def _failure_message(stage: str, notebook: Path, output: Path, err: Exception) -
     ename = getattr(err, "ename", type(err).__name__)
     evalue = getattr(err, "evalue", str(err))
     where = _failing_cell(output) or "a cell"
-    return (f"stage '{stage}' failed in {notebook.name}, {where}: {ename}: {evalue}\n"
-            f"  executed notebook kept for diagnosis: {output}")
+    return (
+        f"stage '{stage}' failed in {notebook.name}, {where}: {ename}: {evalue}\n"
+        f"  executed notebook kept for diagnosis: {output}"
+    )
 
 
 def run_pipeline(
@@ -195,17 +251,39 @@ def run_pipeline(
         marker.unlink(missing_ok=True)
         log.info("%s: running %s -> %s", stage, nb.name, out)
         t0 = time.perf_counter()
-        try:
-            pm.execute_notebook(str(nb), str(out), parameters={"params_file": str(resolved), "overrides": {}},
-                                cwd=str(root), kernel_name=kernel_name, progress_bar=False, log_output=False)
-        except Exception as err:  # papermill raises PapermillExecutionError; keep the notebook
-            result.stages.append(StageOutcome(stage, "failed", time.perf_counter() - t0, out))
-            raise StageFailed(_failure_message(stage, nb, out, err)) from None
+        with _ForwardSigterm() as sigterm:
+            try:
+                pm.execute_notebook(
+                    str(nb),
+                    str(out),
+                    parameters={"params_file": str(resolved), "overrides": {}},
+                    cwd=str(root),
+                    kernel_name=kernel_name,
+                    progress_bar=False,
+                    log_output=False,
+                )
+            except Exception as err:  # papermill raises PapermillExecutionError; keep the notebook
+                status = "interrupted" if sigterm.received else "failed"
+                result.stages.append(StageOutcome(stage, status, time.perf_counter() - t0, out))
+                if sigterm.received:
+                    raise StageInterrupted(f"stage '{stage}' stopped by SIGTERM; rerun to resume ({out})") from None
+                raise StageFailed(_failure_message(stage, nb, out, err)) from None
         secs = time.perf_counter() - t0
+        if sigterm.received:  # the stage ended early but cleanly (training saved a checkpoint)
+            result.stages.append(StageOutcome(stage, "interrupted", secs, out))
+            raise StageInterrupted(f"stage '{stage}' stopped by SIGTERM after a checkpoint; rerun to resume ({out})")
         # Re-fingerprint after the stage ran: its own inputs (e.g. merged JSON for validate) exist now.
         fp = fingerprint(cfg, stage, nb, previous)
-        atomic_write_json(marker, {"stage": stage, "fingerprint": fp, "seconds": round(secs, 2),
-                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "notebook": str(out)})
+        atomic_write_json(
+            marker,
+            {
+                "stage": stage,
+                "fingerprint": fp,
+                "seconds": round(secs, 2),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "notebook": str(out),
+            },
+        )
         result.stages.append(StageOutcome(stage, "ran", secs, out))
         log.info("%s: done in %.1f s", stage, secs)
         previous = fp

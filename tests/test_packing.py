@@ -268,7 +268,7 @@ def test_train_run_with_packing_matches_unpacked_run(tiny, tmp_path, monkeypatch
 def test_train_stage_flattens_rows_only_for_flash_attention(tmp_path):
     from types import SimpleNamespace
 
-    from icmlab.train.stage import _build_collator
+    from icmlab.train.build import build_collator as _build_collator
 
     cfg = T.make_config(tmp_path, tmp_path / "model", packing=True)
     for attn, flatten in (("flash_attention_2", True), ("sdpa", False), ("eager", False)):

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny_train_setup as T
 import torch
 from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration, Trainer
 
-import tiny_train_setup as T
 from icmlab import paths
 from icmlab.config import save_resolved
 from icmlab.io import read_jsonl
@@ -69,8 +69,14 @@ def _config(setup: dict, name: str) -> tuple[object, Path]:
 
 def _start(setup: dict, config: Path, pause: float) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, str(setup["script"]), str(config), str(pause)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(setup["script"]), str(config), str(pause)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
@@ -100,8 +106,10 @@ def reference(setup) -> dict:
     cfg, config = _config(setup, "reference")
     rc, out = _finish(_start(setup, config, 0.0))
     assert rc == 0, out[-3000:]
-    return {"rows": read_jsonl(paths.metrics_jsonl(cfg)),
-            "weights": load_file(paths.final_model_dir(cfg) / "model.safetensors")}
+    return {
+        "rows": read_jsonl(paths.metrics_jsonl(cfg)),
+        "weights": load_file(paths.final_model_dir(cfg) / "model.safetensors"),
+    }
 
 
 def _assert_same_run(cfg, reference: dict) -> None:
@@ -189,8 +197,9 @@ def test_lora_resume_continues_the_same_run(setup, tmp_path):
     lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
 
     def cfg_for(name: str, steps: int):
-        cfg = T.make_config(tmp_path, setup["model"], run_name=name, max_steps=steps, save_steps=2, lora=lora,
-                            projector_lr=5e-3)
+        cfg = T.make_config(
+            tmp_path, setup["model"], run_name=name, max_steps=steps, save_steps=2, lora=lora, projector_lr=5e-3
+        )
         T.write_training_json(cfg, setup["records"])
         return cfg
 
@@ -208,3 +217,36 @@ def test_lora_resume_continues_the_same_run(setup, tmp_path):
     b = load_file(paths.final_model_dir(straight) / "model.safetensors")
     for key, value in b.items():
         assert torch.allclose(a[key], value, rtol=1e-5, atol=1e-7), key
+
+
+def test_sigterm_to_icmlab_run_reaches_the_kernel_then_rerun_resumes(setup, tmp_path):
+    """``icmlab run`` (papermill) forwards SIGTERM to the notebook kernel, which runs in a session of
+    its own: the in-process training saves a checkpoint at the end of its step, ``icmlab run`` exits
+    143 without marking the stage done, and a rerun resumes to the uninterrupted run's losses."""
+    from icmlab.train.stage import run
+
+    steps = dict(TRAIN, max_steps=40, save_steps=100)
+    ref = T.make_config(setup["dir"], setup["model"], run_name="run-reference", **steps)
+    T.write_training_json(ref, setup["records"])
+    run(ref)
+    cfg = T.make_config(setup["dir"], setup["model"], run_name="run-sigterm", **steps)
+    T.write_training_json(cfg, setup["records"])
+    config = save_resolved(cfg, setup["dir"] / "run-sigterm.yaml")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "icmlab", "run", str(config), "--only", "train"]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    _wait(proc, lambda: _steps_logged(cfg) >= 3)
+    proc.send_signal(signal.SIGTERM)
+    rc, out = _finish(proc)
+    assert rc == 143, out[-3000:]
+    assert "interrupted" in out and not (paths.markers_dir(cfg) / "train.json").exists()
+    stopped = read_jsonl(paths.metrics_jsonl(cfg))[-1]["step"]
+    assert stopped < 40 and (paths.checkpoints_dir(cfg) / f"checkpoint-{stopped}" / "trainer_state.json").exists()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (paths.markers_dir(cfg) / "train.json").exists()
+    got = [r["loss"] for r in read_jsonl(paths.metrics_jsonl(cfg))]
+    want = [r["loss"] for r in read_jsonl(paths.metrics_jsonl(ref))]
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-7)

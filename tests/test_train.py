@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 
 import pytest
+import tiny_train_setup as T
 import torch
 from safetensors.torch import load_file
 from transformers import AutoProcessor, CLIPVisionModel, LlavaForConditionalGeneration
 
-import tiny_train_setup as T
 from icmlab import paths
 from icmlab.config import config_from_dict
 from icmlab.io import read_jsonl
@@ -31,8 +31,12 @@ torch.set_num_threads(1)
 def tiny(tmp_path_factory) -> dict:
     """The tiny llava-hf checkpoint, the MSFT parts and a data root (built once)."""
     d = tmp_path_factory.mktemp("tiny")
-    return {"dir": d, "hf": T.build_llava_hf(d / "base"), "parts": T.build_mix_parts(d / "parts"),
-            "records": T.build_records(d / "data")}
+    return {
+        "dir": d,
+        "hf": T.build_llava_hf(d / "base"),
+        "parts": T.build_mix_parts(d / "parts"),
+        "records": T.build_records(d / "data"),
+    }
 
 
 def _setup(tiny: dict, tmp_path: Path, model: str = "hf", **train) -> object:
@@ -45,7 +49,9 @@ def _setup(tiny: dict, tmp_path: Path, model: str = "hf", **train) -> object:
 def _split(state: dict) -> dict[str, dict]:
     groups = {"vision": {}, "projector": {}, "llm": {}}
     for k, v in state.items():
-        key = "vision" if k.startswith("model.vision_tower.") else "projector" if "multi_modal_projector" in k else "llm"
+        key = (
+            "vision" if k.startswith("model.vision_tower.") else "projector" if "multi_modal_projector" in k else "llm"
+        )
         groups[key][k] = v
     return groups
 
@@ -93,8 +99,11 @@ def test_smoke_mix_strategy(tiny, tmp_path):
     proj = torch.load(tiny["parts"]["mm_projector"], weights_only=True)
     assert not torch.equal(after["model.multi_modal_projector.linear_1.weight"], proj["model.mm_projector.0.weight"])
     vicuna = load_file(Path(tiny["parts"]["llm"]) / "model.safetensors")
-    changed = [k for k, v in vicuna.items() if k.endswith("proj.weight")
-               and not torch.equal(after[k.replace("model.", "model.language_model.", 1)], v)]
+    changed = [
+        k
+        for k, v in vicuna.items()
+        if k.endswith("proj.weight") and not torch.equal(after[k.replace("model.", "model.language_model.", 1)], v)
+    ]
     assert changed and len(changed) == sum(k.endswith("proj.weight") for k in vicuna), "LLM layers must train"
 
 
@@ -105,14 +114,18 @@ def test_smoke_mplug_owl2_trainable_groups(tiny, tmp_path, freeze_vision, tune_p
 
     base = T.build_mplug_owl2(tmp_path / "owl")
     tmp_path.joinpath("data").symlink_to(tiny["dir"] / "data")
-    cfg = T.make_config(tmp_path, base, family="mplug_owl2", max_steps=2, freeze_vision=freeze_vision,
-                        tune_projector=tune_projector)
+    cfg = T.make_config(
+        tmp_path, base, family="mplug_owl2", max_steps=2, freeze_vision=freeze_vision, tune_projector=tune_projector
+    )
     T.write_training_json(cfg, T.to_mplug_dialect(tiny["records"]))
     result = run(cfg)
     before = dict(MPLUGOwl2ForCausalLM.from_pretrained(base).named_parameters())  # parameters, not sin-cos buffers
     after = dict(MPLUGOwl2ForCausalLM.from_pretrained(result.model_dir).named_parameters())
-    trains = {"model.vision_model.": not freeze_vision, "model.visual_abstractor.": tune_projector,
-              "model.layers.": True}
+    trains = {
+        "model.vision_model.": not freeze_vision,
+        "model.visual_abstractor.": tune_projector,
+        "model.layers.": True,
+    }
     for prefix, trained in trains.items():
         keys = [k for k in before if k.startswith(prefix) and before[k].ndim == 2]
         changed = [k for k in keys if not torch.equal(before[k], after[k])]
@@ -121,8 +134,9 @@ def test_smoke_mplug_owl2_trainable_groups(tiny, tmp_path, freeze_vision, tune_p
 
 def test_projector_lr_really_applies(tiny, tmp_path):
     """One AdamW step moves each weight by about lr (|m̂/√v̂| = 1 on the first step): 5e-3 vs 1e-3."""
-    cfg = _setup(tiny, tmp_path, max_steps=1, projector_lr=5e-3, lr=1e-3, max_grad_norm=0.0,
-                 group_by_modality_length=False)
+    cfg = _setup(
+        tiny, tmp_path, max_steps=1, projector_lr=5e-3, lr=1e-3, max_grad_norm=0.0, group_by_modality_length=False
+    )
     result = run(cfg)
     before = _split(LlavaForConditionalGeneration.from_pretrained(tiny["hf"]).state_dict())
     after = _split(LlavaForConditionalGeneration.from_pretrained(result.model_dir).state_dict())
@@ -141,13 +155,13 @@ def test_optimizer_groups_with_lora(tiny, tmp_path):
     from icmlab.train.stage import projector_parameters
     from icmlab.train.trainer import IcmTrainer
 
-    cfg = _setup(tiny, tmp_path, lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}, projector_lr=2e-5,
-                 lr=2e-4)
+    cfg = _setup(tiny, tmp_path, lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}, projector_lr=2e-5, lr=2e-4)
     fam = get_family("llava15")
     bundle = fam.load_for_training(cfg)
     proj = projector_parameters(bundle.model, fam.MODULE_GROUPS["projector"])
-    trainer = IcmTrainer(model=bundle.model, args=build_training_args(resolve_device(cfg)),
-                         projector_parameters=proj, projector_lr=2e-5)
+    trainer = IcmTrainer(
+        model=bundle.model, args=build_training_args(resolve_device(cfg)), projector_parameters=proj, projector_lr=2e-5
+    )
     opt = trainer.create_optimizer()
     lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     trainable = {n: p for n, p in bundle.model.named_parameters() if p.requires_grad}
@@ -160,8 +174,8 @@ def test_optimizer_groups_with_lora(tiny, tmp_path):
 
 def test_text_only_batch_runs_the_vision_tower(tiny, tmp_path):
     """A micro-batch without images still runs tower + projector (ZeRO-3 safety) and adds exactly 0 to the loss."""
-    from icmlab.train.dataset import SupervisedDataset, TrainingCollator
     from icmlab.models import get_family
+    from icmlab.train.dataset import SupervisedDataset, TrainingCollator
     from icmlab.train.trainer import IcmTrainer
 
     cfg = _setup(tiny, tmp_path)
@@ -174,8 +188,12 @@ def test_text_only_batch_runs_the_vision_tower(tiny, tmp_path):
     assert "pixel_values" not in batch
     calls = []
     bundle.model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
-    trainer = IcmTrainer(model=bundle.model, args=build_training_args(resolve_device(cfg)),
-                         dummy_pixel_values=ds.dummy_pixel_values(), vision_module="model.vision_tower")
+    trainer = IcmTrainer(
+        model=bundle.model,
+        args=build_training_args(resolve_device(cfg)),
+        dummy_pixel_values=ds.dummy_pixel_values(),
+        vision_module="model.vision_tower",
+    )
     bundle.model.train()
     loss = trainer.compute_loss(bundle.model, dict(batch))
     plain = bundle.model(**batch).loss
@@ -185,12 +203,90 @@ def test_text_only_batch_runs_the_vision_tower(tiny, tmp_path):
     assert grad is not None and torch.count_nonzero(grad) == 0
 
 
+#: Modules whose first call marks the order of one forward: vision tower, projector, embeddings, first LLM layer.
+ORDER_MODULES = {
+    "llava15": {
+        "model.vision_tower": "vision",
+        "model.multi_modal_projector": "projector",
+        "model.language_model.embed_tokens": "embed",
+        "model.language_model.layers.0": "llm",
+    },
+    "mplug_owl2": {
+        "model.vision_model": "vision",
+        "model.visual_abstractor": "projector",
+        "model.embed_tokens": "embed",
+        "model.layers.0": "llm",
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "family,packing", [("llava15", False), ("llava15", True), ("mplug_owl2", False), ("mplug_owl2", True)]
+)
+def test_text_only_batch_calls_the_modules_in_the_image_batch_order(tiny, tmp_path, family, packing):
+    """The ZeRO-3 collective order (issue 13): a text-only micro-batch goes through vision tower and
+    projector exactly where an image micro-batch does (before the LLM), with an unchanged loss and
+    zero gradients on the vision path; the order is recorded by forward pre-hooks on the real modules."""
+    from icmlab.models import get_family
+    from icmlab.train.dataset import SupervisedDataset, TrainingCollator
+    from icmlab.train.trainer import IcmTrainer
+
+    records = tiny["records"]
+    if family == "mplug_owl2":
+        base = T.build_mplug_owl2(tmp_path / "owl")
+        tmp_path.joinpath("data").symlink_to(tiny["dir"] / "data")
+        cfg = T.make_config(tmp_path, base, family=family, freeze_vision=False)
+        records = T.to_mplug_dialect(records)
+    else:
+        cfg = _setup(tiny, tmp_path)
+    fam = get_family(family)
+    bundle = fam.load_for_training(cfg)
+    ds = SupervisedDataset.from_bundle(records, bundle, cfg)
+    collate = TrainingCollator(bundle.tokenizer.pad_token_id, packing=packing, max_length=256)
+    text = collate([ds[i] for i, r in enumerate(records) if "image" not in r][:2])
+    image = collate([ds[i] for i, r in enumerate(records) if "image" in r][:2])
+    calls: list[str] = []
+    for name, tag in ORDER_MODULES[family].items():
+        bundle.model.get_submodule(name).register_forward_pre_hook(lambda *a, tag=tag: calls.append(tag))
+    trainer = IcmTrainer(
+        model=bundle.model,
+        args=build_training_args(resolve_device(cfg)),
+        dummy_pixel_values=ds.dummy_pixel_values(),
+        vision_module=fam.MODULE_GROUPS["vision_encoder"][0],
+    )
+    bundle.model.train()
+
+    def order(batch: dict) -> tuple[list[str], torch.Tensor]:
+        calls.clear()
+        loss = trainer.compute_loss(bundle.model, dict(batch))
+        return list(calls), loss
+
+    image_order, _ = order(image)
+    text_order, loss = order(text)
+    assert image_order.index("vision") < image_order.index("llm")
+    assert text_order == image_order, (text_order, image_order)
+    plain = bundle.model(**text).loss  # no dummy image at all
+    assert torch.equal(loss.detach(), plain.detach())
+    bundle.model.zero_grad()
+    loss.backward()
+    proj = next(p for p in bundle.model.get_submodule(fam.MODULE_GROUPS["projector"][0]).parameters())
+    assert proj.grad is not None and torch.count_nonzero(proj.grad) == 0
+
+
 # ------------------------------------------------------------------ batch arithmetic and arguments
 def _hw_cfg(num_gpus: int, num_nodes: int = 1, device: str = "cuda", per_device: int = 16, global_batch: int = 128):
-    return config_from_dict({
-        "train": {"per_device_batch_size": per_device, "global_batch_size": global_batch, "bf16": device == "cuda"},
-        "hardware": {"device": device, "num_gpus": num_gpus, "num_nodes": num_nodes,
-                     "hostfile": "hosts" if num_nodes > 1 else None, "deepspeed": "zero3"}})
+    return config_from_dict(
+        {
+            "train": {"per_device_batch_size": per_device, "global_batch_size": global_batch, "bf16": device == "cuda"},
+            "hardware": {
+                "device": device,
+                "num_gpus": num_gpus,
+                "num_nodes": num_nodes,
+                "hostfile": "hosts" if num_nodes > 1 else None,
+                "deepspeed": "zero3",
+            },
+        }
+    )
 
 
 @pytest.mark.parametrize("gpus,nodes,accum", [(8, 1, 1), (4, 1, 2), (2, 1, 4), (1, 1, 8), (4, 2, 1)])
@@ -203,8 +299,19 @@ def test_gradient_accumulation_keeps_global_batch(gpus, nodes, accum):
 
 
 def test_training_arguments_from_config(tiny, tmp_path):
-    cfg = resolve_device(_setup(tiny, tmp_path, per_device_batch_size=2, global_batch_size=8, lr=3e-5,
-                                lr_scheduler="cosine", warmup_ratio=0.03, weight_decay=0.1, adam_beta2=0.95))
+    cfg = resolve_device(
+        _setup(
+            tiny,
+            tmp_path,
+            per_device_batch_size=2,
+            global_batch_size=8,
+            lr=3e-5,
+            lr_scheduler="cosine",
+            warmup_ratio=0.03,
+            weight_decay=0.1,
+            adam_beta2=0.95,
+        )
+    )
     args = build_training_args(cfg)
     assert args.gradient_accumulation_steps == 4 and args.per_device_train_batch_size == 2
     assert (args.learning_rate, args.weight_decay, args.adam_beta2) == (3e-5, 0.1, 0.95)
@@ -228,25 +335,29 @@ def test_deepspeed_configs_leave_trainer_values_auto():
         for key in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps"):
             assert data[key] == "auto", (name, key)
         assert data["bf16"]["enabled"] == "auto" and "scheduler" not in data and "optimizer" not in data
-    offload = json.loads(Path(deepspeed_config_path(config_from_dict({"hardware": {"deepspeed": "zero3_offload"}}))).read_text())
+    offload = json.loads(
+        Path(deepspeed_config_path(config_from_dict({"hardware": {"deepspeed": "zero3_offload"}}))).read_text()
+    )
     assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert deepspeed_config_path(config_from_dict({"hardware": {"deepspeed": "none"}})) is None
 
 
 # ------------------------------------------------------------------ sampler
 def _megabatches(order, size):
-    return [order[i:i + size] for i in range(0, len(order), size)]
+    return [order[i : i + size] for i in range(0, len(order), size)]
 
 
 def test_modality_grouped_order():
     lengths = [5, -3, 7, -2, 9, 4, -8, 6, 3, -1, 2, 8, -4, 5]  # 9 with image, 5 text-only
-    order = modality_length_grouped_indices(lengths, batch_size=2, world_size=2, generator=torch.Generator().manual_seed(0))
+    order = modality_length_grouped_indices(
+        lengths, batch_size=2, world_size=2, generator=torch.Generator().manual_seed(0)
+    )
     assert sorted(order) == list(range(len(lengths)))
     n_full = 9 // 4 + 5 // 4
     for mb in _megabatches(order[: 4 * n_full], 4):
         assert len({lengths[i] > 0 for i in mb}) == 1, "a full megabatch mixes modalities"
         assert abs(lengths[mb[0]]) == max(abs(lengths[i]) for i in mb)  # longest first
-    tail = order[4 * n_full:]  # the two modalities' leftovers, last (as upstream)
+    tail = order[4 * n_full :]  # the two modalities' leftovers, last (as upstream)
     assert sorted(lengths[i] > 0 for i in tail) == [False, True]
     assert modality_length_grouped_indices(lengths, 2, 2, torch.Generator().manual_seed(0)) == order  # replayable
     assert modality_length_grouped_indices(lengths, 2, 2, torch.Generator().manual_seed(1)) != order
@@ -269,11 +380,19 @@ def test_single_modality_falls_back_to_length_grouping_and_zero_is_rejected():
 def test_launch_decisions_and_commands(tmp_path, monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert launch_mode(config_from_dict({"hardware": {"device": "cpu", "deepspeed": "none"}, "train": {"bf16": False}})) == "inprocess"
+    assert (
+        launch_mode(config_from_dict({"hardware": {"device": "cpu", "deepspeed": "none"}, "train": {"bf16": False}}))
+        == "inprocess"
+    )
     assert launch_mode(_hw_cfg(1)) == "inprocess"
     cfg = _hw_cfg(8)
     cmd = build_launch_command(cfg, tmp_path / "config.resolved.yaml")
-    assert launch_mode(cfg) == "deepspeed" and cmd[-4:] == ["--module", "icmlab", "train", str(tmp_path / "config.resolved.yaml")]
+    assert launch_mode(cfg) == "deepspeed" and cmd[-4:] == [
+        "--module",
+        "icmlab",
+        "train",
+        str(tmp_path / "config.resolved.yaml"),
+    ]
     assert cmd[cmd.index("--num_gpus") + 1] == "8" and "--no_local_rank" in cmd and "--hostfile" not in cmd
     hosts = tmp_path / "hosts"
     hosts.write_text("node1 slots=4\nnode2 slots=4\n")
@@ -321,19 +440,26 @@ def test_zero3_inprocess_matches_plain_training_and_resumes(tiny, tmp_path):
 
     from icmlab.config import save_resolved
 
-    plain = _setup(tiny, tmp_path, max_steps=3)
+    # Both clip at 1.0 (train.max_grad_norm: null would leave zero3.json's "no clipping" to DeepSpeed
+    # but the HF Trainer's 1.0 to the plain run).
+    plain = _setup(tiny, tmp_path, max_steps=3, max_grad_norm=1.0)
     run(plain)
     ref = [r["loss"] for r in read_jsonl(paths.metrics_jsonl(plain))]
     ref_weights = load_file(paths.final_model_dir(plain) / "model.safetensors")
 
-    ds_cfg = T.make_config(tmp_path, tiny["hf"], run_name="zero3", max_steps=3, save_steps=2)
+    ds_cfg = T.make_config(tmp_path, tiny["hf"], run_name="zero3", max_steps=3, save_steps=2, max_grad_norm=1.0)
     ds_cfg = dataclasses.replace(ds_cfg, hardware=dataclasses.replace(ds_cfg.hardware, deepspeed="zero3"))
     T.write_training_json(ds_cfg, tiny["records"])
     config = save_resolved(ds_cfg, tmp_path / "zero3.yaml")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     for steps in (2, 3):  # stop after the step-2 checkpoint, then resume to 3
-        proc = subprocess.run([sys.executable, "-m", "icmlab", "train", str(config), "--set", f"train.max_steps={steps}"],
-                              env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-m", "icmlab", "train", str(config), "--set", f"train.max_steps={steps}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "resuming from" in proc.stderr and "checkpoint-2" in proc.stderr
     assert (paths.checkpoints_dir(ds_cfg) / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's own format
@@ -351,7 +477,7 @@ def test_zero3_inprocess_matches_plain_training_and_resumes(tiny, tmp_path):
         if key in initial and initial[key].shape == value.shape:
             moved_sq += float((value.double() - initial[key].double()).pow(2).sum())
     assert moved_sq > 0, "no weight moved in plain training"
-    assert diff_sq ** 0.5 <= 1e-4 * moved_sq ** 0.5, (diff_sq ** 0.5, moved_sq ** 0.5)
+    assert diff_sq**0.5 <= 1e-4 * moved_sq**0.5, (diff_sq**0.5, moved_sq**0.5)
 
 
 def test_run_launched_streams_and_maps_exit_status(capfd):
@@ -366,6 +492,47 @@ def test_run_launched_streams_and_maps_exit_status(capfd):
         run_launched([sys.executable, "-c", "raise SystemExit(3)"])
 
 
+def test_launcher_starts_with_sigterm_blocked_and_pending_sigterm_is_forwarded(capfd, tmp_path):
+    """The launcher cannot act on SIGTERM (so it cannot SIGKILL ranks mid-save); a SIGTERM sent to it
+    stays pending, run_launched sees it and signals the job's group, whose ranks unblock and handle it."""
+    import sys
+
+    from icmlab.train.launch import STOPPED_BY_SIGTERM, run_launched
+
+    marker = tmp_path / "interrupted.json"
+    # a "launcher" that SIGTERMs itself (blocked: pending), then starts a "rank" that unblocks and
+    # handles SIGTERM by writing the marker, as a real rank does after its checkpoint
+    rank = (
+        "import signal, sys, time, pathlib\n"
+        "signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path(sys.argv[1]).write_text('{}'), sys.exit(0)))\n"
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})\n"
+        "print('rank up', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    launcher = (
+        "import os, signal, subprocess, sys\n"
+        "print('blocked', signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, []), flush=True)\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {rank!r}, {str(marker)!r}], env=dict(os.environ, LOCAL_RANK='0'))\n"
+        "import time; time.sleep(1.0); os.kill(os.getpid(), signal.SIGTERM)\n"
+        "sys.exit(p.wait())\n"
+    )
+    rc = run_launched([sys.executable, "-c", launcher], interrupted_marker=marker, poll_s=0.2, grace_s=20)
+    out = capfd.readouterr().out
+    assert "blocked True" in out and "rank up" in out
+    assert rc == STOPPED_BY_SIGTERM and marker.exists()
+
+
+def test_save_every_minutes_checkpoints_on_wall_time(tiny, tmp_path):
+    """``train.save_every_minutes``: a checkpoint whenever that much wall time passed since the last one
+    (here 1 ms, so after every step), although ``save_steps`` (1000) would never save."""
+    cfg = _setup(tiny, tmp_path, max_steps=3, save_steps=1000, save_total_limit=5, save_every_minutes=1e-5)
+    run(cfg)
+    saved = sorted(int(p.name.split("-")[1]) for p in paths.checkpoints_dir(cfg).glob("checkpoint-*"))
+    assert saved == [1, 2, 3]
+    with pytest.raises(ValueError, match="train.save_every_minutes"):
+        config_from_dict({"train": {"save_every_minutes": 0}})
+
+
 def test_packing_is_accepted(tiny, tmp_path):
     """``train.packing`` is a working option (proved in tests/test_packing.py); resolve_device keeps it."""
     cfg = _setup(tiny, tmp_path)
@@ -377,8 +544,11 @@ def test_packing_is_accepted(tiny, tmp_path):
 def test_gpu_bf16_smoke(tiny, tmp_path):
     """On a CUDA machine: bf16 weights, sdpa/flash attention, 2 steps, frozen tower unchanged."""
     cfg = _setup(tiny, tmp_path, max_steps=2, bf16=True, tf32=True, gradient_checkpointing=True)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="auto"),
-                              hardware=dataclasses.replace(cfg.hardware, device="cuda", attn_implementation="auto"))
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, dtype="auto"),
+        hardware=dataclasses.replace(cfg.hardware, device="cuda", attn_implementation="auto"),
+    )
     result = run(cfg)
     before = LlavaForConditionalGeneration.from_pretrained(tiny["hf"], dtype=torch.bfloat16).state_dict()
     after = LlavaForConditionalGeneration.from_pretrained(result.model_dir, dtype=torch.bfloat16).state_dict()

@@ -35,8 +35,10 @@ TEXT_ONLY = [("What is two plus two?", "Four."), ("Name a colour.", "Blue."), ("
 
 def corpus() -> list[str]:
     """Texts the tokenizer is trained on (prompts, answers, template words)."""
-    system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-              "helpful, detailed, and polite answers to the user's questions.")
+    system = (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the user's questions."
+    )
     return [system, "USER: ASSISTANT:", *QUESTIONS, "Yes. No. bright dark", *[a for qa in TEXT_ONLY for a in qa]] * 20
 
 
@@ -46,8 +48,12 @@ def make_tokenizer(with_image_tokens: bool = True) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus(), trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     kwargs: dict[str, Any] = dict(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
@@ -83,8 +89,10 @@ def build_mplug_owl2(out: Path, seed: int = 0) -> Path:
 
 def to_mplug_dialect(records: list[dict]) -> list[dict]:
     """The records with ``<image>`` replaced by mPLUG-Owl2's ``<|image|>`` (what merge does for that family)."""
-    return [{**r, "conversations": [{**c, "value": c["value"].replace("<image>", "<|image|>")}
-                                    for c in r["conversations"]]} for r in records]
+    return [
+        {**r, "conversations": [{**c, "value": c["value"].replace("<image>", "<|image|>")} for c in r["conversations"]]}
+        for r in records
+    ]
 
 
 def build_mix_parts(out: Path, seed: int = 0) -> dict[str, Path]:
@@ -96,10 +104,12 @@ def build_mix_parts(out: Path, seed: int = 0) -> dict[str, Path]:
     tok.save_pretrained(out / "vicuna")
     CLIPVisionModel(tiny_vision_config()).save_pretrained(out / "clip")
     g = torch.Generator().manual_seed(seed)
-    projector = {"model.mm_projector.0.weight": torch.randn(64, 32, generator=g) * 0.1,
-                 "model.mm_projector.0.bias": torch.zeros(64),
-                 "model.mm_projector.2.weight": torch.randn(64, 64, generator=g) * 0.1,
-                 "model.mm_projector.2.bias": torch.zeros(64)}
+    projector = {
+        "model.mm_projector.0.weight": torch.randn(64, 32, generator=g) * 0.1,
+        "model.mm_projector.0.bias": torch.zeros(64),
+        "model.mm_projector.2.weight": torch.randn(64, 64, generator=g) * 0.1,
+        "model.mm_projector.2.bias": torch.zeros(64),
+    }
     torch.save(projector, out / "mm_projector.bin")
     return {"llm": out / "vicuna", "vision_tower": out / "clip", "mm_projector": out / "mm_projector.bin"}
 
@@ -117,8 +127,13 @@ def build_records(root: Path, n_image: int = 24, n_text: int = 8, seed: int = 0)
         Image.fromarray(pixels).save(root / "images" / f"{i}.png")
         q = QUESTIONS[i % 2]
         a = ("Yes." if bright else "No.") if i % 2 == 0 else ("No." if bright else "Yes.")
-        records.append({"id": f"img{i}", "image": f"images/{i}.png",
-                        "conversations": [{"from": "human", "value": f"{q}\n<image>"}, {"from": "gpt", "value": a}]})
+        records.append(
+            {
+                "id": f"img{i}",
+                "image": f"images/{i}.png",
+                "conversations": [{"from": "human", "value": f"{q}\n<image>"}, {"from": "gpt", "value": a}],
+            }
+        )
     for i in range(n_text):
         q, a = TEXT_ONLY[i % len(TEXT_ONLY)]
         records.append({"id": f"txt{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]})
@@ -130,18 +145,46 @@ def make_config(tmp: Path, model_dir: Path | dict[str, Path], *, run_name: str =
     """A CPU RunConfig over the tiny model; ``train`` overrides ``cfg.train`` keys (e.g. ``max_steps=3``)."""
     mix = isinstance(model_dir, dict)
     family = train.pop("family", "llava15")
-    model = ({"family": family, "size": "tiny", "dtype": "float32",
-              **{k: str(v) for k, v in model_dir.items()}} if mix else
-             {"family": family, "size": "tiny", "base": str(model_dir), "base_format": "hf", "dtype": "float32"})
-    t = {"strategy": "mix" if mix else "after", "max_steps": 3, "per_device_batch_size": 4, "global_batch_size": 8,
-         "lr": 1e-3, "warmup_steps": 0, "warmup_ratio": 0.0, "lr_scheduler": "constant", "logging_steps": 1,
-         "save_steps": 1000, "save_total_limit": 2, "gradient_checkpointing": False, "bf16": False, "tf32": False,
-         "dataloader_num_workers": 0, "group_by_modality_length": True, "report_to": ["none"]}
+    model = (
+        {"family": family, "size": "tiny", "dtype": "float32", **{k: str(v) for k, v in model_dir.items()}}
+        if mix
+        else {"family": family, "size": "tiny", "base": str(model_dir), "base_format": "hf", "dtype": "float32"}
+    )
+    t = {
+        "strategy": "mix" if mix else "after",
+        "max_steps": 3,
+        "per_device_batch_size": 4,
+        "global_batch_size": 8,
+        "lr": 1e-3,
+        "warmup_steps": 0,
+        "warmup_ratio": 0.0,
+        "lr_scheduler": "constant",
+        "logging_steps": 1,
+        "save_steps": 1000,
+        "save_total_limit": 2,
+        "gradient_checkpointing": False,
+        "bf16": False,
+        "tf32": False,
+        "dataloader_num_workers": 0,
+        "group_by_modality_length": True,
+        "report_to": ["none"],
+    }
     t.update(train)
-    raw = {"run_name": run_name, "seed": 7, "runs_root": str(tmp / "runs"), "model": model,
-           "data": {"root": str(tmp / "data"), "datasets": ["icm_instruct"], "model_max_length": 256},
-           "train": t, "hardware": {"device": "cpu", "num_gpus": 1, "deepspeed": "none",
-                                    "attn_implementation": "sdpa", "launcher": "inprocess"}}
+    raw = {
+        "run_name": run_name,
+        "seed": 7,
+        "runs_root": str(tmp / "runs"),
+        "model": model,
+        "data": {"root": str(tmp / "data"), "datasets": ["icm_instruct"], "model_max_length": 256},
+        "train": t,
+        "hardware": {
+            "device": "cpu",
+            "num_gpus": 1,
+            "deepspeed": "none",
+            "attn_implementation": "sdpa",
+            "launcher": "inprocess",
+        },
+    }
     return config_from_dict(raw, base_dir=tmp)
 
 

@@ -9,7 +9,10 @@
   throughput in its postfix; it replaces the Trainer's bar, which restarts at 0 on resume.
 - :class:`GracefulStopCallback` turns SIGTERM (cluster pre-emption, ``kill``, the notebook's stop
   button sends SIGINT and is left alone) into "save a checkpoint at the end of this optimizer step,
-  then stop". With several ranks the flag is all-reduced so every rank saves at the same step.
+  then stop", and saves every ``train.save_every_minutes`` of wall time as well. With several ranks
+  both flags are all-reduced (MAX) once per step, so every rank saves at the same step whichever rank
+  got the signal; the time flag is rank 0's clock. :func:`install_sigterm_flag` catches SIGTERM from
+  the start of a worker (before the model is loaded), the callback reads the flag.
 """
 
 from __future__ import annotations
@@ -123,41 +126,98 @@ class ProgressBarCallback(TrainerCallback):
             self.bar = None
 
 
+# A plain flag, not a threading.Event: a second SIGTERM arriving while the handler runs would
+# re-enter Event.set and deadlock on its (non-reentrant) lock.
+_SIGTERM = [False]
+_INSTALLED: list[Any] = []  # the handler that was there before install_sigterm_flag
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    if _SIGTERM[0]:
+        return  # a repeat (the job's group and the scheduler both signal): nothing more to do
+    _SIGTERM[0] = True
+    log.warning("SIGTERM received: saving a checkpoint at the end of this step, then stopping")
+
+
+def install_sigterm_flag() -> bool:
+    """Make SIGTERM set a flag instead of killing the process (main thread only).
+
+    Returns:
+        True when installed (False outside the main thread, where signals cannot be caught).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    if previous is not _on_sigterm:
+        _INSTALLED[:] = [previous]
+    return True
+
+
+def uninstall_sigterm_flag() -> None:
+    """Restore the handler that :func:`install_sigterm_flag` replaced and clear the flag."""
+    if _INSTALLED and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _INSTALLED.pop())
+    _SIGTERM[0] = False
+
+
+def sigterm_received() -> bool:
+    """Whether this process got SIGTERM since :func:`install_sigterm_flag`."""
+    return _SIGTERM[0]
+
+
 class GracefulStopCallback(TrainerCallback):
     """On SIGTERM: finish the current optimizer step, save a checkpoint, stop training.
 
-    The handler is installed at train begin (main thread only; elsewhere signals cannot be caught)
-    and the previous handler is restored at train end. ``stopped_at`` holds the step saved, or None.
+    Also requests a save every ``save_every_minutes`` of wall time (None = never). The SIGTERM
+    handler is installed at train begin unless :func:`install_sigterm_flag` already runs, and the
+    previous one is restored at train end. ``stopped_at`` holds the step saved, or None.
+
+    Args:
+        save_every_minutes: wall-time checkpoint period (``train.save_every_minutes``).
     """
 
-    def __init__(self) -> None:
-        self.requested = False
+    def __init__(self, save_every_minutes: float | None = None) -> None:
         self.stopped_at: int | None = None
-        self._previous: Any = None
+        self.save_every_s = save_every_minutes * 60.0 if save_every_minutes else None
+        self._owns_handler = False
+        self._last_save = time.monotonic()
 
-    def _handler(self, signum: int, frame: Any) -> None:
-        log.warning("SIGTERM received: saving a checkpoint at the end of this step, then stopping")
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        """SIGTERM seen by this process."""
+        return sigterm_received()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        if not _INSTALLED:
+            self._owns_handler = install_sigterm_flag()
+        self._last_save = time.monotonic()
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._last_save = time.monotonic()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._any_rank_requested(args):
+        due = (
+            self.save_every_s is not None
+            and state.is_world_process_zero
+            and time.monotonic() - self._last_save >= self.save_every_s
+        )
+        stop, save = self._agree(args, self.requested, due)
+        if save:
+            control.should_save = True
+        if stop:
             control.should_save = True
             control.should_training_stop = True
             self.stopped_at = state.global_step
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        if self._owns_handler:
+            uninstall_sigterm_flag()
+            self._owns_handler = False
 
-    def _any_rank_requested(self, args: Any) -> bool:
+    def _agree(self, args: Any, stop: bool, save: bool) -> tuple[bool, bool]:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return self.requested
+            return stop, save
         # Ranks may get the signal a few steps apart; deciding together keeps their saves collective.
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=args.device)
-        torch.distributed.all_reduce(flag)
-        return bool(flag.item() > 0)
+        flag = torch.tensor([float(stop), float(save)], device=args.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag[0].item() > 0), bool(flag[1].item() > 0)

@@ -33,12 +33,12 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from icmlab.inputs.conversation import image_token_for
-from icmlab.models.spec import family_spec
-from icmlab.inputs.images import load_and_preprocess, processor_size
-from icmlab.train.packing import pack_samples
 from icmlab.inputs.collate import collate_for_training
+from icmlab.inputs.conversation import image_token_for
 from icmlab.inputs.encode import PieceEncoder, encode_conversation
+from icmlab.inputs.images import load_and_preprocess, processor_size
+from icmlab.models.spec import family_spec
+from icmlab.train.packing import pack_samples
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,15 @@ class SupervisedDataset(Dataset):
     def from_bundle(cls, records: Sequence[Mapping[str, Any]], bundle: Any, cfg: Any) -> "SupervisedDataset":
         """Build the dataset for a loaded :class:`icmlab.models.ModelBundle` and a ``RunConfig``."""
         return cls(
-            records, tokenizer=bundle.tokenizer, image_processor=bundle.image_processor, data_root=cfg.data.root,
-            family=bundle.family, image_token_id=bundle.image_token_id, num_image_tokens=bundle.num_image_tokens,
-            model_max_length=cfg.data.model_max_length, aspect_ratio=cfg.data.image_aspect_ratio,
+            records,
+            tokenizer=bundle.tokenizer,
+            image_processor=bundle.image_processor,
+            data_root=cfg.data.root,
+            family=bundle.family,
+            image_token_id=bundle.image_token_id,
+            num_image_tokens=bundle.num_image_tokens,
+            model_max_length=cfg.data.model_max_length,
+            aspect_ratio=cfg.data.image_aspect_ratio,
         )
 
     def __len__(self) -> int:
@@ -126,9 +132,15 @@ class SupervisedDataset(Dataset):
         """
         rec = self.records[index]
         enc = encode_conversation(
-            rec, self.tokenizer, template=self.template, dialect=self.family, image_token_id=self.image_token_id,
-            num_image_tokens=self.num_image_tokens, model_max_length=self.model_max_length,
-            truncation=self.truncation, encoder=self.encoder,
+            rec,
+            self.tokenizer,
+            template=self.template,
+            dialect=self.family,
+            image_token_id=self.image_token_id,
+            num_image_tokens=self.num_image_tokens,
+            model_max_length=self.model_max_length,
+            truncation=self.truncation,
+            encoder=self.encoder,
         )
         ids, labels, spans = enc.input_ids, enc.labels, enc.image_spans
         rid = rec.get("id", index)
@@ -149,8 +161,7 @@ class SupervisedDataset(Dataset):
         sample = self.encode(index)
         image = sample.pop("image_path")
         sample["pixel_values"] = (
-            load_and_preprocess([self.data_root / image], self.image_processor, self.aspect_ratio)[0]
-            if image else None
+            load_and_preprocess([self.data_root / image], self.image_processor, self.aspect_ratio)[0] if image else None
         )
         return sample
 
@@ -183,8 +194,9 @@ class TrainingCollator:
         ValueError: no pad token, or ``packing`` without a positive ``max_length``.
     """
 
-    def __init__(self, pad_token_id: int, *, packing: bool = False, max_length: int | None = None,
-                 flatten: bool = False) -> None:
+    def __init__(
+        self, pad_token_id: int, *, packing: bool = False, max_length: int | None = None, flatten: bool = False
+    ) -> None:
         if pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; LLaVA training pads with <unk>/<pad>")
         if packing and (max_length is None or max_length < 1):
@@ -196,8 +208,9 @@ class TrainingCollator:
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if self.packing:
-            return pack_samples(samples, pad_token_id=self.pad_token_id, max_length=self.max_length,
-                                flatten=self.flatten)
+            return pack_samples(
+                samples, pad_token_id=self.pad_token_id, max_length=self.max_length, flatten=self.flatten
+            )
         batch: dict[str, Any] = dict(collate_for_training(samples, pad_token_id=self.pad_token_id))
         images = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
         if images:

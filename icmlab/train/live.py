@@ -1,9 +1,11 @@
 """Training curves for notebooks: loss, learning rate, grad norm, throughput and ETA from metrics.jsonl.
 
 ``plot_metrics(path)`` draws the figure from a finished (or running) run's ``metrics.jsonl``;
-``LiveMetricsPlot`` is a Trainer callback that redraws it in place in the notebook while the
-in-process trainer runs. Multi-GPU runs happen in a launched subprocess: their notebook plots the
-same file when the subprocess ends.
+``LiveMetricsPlot`` redraws it in place in the notebook while training runs: as a Trainer callback
+for in-process training, and for a launched multi-rank job (deepspeed/torchrun, whose workers
+cannot receive callbacks) through :meth:`LiveMetricsPlot.poll`, which the train stage calls about
+once a second while the job runs: it follows the ``metrics.jsonl`` that rank 0 appends to.
+The same code serves both, so the notebook looks the same either way.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from matplotlib.figure import Figure
 from transformers import TrainerCallback
 
 # metrics.jsonl keys written by icmlab.train.callbacks.MetricsJsonlCallback
-PANELS = (("loss", "training loss"), ("lr", "learning rate"), ("grad_norm", "grad norm"),
-          ("samples_per_s", "samples / s"))
+PANELS = (
+    ("loss", "training loss"),
+    ("lr", "learning rate"),
+    ("grad_norm", "grad norm"),
+    ("samples_per_s", "samples / s"),
+)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -59,12 +65,33 @@ def plot_metrics(rows_or_path: list[dict] | str | Path, title: str = "") -> Figu
 
 
 class LiveMetricsPlot(TrainerCallback):
-    """Redraw ``plot_metrics`` in one notebook output every ``every`` log events (in-process training)."""
+    """Redraw ``plot_metrics`` in one notebook output every ``every`` logged steps.
+
+    In-process training calls it as a Trainer callback; a launched job's stage calls :meth:`poll`.
+    """
 
     def __init__(self, metrics_path: str | Path, every: int = 5, title: str = "") -> None:
         self.path, self.every, self.title = Path(metrics_path), max(1, every), title
         self._handle: Any = None
         self._logs = 0
+        self._drawn_rows = -1  # rows shown by the last poll() redraw
+        self.drawn: list[int] = []  # metrics rows shown by each redraw (the live view's history)
+
+    def poll(self, force: bool = False) -> bool:
+        """Redraw when ``metrics.jsonl`` gained ``every`` rows since the last redraw (launched jobs).
+
+        Args:
+            force: redraw whenever the file changed (the final picture when the job ended).
+
+        Returns:
+            True when it redrew.
+        """
+        rows = len(read_metrics(self.path))
+        if rows == self._drawn_rows or (not force and self._drawn_rows >= 0 and rows - self._drawn_rows < self.every):
+            return False
+        self._drawn_rows = rows
+        self._draw()
+        return True
 
     def _draw(self) -> None:
         try:
@@ -75,7 +102,9 @@ class LiveMetricsPlot(TrainerCallback):
 
         from icmlab.display import figure_png
 
-        fig = Image(figure_png(plot_metrics(self.path, self.title)))
+        rows = read_metrics(self.path)
+        self.drawn.append(len(rows))
+        fig = Image(figure_png(plot_metrics(rows, self.title)))
         if self._handle is None:
             self._handle = display(fig, display_id=True)
         else:

@@ -151,9 +151,12 @@ def pack_samples(
     width = max(len(r) for r in rows_ids)
     # Padding restarts at 0 too: a separate segment for find_packed_sequence_indices.
     rows_pos = [p + list(range(width - len(p))) for p in rows_pos]
-    batch: dict[str, Any] = {"input_ids": pad_rows(rows_ids, pad_token_id, width, left=False),
-                             "labels": pad_rows(rows_labels, IGNORE_INDEX, width, left=False),
-                             "position_ids": pad_rows(rows_pos, 0, width, left=False), "use_cache": False}
+    batch: dict[str, Any] = {
+        "input_ids": pad_rows(rows_ids, pad_token_id, width, left=False),
+        "labels": pad_rows(rows_labels, IGNORE_INDEX, width, left=False),
+        "position_ids": pad_rows(rows_pos, 0, width, left=False),
+        "use_cache": False,
+    }
     if images:
         batch["pixel_values"] = torch.stack(images)
     return batch

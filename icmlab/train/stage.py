@@ -24,12 +24,12 @@ What it does, in order:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,12 +37,26 @@ from typing import Any, Sequence
 import torch
 
 from icmlab import paths
-from icmlab.config import RunConfig, find_project_root, load_run_config, save_resolved
+from icmlab.config import RunConfig, find_project_root, save_resolved
 from icmlab.io import read_json, read_jsonl
-from icmlab.train.launch import STOPPED_BY_SIGTERM, build_launch_command, is_launched_worker, launch_mode, run_launched
 from icmlab.models import get_family
 from icmlab.train.args import (  # noqa: F401  (re-exported: the stage's configuration helpers)
-    DEEPSPEED_DIR, batch_message, build_training_args, deepspeed_config_path, projector_parameters, resolve_device,
+    DEEPSPEED_DIR,
+    batch_message,
+    build_training_args,
+    deepspeed_config_path,
+    projector_parameters,
+    resolve_device,
+)
+from icmlab.train.build import build_trainer, single_process_group
+from icmlab.train.launch import (
+    STOPPED_BY_SIGTERM,
+    build_launch_command,
+    is_launched_worker,
+    launch_env,
+    launch_mode,
+    run_launched,
+    unblock_sigterm,
 )
 
 log = logging.getLogger("icmlab.train.stage")
@@ -90,8 +104,9 @@ def run(cfg: RunConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
 
     Args:
         cfg: the run config.
-        callbacks: extra ``TrainerCallback`` objects (e.g. a notebook's live plot); in-process runs
-            only (a launched job's workers cannot receive them, the notebook reads metrics.jsonl).
+        callbacks: extra ``TrainerCallback`` objects (e.g. a notebook's live plot). A launched job's
+            workers cannot receive them: there, those with a ``poll()`` method (``LiveMetricsPlot``)
+            are polled about once a second while the job runs and follow ``metrics.jsonl``.
 
     Returns:
         The :class:`TrainResult`.
@@ -105,7 +120,7 @@ def run(cfg: RunConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     cfg = resolve_device(cfg)
     mode = launch_mode(cfg)
     if mode != "inprocess":
-        return _run_launched(cfg, mode)
+        return _run_launched(cfg, mode, callbacks)
     return _train_inprocess(cfg, callbacks)
 
 
@@ -122,10 +137,26 @@ def _ensure_visible_logging() -> None:
         pkg.setLevel(logging.INFO)
 
 
-def _run_launched(cfg: RunConfig, mode: str) -> TrainResult:
+def interrupted_marker(cfg: RunConfig) -> Path:
+    """``<run_dir>/interrupted.json``: left by rank 0 when SIGTERM stopped training after a complete checkpoint."""
+    return cfg.run_dir / "interrupted.json"
+
+
+def _run_launched(cfg: RunConfig, mode: str, callbacks: Sequence[Any] = ()) -> TrainResult:
     config_path = save_resolved(cfg)
     log.info(batch_message(cfg))
-    rc = run_launched(build_launch_command(cfg, config_path, mode), cwd=find_project_root())
+    pollers = [cb.poll for cb in callbacks if callable(getattr(cb, "poll", None))]
+    try:
+        rc = run_launched(
+            build_launch_command(cfg, config_path, mode),
+            cwd=find_project_root(),
+            env=launch_env(cfg),
+            interrupted_marker=interrupted_marker(cfg),
+            on_poll=(lambda: [poll() for poll in pollers]) if pollers else None,
+        )
+    finally:
+        for poll in pollers:  # the final picture, also after a failure or an interruption
+            poll(force=True)
     return _result_from_disk(cfg, mode, interrupted=rc == STOPPED_BY_SIGTERM)
 
 
@@ -134,45 +165,39 @@ def _is_main_process() -> bool:
 
 
 def _train_inprocess(cfg: RunConfig, callbacks: Sequence[Any]) -> TrainResult:
+    from icmlab.train.callbacks import install_sigterm_flag, uninstall_sigterm_flag
+
     launched = is_launched_worker()
+    if launched:
+        # The launcher was started with SIGTERM blocked (icmlab.train.launch); catch it from now on,
+        # before the model is loaded, so that a pre-empted rank checkpoints instead of dying.
+        install_sigterm_flag()
+        unblock_sigterm()
     if launched and int(os.environ["WORLD_SIZE"]) != cfg.world_size:
-        raise ValueError(f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but hardware says {cfg.world_size} "
-                         "(num_gpus × num_nodes); the global batch arithmetic would be wrong")
-    added: list[str] = []
-    if cfg.hardware.deepspeed != "none" and not launched:
-        # A single in-process DeepSpeed engine still needs a (one-member) process group.
-        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
-                           ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-            if key not in os.environ:
-                os.environ[key] = value
-                added.append(key)
+        raise ValueError(
+            f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but hardware says {cfg.world_size} "
+            "(num_gpus × num_nodes); the global batch arithmetic would be wrong"
+        )
+    # In this process (notebook kernel, CLI): a one-member process group for DeepSpeed, and the whole
+    # environment restored afterwards (DeepSpeed and accelerate leave rank variables behind, and a
+    # later run in this kernel must not look like a launched worker or a DeepSpeed run).
+    group = contextlib.nullcontext() if launched else single_process_group(cfg)
     try:
-        return _train(cfg, callbacks, save_config=not launched)
+        with group:
+            result = _train(cfg, callbacks, save_config=not launched)
+        if launched and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # every rank is done: a clean, quick exit
+        return result
     finally:
-        for key in added:  # a later run in this kernel must not look like a launched worker
-            os.environ.pop(key, None)
-        if cfg.hardware.deepspeed != "none":
-            # Forget the ZeRO config, or every later from_pretrained in this kernel would partition weights.
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-            unset_hf_deepspeed_config()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        if launched:
+            uninstall_sigterm_flag()
 
 
 def _train(cfg: RunConfig, callbacks: Sequence[Any], save_config: bool) -> TrainResult:
     from transformers import set_seed
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    from icmlab.train.callbacks import GracefulStopCallback
     from icmlab.train.dataset import SupervisedDataset
-    from icmlab.train.callbacks import GracefulStopCallback, MetricsJsonlCallback, ProgressBarCallback
-    from icmlab.train.trainer import IcmTrainer
 
     data_file = paths.training_json(cfg)
     if not data_file.is_file():
@@ -185,6 +210,7 @@ def _train(cfg: RunConfig, callbacks: Sequence[Any], save_config: bool) -> Train
 
     family = get_family(cfg.model.family)
     args = build_training_args(cfg)  # before the model: ZeRO-3 must know about itself at load time
+    _init_distributed(args)
     bundle = family.load_for_training(cfg)
     ds_config = getattr(args, "hf_deepspeed_config", None)  # set only when a ZeRO config is given
     if ds_config is not None and ds_config.is_zero3():
@@ -196,30 +222,32 @@ def _train(cfg: RunConfig, callbacks: Sequence[Any], save_config: bool) -> Train
     dataset = SupervisedDataset.from_bundle(records, bundle, cfg)
     log.info("%d training samples from %s", len(dataset), data_file)
 
-    stop = GracefulStopCallback()
-    trainer = IcmTrainer(
-        model=bundle.model, args=args, train_dataset=dataset,
-        data_collator=_build_collator(cfg, bundle), processing_class=bundle.tokenizer,
-        callbacks=[MetricsJsonlCallback(paths.metrics_jsonl(cfg), cfg.train.global_batch_size),
-                   ProgressBarCallback(), stop, *callbacks],
-        projector_parameters=projector_parameters(bundle.model, family.MODULE_GROUPS["projector"]),
-        projector_lr=cfg.train.projector_lr,
-        modality_lengths=dataset.modality_lengths,
-        group_by_modality_length=cfg.train.group_by_modality_length,
-        dummy_pixel_values=dataset.dummy_pixel_values(),
-        vision_module=family.MODULE_GROUPS["vision_encoder"][0],
-    )
-    for cb in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(cb)
+    if _is_main_process():
+        interrupted_marker(cfg).unlink(missing_ok=True)
+    stop = GracefulStopCallback(cfg.train.save_every_minutes)
+    trainer = build_trainer(cfg, bundle, dataset, args, callbacks=[stop, *callbacks])
 
     resume = _prepare_resume(cfg) if cfg.train.resume else None
     if resume:
         log.info("resuming from %s", resume)
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.stopped_at is not None:
+        _barrier()  # every rank has written its part of the checkpoint
+        if _is_main_process():
+            from icmlab.io import atomic_write_json
+
+            atomic_write_json(
+                interrupted_marker(cfg),
+                {
+                    "step": stop.stopped_at,
+                    "checkpoint": str(paths.checkpoints_dir(cfg) / f"checkpoint-{stop.stopped_at}"),
+                },
+            )
+        _barrier()
         log.warning("stopped by SIGTERM at step %d; checkpoint saved, rerun to resume", stop.stopped_at)
-        return _result_from_disk(cfg, "inprocess", resumed_from=resume, interrupted=True,
-                                 step=trainer.state.global_step)
+        return _result_from_disk(
+            cfg, "inprocess", resumed_from=resume, interrupted=True, step=trainer.state.global_step
+        )
 
     model_dir = _save_final(trainer, bundle, family, cfg)
     if cfg.train.push_to_hub and _is_main_process():
@@ -228,6 +256,24 @@ def _train(cfg: RunConfig, callbacks: Sequence[Any], save_config: bool) -> Train
     result.model_dir = model_dir
     log.info("train loss %.4f over %d steps", output.training_loss, output.global_step)
     return result
+
+
+def _init_distributed(args: Any) -> None:
+    """Set up the process group before a ZeRO-3 load partitions the weights over it.
+
+    ``args.device`` makes accelerate initialise torch.distributed (gloo for CPU ranks); DeepSpeed's
+    own ``deepspeed.comm`` must then adopt that group, or ``zero.Init`` sees a world of 1 on CPU.
+    """
+    _ = args.device
+    if (
+        getattr(args, "hf_deepspeed_config", None) is not None
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    ):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
 
 
 def _build_collator(cfg: RunConfig, bundle: Any) -> Any:
@@ -242,11 +288,16 @@ def _build_collator(cfg: RunConfig, bundle: Any) -> Any:
         return TrainingCollator(bundle.tokenizer.pad_token_id)
     attn = bundle.extra.get("attn_implementation") or getattr(bundle.model.config, "_attn_implementation", None)
     flatten = attn == "flash_attention_2"
-    log.info("packing each micro-batch of %d samples into rows of <= %d tokens (%s attention%s)",
-             cfg.train.per_device_batch_size, cfg.data.model_max_length, attn,
-             ", rows flattened into one varlen row" if flatten else ", block-diagonal mask from position ids")
-    return TrainingCollator(bundle.tokenizer.pad_token_id, packing=True, max_length=cfg.data.model_max_length,
-                            flatten=flatten)
+    log.info(
+        "packing each micro-batch of %d samples into rows of <= %d tokens (%s attention%s)",
+        cfg.train.per_device_batch_size,
+        cfg.data.model_max_length,
+        attn,
+        ", rows flattened into one varlen row" if flatten else ", block-diagonal mask from position ids",
+    )
+    return TrainingCollator(
+        bundle.tokenizer.pad_token_id, packing=True, max_length=cfg.data.model_max_length, flatten=flatten
+    )
 
 
 def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
@@ -301,9 +352,13 @@ def _save_final(trainer: Any, bundle: Any, family: Any, cfg: RunConfig) -> Path:
         with deepspeed.zero.GatheredParameters(list(bundle.model.parameters()), modifier_rank=None):
             if _is_main_process():
                 family.save_bundle(bundle, out)
+    _barrier()
+    return out
+
+
+def _barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return out
 
 
 def push_to_hub(model_dir: Path, repo_id: str) -> str:
@@ -321,15 +376,20 @@ def push_to_hub(model_dir: Path, repo_id: str) -> str:
     return str(getattr(info, "commit_url", info))
 
 
-def _result_from_disk(cfg: RunConfig, mode: str, *, resumed_from: Path | None = None,
-                      interrupted: bool = False, step: int | None = None) -> TrainResult:
+def _result_from_disk(
+    cfg: RunConfig, mode: str, *, resumed_from: Path | None = None, interrupted: bool = False, step: int | None = None
+) -> TrainResult:
     metrics = paths.metrics_jsonl(cfg)
     rows = read_jsonl(metrics) if metrics.exists() else []
     model_dir = paths.final_model_dir(cfg)
     last_loss = next((r["loss"] for r in reversed(rows) if r.get("loss") is not None), None)
     return TrainResult(
-        run_dir=cfg.run_dir, model_dir=model_dir if model_dir.exists() and not interrupted else None,
-        metrics_path=metrics, global_step=step if step is not None else (rows[-1]["step"] if rows else 0),
+        run_dir=cfg.run_dir,
+        model_dir=model_dir if model_dir.exists() and not interrupted else None,
+        metrics_path=metrics,
+        global_step=step if step is not None else (rows[-1]["step"] if rows else 0),
         final_loss=last_loss if last_loss is None or math.isfinite(last_loss) else None,
-        resumed_from=resumed_from, interrupted=interrupted, mode=mode,
+        resumed_from=resumed_from,
+        interrupted=interrupted,
+        mode=mode,
     )

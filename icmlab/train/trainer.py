@@ -5,15 +5,19 @@ Used by :mod:`icmlab.train.stage` (the stage); nothing here knows about a model 
 - **Modality-length grouped sampling** (LLaVA's ``--group_by_modality_length``): megabatches of
   ``world_size × micro-batch × accumulation`` samples that are all multimodal or all text-only, sorted
   by length inside; plain length grouping when the data has a single modality
-  (:func:`modality_length_grouped_indices`).
+  (:func:`modality_length_grouped_indices`). Its epoch is set by :meth:`IcmTrainer._run_epoch`, so a
+  multi-rank run resumed mid-epoch replays that epoch's order (accelerate alone would not reach it).
 - **A separate projector learning rate** (``mm_projector_lr`` / ``visual_abstractor_lr``): the
   projector's parameters get their own optimizer groups, picked by identity (so LoRA/PEFT name
   prefixes do not matter). Unlike mPLUG-Owl2 upstream, whose name filter never matches, the groups
   really exist: ``trainer.optimizer.param_groups`` shows them.
-- **Text-only batches still run the vision tower**: a micro-batch without any image feeds one dummy
-  image through ``get_image_features`` and adds ``0 × features`` to the loss. Upstream feeds a zero
-  image for the same reason: with ZeRO-3 every rank must gather the vision/projector parameters in
-  every forward, or the ranks wait for each other forever (and DDP sees unused parameters).
+- **Text-only batches still run the vision tower, where an image batch does**: a micro-batch without
+  any image feeds one dummy (zero) image through the vision tower and projector and joins the graph
+  with weight 0 *before* the LLM, at the point of the forward where an image batch computes its
+  features (:meth:`IcmTrainer.compute_loss`). Upstream feeds a zero image for the same reason. Under
+  ZeRO-3 every module's parameter all-gather is a collective: two ranks that call the modules in
+  different orders (one text-only, one with images) would pair the wrong gathers and hang; and DDP
+  would see unused parameters. The loss and every gradient are exactly those without the dummy.
 - **Resume restores the weights**: transformers 5's ``Trainer._load_from_checkpoint`` loads the
   checkpoint's state dict raw, but ``save_pretrained`` wrote it in the legacy key layout, so every key
   misses and training silently continues from the *initial* weights. :meth:`IcmTrainer._load_from_checkpoint`
@@ -52,7 +56,9 @@ def _split_balanced(indices: list[int], lengths: Sequence[int], num_chunks: int)
     return chunks
 
 
-def _length_grouped(lengths: Sequence[int], batch_size: int, world_size: int, generator: torch.Generator) -> list[list[int]]:
+def _length_grouped(
+    lengths: Sequence[int], batch_size: int, world_size: int, generator: torch.Generator
+) -> list[list[int]]:
     """Random order, cut into megabatches of ``world_size × batch_size``, longest first inside, balanced over ranks.
 
     Returns the megabatches (each a flat list in rank-major order: the first ``batch_size`` indices go
@@ -62,7 +68,7 @@ def _length_grouped(lengths: Sequence[int], batch_size: int, world_size: int, ge
     size = world_size * batch_size
     megabatches = []
     for start in range(0, len(perm), size):
-        mb = sorted(perm[start:start + size], key=lambda i: lengths[i], reverse=True)
+        mb = sorted(perm[start : start + size], key=lambda i: lengths[i], reverse=True)
         megabatches.append([i for chunk in _split_balanced(mb, lengths, world_size) for i in chunk])
     return megabatches
 
@@ -100,7 +106,9 @@ def modality_length_grouped_indices(
     groups = []
     for subset in (mm, text):
         sub_lengths = [abs(lengths[i]) for i in subset]
-        groups.append([[subset[j] for j in mb] for mb in _length_grouped(sub_lengths, batch_size, world_size, generator)])
+        groups.append(
+            [[subset[j] for j in mb] for mb in _length_grouped(sub_lengths, batch_size, world_size, generator)]
+        )
     full = [mb for g in groups for mb in g if len(mb) == size]
     leftovers = [i for g in groups for mb in g if len(mb) < size for i in mb]
     order = torch.randperm(len(full), generator=generator).tolist()
@@ -162,6 +170,16 @@ def _base_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def takes_images_without_placeholders(model: nn.Module) -> bool:
+    """True when ``model``'s forward accepts ``pixel_values`` for a batch without image placeholders.
+
+    mPLUG-Owl2's ``embed_multimodal`` encodes such images first (as for an image batch) and adds
+    ``0 × features`` to the embeddings; transformers' LLaVA raises on the mismatch instead.
+    """
+    inner = getattr(model, "model", model)
+    return callable(getattr(inner, "embed_multimodal", None))
+
+
 # --------------------------------------------------------------------------- trainer
 class IcmTrainer(Trainer):
     """HF ``Trainer`` with modality grouping, a projector lr, vision touch on text-only batches and a safe resume.
@@ -201,12 +219,26 @@ class IcmTrainer(Trainer):
         if not self.group_by_modality_length or self.modality_lengths is None:
             return super()._get_train_sampler(train_dataset)
         # LLaVA: megabatch = micro-batch × (world size × accumulation).
-        return ModalityLengthGroupedSampler(
+        self._grouped_sampler = ModalityLengthGroupedSampler(
             self.modality_lengths,
             batch_size=self.args.train_batch_size,
             world_size=self.args.world_size * self.args.gradient_accumulation_steps,
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
         )
+        return self._grouped_sampler
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        """Set the grouped sampler's epoch before each epoch, also when resuming mid-epoch on several ranks.
+
+        accelerate forwards ``set_epoch`` two wrappers deep only; a resumed multi-rank epoch wraps
+        the sampler in three (skip → rank shard → batch sampler), so without this the resumed
+        epoch would replay epoch 0's order.
+        """
+        sampler = getattr(self, "_grouped_sampler", None)
+        epoch = kwargs.get("epoch", args[1] if len(args) > 1 else None)
+        if sampler is not None and isinstance(epoch, int):
+            sampler.set_epoch(epoch)
+        return super()._run_epoch(*args, **kwargs)
 
     # ---------------------------------------------------------------- optimizer
     def build_param_groups(self, model: nn.Module) -> list[dict]:
@@ -240,8 +272,11 @@ class IcmTrainer(Trainer):
             return self.optimizer
         opt_model = self.model if model is None else model
         groups = self.build_param_groups(opt_model)
-        kwargs = {"lr": self.args.learning_rate, "betas": (self.args.adam_beta1, self.args.adam_beta2),
-                  "eps": self.args.adam_epsilon}
+        kwargs = {
+            "lr": self.args.learning_rate,
+            "betas": (self.args.adam_beta1, self.args.adam_beta2),
+            "eps": self.args.adam_epsilon,
+        }
         ds_cfg = getattr(self.args, "hf_deepspeed_config", None)
         if ds_cfg is not None and ds_cfg.is_offload():
             # ZeRO-Offload refuses client optimizers other than its vectorised CPU Adam.
@@ -253,26 +288,52 @@ class IcmTrainer(Trainer):
         return self.optimizer
 
     # ---------------------------------------------------------------- loss
-    def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
-        """Model loss; text-only micro-batches also run the vision path on a dummy image (× 0)."""
-        has_image = inputs.get("pixel_values") is not None
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        if has_image or self.dummy_pixel_values is None or not model.training:
-            return out
-        loss, outputs = out if return_outputs else (out, None)
-        loss = loss + 0.0 * self._touch_vision(model)
-        return (loss, outputs) if return_outputs else loss
+    def compute_loss(
+        self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        """Model loss; a text-only training micro-batch also runs the vision path on a dummy image (× 0).
 
-    def _touch_vision(self, model: nn.Module) -> torch.Tensor:
+        The dummy goes through the model's own order of modules, so that the ZeRO-3 all-gathers of
+        every rank pair up whatever modality each rank's micro-batch has:
+
+        - a model whose forward takes images without placeholders (mPLUG-Owl2: ``embed_multimodal``
+          encodes them first and adds ``0 × features``) simply gets ``pixel_values`` = the dummy;
+        - otherwise (transformers' LLaVA embeds the tokens, then encodes the images, then runs the
+          LLM, and refuses images without placeholders), a forward hook on the input embeddings
+          encodes the dummy right after the embedding lookup and adds ``0 × features`` to its output.
+        """
+        if self.dummy_pixel_values is None or not model.training or inputs.get("pixel_values") is not None:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         base = _base_model(model)
+        pixels = self._dummy_pixels(base)
+        if takes_images_without_placeholders(base):
+            return super().compute_loss(
+                model,
+                {**inputs, "pixel_values": pixels},
+                return_outputs=return_outputs,
+                num_items_in_batch=num_items_in_batch,
+            )
+
+        def add_zero_image(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            total = _tensor_sum(base.get_image_features(pixel_values=pixels))
+            if total is None:
+                raise RuntimeError(f"{type(base).__name__}.get_image_features returned no tensor to attach")
+            return output + 0.0 * total.to(output.dtype)
+
+        handle = base.get_input_embeddings().register_forward_hook(add_zero_image)
+        try:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        finally:
+            handle.remove()
+
+    def _dummy_pixels(self, base: nn.Module) -> torch.Tensor:
         owner = base.get_submodule(self.vision_module) if self.vision_module else base
         ref = next(owner.parameters())
-        pixels = self.dummy_pixel_values.to(device=ref.device, dtype=ref.dtype)
-        total = _tensor_sum(base.get_image_features(pixel_values=pixels))
-        if total is None:
-            raise RuntimeError(f"{type(base).__name__}.get_image_features returned no tensor to attach to the loss")
-        return total
+        return self.dummy_pixel_values.to(device=ref.device, dtype=ref.dtype)
 
     # ---------------------------------------------------------------- resume
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
@@ -322,7 +383,11 @@ def find_resume_checkpoint(checkpoints: Path) -> Path | None:
     done = []
     for d in checkpoints.glob("checkpoint-*"):
         suffix = d.name.split("-", 1)[1]
-        if d.is_dir() and suffix.isdigit() and (d / "trainer_state.json").exists() \
-                and not (d / "checkpoint-is-incomplete.txt").exists():
+        if (
+            d.is_dir()
+            and suffix.isdigit()
+            and (d / "trainer_state.json").exists()
+            and not (d / "checkpoint-is-incomplete.txt").exists()
+        ):
             done.append((int(suffix), d))
     return max(done)[1] if done else None
