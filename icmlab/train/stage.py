@@ -276,30 +276,6 @@ def _init_distributed(args: Any) -> None:
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
 
 
-def _build_collator(cfg: RunConfig, bundle: Any) -> Any:
-    """The micro-batch collator: right padding, or packing into ``data.model_max_length`` rows (``train.packing``).
-
-    flash-attention 2 reads packed segments from position ids only for a one-row batch, so its
-    packed rows are flattened into one (see :mod:`icmlab.train.packing`); sdpa/eager keep the rows.
-    """
-    from icmlab.train.dataset import TrainingCollator
-
-    if not cfg.train.packing:
-        return TrainingCollator(bundle.tokenizer.pad_token_id)
-    attn = bundle.extra.get("attn_implementation") or getattr(bundle.model.config, "_attn_implementation", None)
-    flatten = attn == "flash_attention_2"
-    log.info(
-        "packing each micro-batch of %d samples into rows of <= %d tokens (%s attention%s)",
-        cfg.train.per_device_batch_size,
-        cfg.data.model_max_length,
-        attn,
-        ", rows flattened into one varlen row" if flatten else ", block-diagonal mask from position ids",
-    )
-    return TrainingCollator(
-        bundle.tokenizer.pad_token_id, packing=True, max_length=cfg.data.model_max_length, flatten=flatten
-    )
-
-
 def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
