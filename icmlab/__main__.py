@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a config key, e.g. --set train.lr=1e-5 (repeatable)",
         )
+        sp.add_argument(
+            "-v", "--verbose", action="store_true", help="debug logging; a failure also prints its traceback"
+        )
         if name == "run":
             sp.add_argument("--only", nargs="+", metavar="STEP", help="run only these stages")
             sp.add_argument("--from", dest="start", metavar="STEP", help="start at this stage")
@@ -111,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``icmlab`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     try:
         cfg = load_run_config(args.params, _overrides(args.overrides))
     except (ConfigError, FileNotFoundError) as e:
@@ -136,11 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "slurm":
         return _slurm(cfg, args)
     module = importlib.import_module(STAGE_MODULES[args.command])
-    if args.command == "download" and args.dry_run:
-        plan = module.plan(cfg)
-        print(module.format_plan(plan))
-        return 0
     try:
+        if args.command == "download" and args.dry_run:
+            print(module.format_plan(module.plan(cfg)))
+            return 0
         result = module.run(cfg)
     except (OSError, RuntimeError, ValueError) as e:  # user-facing failures: message, no traceback
         logging.getLogger("icmlab").debug("stage failed", exc_info=True)

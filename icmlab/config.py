@@ -15,6 +15,7 @@ parent of the ``parameters/`` folder holding the file).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -23,13 +24,17 @@ import yaml
 
 from icmlab.io import atomic_write_text
 from icmlab.models.spec import family_spec
-from icmlab.typed_yaml import apply_override, build_dataclass, deepcopy_plain, to_plain
+from icmlab.typed_yaml import YamlFileError, apply_override, build_dataclass, deepcopy_plain, load_yaml_file, to_plain
 
 ModelFamily = Literal["llava15", "mplug_owl2"]
 Strategy = Literal["mix", "after"]
 # The ICM-Assistant README calls the two strategies MSFT and CSFT (never expanded upstream).
 STRATEGY_ALIASES = {"msft": "mix", "csft": "after"}
 DATASETS = ("icm_instruct", "q_instruct", "custom")
+
+
+#: ``run_name`` is one path component below ``runs_root``: nothing that could climb out of it.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.+=-]+")
 
 
 class ConfigError(ValueError):
@@ -305,9 +310,15 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     """
     p = _find_file(Path(path))
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        raw = load_yaml_file(p)
+    except YamlFileError as e:
+        raise ConfigError(str(e)) from None
+    if raw is None:  # an empty file would silently run every default (the 7B recipe, gated data)
+        recipes = sorted(q.name for q in (project_root_for(p) / "parameters").glob("*.yaml"))
+        raise ConfigError(
+            f"{p}: the parameters file is empty; start from one of the recipes in parameters/: "
+            + (", ".join(recipes) or "(none found)")
+        )
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}")
     return config_from_dict(raw, overrides, source=p, base_dir=project_root_for(p))
@@ -468,8 +479,11 @@ def validate(cfg: RunConfig) -> list[str]:
         )
     if cfg.download.concurrency < 1:
         e.append("download.concurrency: must be >= 1")
-    if not cfg.run_name or "/" in cfg.run_name:
-        e.append(f"run_name: {cfg.run_name!r} must be a non-empty folder name without '/'")
+    if not _SAFE_NAME.fullmatch(cfg.run_name) or cfg.run_name in (".", ".."):
+        e.append(
+            f"run_name: {cfg.run_name!r} must be one folder name (letters, digits, '.', '_', '-', '+', '='; "
+            "not '.' or '..', no '/'): the run directory is <runs_root>/<run_name>"
+        )
     return e
 
 

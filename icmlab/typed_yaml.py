@@ -8,12 +8,17 @@ dataclasses whose field annotations it checks, appending one readable message pe
     errors = []
     cfg = build_dataclass(RunConfig, {"train": {"lr": "fast"}}, "", errors)
     errors  # ["train.lr: expected a number, got 'fast'"]
+
+:func:`load_yaml_file` is the strict reader of a YAML file: a repeated key is an error naming the
+file, the line and the key (PyYAML silently keeps the last one), and a file that is not UTF-8 is
+an error naming the file and the byte.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import fields
@@ -21,6 +26,53 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
+
+#: A number as YAML 1.2 writes it; YAML 1.1 (PyYAML) reads ``1e-5`` (no dot) as a string.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+class YamlFileError(ValueError):
+    """A YAML file could not be read as a mapping: the message names the file (and line)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated within one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise YamlFileError(
+                    f"{key_node.start_mark.name}:{line}: duplicate key {key!r} (first set on line {seen[key]}); "
+                    "YAML would silently keep the last one: delete one of them"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml_file(path: Path) -> Any:
+    """Parse a YAML file strictly (duplicate keys refused, UTF-8 required).
+
+    Raises:
+        YamlFileError: not UTF-8 (with the byte offset), not valid YAML, or a duplicate key (with its line).
+    """
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise YamlFileError(
+            f"{path}: not UTF-8 text (byte {e.start}: {data[e.start : e.start + 1]!r}); save the file as UTF-8"
+        ) from None
+    loader = _StrictLoader(text)
+    loader.name = str(path)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise YamlFileError(f"{path}: not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
 
 
 def apply_override(data: dict, key: str, value: Any, errors: list[str]) -> None:
@@ -103,6 +155,8 @@ def coerce(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
             errors.append(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            return float(value)  # "1e-5": a number to the user, a string to YAML 1.1
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(f"{key}: expected a number, got {value!r}")
             return value
