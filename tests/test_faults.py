@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 import pytest
 import yaml
 
@@ -57,6 +58,26 @@ def no_traceback(text: str) -> None:
     assert "Traceback" not in text, text
 
 
+def rec(rid: str | None, n: int = 0) -> dict:
+    """A valid text-only LLaVA record (``rid`` None: no id)."""
+    r = {"conversations": [{"from": "human", "value": f"Question {n}?"}, {"from": "gpt", "value": f"Answer {n}."}]}
+    return r if rid is None else {"id": rid, **r}
+
+
+def sources(tmp_path: Path, q_instruct, icm_instruct) -> None:
+    """The demo recipe's two source files (Q-Instruct, ICM-Instruct) under ``tmp_path/data``."""
+    from icmlab.paths import DATASET_JSON
+
+    for name, obj in (("q_instruct", q_instruct), ("icm_instruct", icm_instruct)):
+        f = tmp_path / "data" / DATASET_JSON[name]
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(obj if isinstance(obj, bytes) else orjson.dumps(obj))
+
+
+def run_data(tmp_path: Path) -> Path:
+    return tmp_path / "runs" / "demo" / "data"
+
+
 # --------------------------------------------------------------------------- 6. parameters files
 def case_empty_parameters_file(tmp_path, capsys):
     p = params(tmp_path, "")
@@ -100,6 +121,59 @@ def case_dry_run_unknown_source_key(tmp_path, capsys):
     no_traceback(out)
 
 
+# --------------------------------------------------------------------------- 2. records, 7. empty inputs
+def case_records_without_id(tmp_path, capsys):
+    sources(tmp_path, [rec(None, 1), rec(None, 2)], [rec(None, 3)])
+    p = demo_params(tmp_path)
+    rc, out = cli(capsys, "merge", str(p))
+    assert rc == 0, out
+    rc, out = cli(capsys, "validate", str(p))
+    assert rc == 1 and "missing_id" in out, out
+    no_traceback(out)
+    assert (run_data(tmp_path) / "validation.json").is_file()
+
+
+def case_list_of_non_objects(tmp_path, capsys):
+    sources(tmp_path, [rec("a")], b'[{"id": "b", "conversations": []}, 1, "x"]')
+    rc, out = cli(capsys, "merge", str(demo_params(tmp_path)))
+    assert rc == 1 and "icm_llava_train.json: record 1 is a JSON number" in out, out
+    no_traceback(out)
+
+
+def case_nested_list(tmp_path, capsys):
+    sources(tmp_path, [[rec("a")], [rec("b")]], [rec("c")])
+    rc, out = cli(capsys, "merge", str(demo_params(tmp_path)))
+    assert rc == 1 and "cleaned_labels.json: record 0 is a JSON list" in out, out
+    no_traceback(out)
+
+
+def case_failed_merge_keeps_previous_output(tmp_path, capsys):
+    sources(tmp_path, [rec("a"), rec("b", 1)], [rec("c", 2)])
+    p = demo_params(tmp_path)
+    assert cli(capsys, "merge", str(p))[0] == 0
+    before = {f.name: f.read_bytes() for f in run_data(tmp_path).iterdir()}
+    sources(tmp_path, [rec("d")], [rec(None), rec("e"), 7])
+    rc, out = cli(capsys, "merge", str(p))
+    assert rc == 1 and "record 2" in out, out
+    assert {f.name: f.read_bytes() for f in run_data(tmp_path).iterdir()} == before
+
+
+def case_empty_list_refused_at_merge(tmp_path, capsys):
+    sources(tmp_path, [], b"[ ]")
+    rc, out = cli(capsys, "merge", str(demo_params(tmp_path)))
+    assert rc == 1 and "no records" in out and "cleaned_labels.json: 0" in out, out
+    no_traceback(out)
+
+
+def case_empty_list_refused_at_validate(tmp_path, capsys):
+    p = demo_params(tmp_path)
+    run_data(tmp_path).mkdir(parents=True)
+    (run_data(tmp_path) / "train.json").write_text("[]")
+    rc, out = cli(capsys, "validate", str(p))
+    assert rc == 1 and "file_empty" in out, out
+    no_traceback(out)
+
+
 CASES = [
     case_empty_parameters_file,
     case_duplicate_yaml_key,
@@ -107,6 +181,12 @@ CASES = [
     case_lr_1e_5_from_yaml,
     case_non_utf8_parameters_file,
     case_dry_run_unknown_source_key,
+    case_records_without_id,
+    case_list_of_non_objects,
+    case_nested_list,
+    case_failed_merge_keeps_previous_output,
+    case_empty_list_refused_at_merge,
+    case_empty_list_refused_at_validate,
 ]
 
 

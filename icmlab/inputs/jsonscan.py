@@ -43,6 +43,7 @@ _WS = b" \t\r\n"
 _BSLASH, _COLON, _COMMA = 92, 58, 44
 _WS_CODES = np.frombuffer(_WS, np.uint8)
 _IS_WS = np.isin(np.arange(256), _WS_CODES)  # lookup table: one gather instead of four comparisons
+_JSON_KIND = {ord("["): "list", ord('"'): "string", ord("t"): "boolean", ord("f"): "boolean", ord("n"): "null"}
 _SCALAR = re.compile(rb"[^,}\]\s]+")
 
 
@@ -82,6 +83,17 @@ class RecordBlock:
     def record(self, i: int) -> bytes:
         """JSON text of record ``i`` of the block."""
         return self.buf[self.starts[i] : self.ends[i]]
+
+    def non_objects(self) -> list[tuple[int, str]]:
+        """``(index in the file, JSON kind)`` of the elements that are not objects (``[[...]]``, ``[1, "x"]``).
+
+        The byte scan only yields objects; the whole-file fallback yields any element, and its text
+        starts with the element's first byte, which names its kind.
+        """
+        if not len(self):
+            return []
+        first = np.frombuffer(self.buf, np.uint8)[self.starts]
+        return [(self.first + int(i), _JSON_KIND.get(first[i], "number")) for i in np.flatnonzero(first != ord("{"))]
 
     def records(self) -> list[Any]:
         """Parse the block into Python objects (one orjson call)."""
@@ -360,7 +372,7 @@ class DuplicateIds:
             ``(pairs, ids)``: ``pairs[k] = (location of the first record with that id, location of
             the later one)`` in file order, and the id values of the first ``with_ids`` pairs.
         """
-        if not self.hashes:
+        if not sum(len(h) for h in self.hashes):  # nothing registered, or no record has an id
             return np.zeros((0, 2), np.int64), []
         h, loc, where = np.concatenate(self.hashes), np.concatenate(self.locs), np.concatenate(self.where)
         keys = np.concatenate([k for k, _ in self.keys])

@@ -32,6 +32,12 @@ KINDS: dict[str, Kind] = {
     ),
     "file_not_json": Kind("file", "error", "not valid JSON at the given byte offset", "re-download or fix the file"),
     "file_not_list": Kind("file", "error", "the top level is not a list of records", "use the LLaVA list format"),
+    "file_empty": Kind(
+        "file", "error", "the list holds no records (training would have 0 samples)", "check the sources"
+    ),
+    "file_compressed": Kind(
+        "file", "error", "a compressed (gzip/zip/...) file, not JSON text", "decompress it (gunzip/unzip) first"
+    ),
     "not_object": Kind("record", "error", "a list element is not a JSON object", "remove it"),
     "missing_id": Kind("record", "error", "no 'id' or an empty one", "give every record a unique id"),
     "missing_conversations": Kind(

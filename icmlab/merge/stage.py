@@ -257,6 +257,7 @@ def merge_files(
                             copy,
                         )
                         for block in _prefetch(iter_blocks(src.path, chunk_bytes)):
+                            _refuse_non_objects(src.path, block)
                             idx = np.arange(len(block))
                             if keep is not None:
                                 idx = np.flatnonzero(np.isin(block.first + idx, keep))
@@ -286,8 +287,14 @@ def merge_files(
             if durable:  # off by default: a derived file that merge re-creates; rename keeps it atomic
                 for fh in (fo, fp):
                     os.fsync(fh.fileno())
-
-    pairs, ids = dup.confirm()
+        # Every check runs before the outputs are renamed into place: a failed merge keeps the previous ones.
+        if not written:
+            counts = ", ".join(f"{s['file']}: {s['records_in']}" for s in stats)
+            raise ValueError(
+                f"merge: no records to train on ({counts}); a source file is an empty list, or every "
+                "data.sampling ratio sampled nothing: check the files and data.datasets"
+            )
+        pairs, ids = dup.confirm()
 
     def where(loc: int) -> dict:
         s = sources[loc >> 40]
@@ -333,6 +340,18 @@ def run(cfg: RunConfig) -> MergeResult:
     )
     log.info("%s", result.summary())
     return result
+
+
+def _refuse_non_objects(path: Path, block: RecordBlock) -> None:
+    """Raise naming the file and index of the first element that is not a JSON object."""
+    bad = block.non_objects()
+    if bad:
+        index, kind = bad[0]
+        more = f" ({len(bad)} such elements in this part of the file)" if len(bad) > 1 else ""
+        raise ValueError(
+            f"{path}: record {index} is a JSON {kind}, not an object{more}; a LLaVA training file is one "
+            "JSON array of {id, image, conversations} objects (a nested list must be flattened)"
+        )
 
 
 def _relative(path: Path, root: Path | None) -> str:

@@ -263,6 +263,9 @@ def validate_file(
         res.file_problems = [("file_encoding", bad_utf8) if bad_utf8 else (kind, msg)]
         return _finish(res, t0, {})
     res.num_records = len(turns)
+    if not res.num_records:
+        res.file_problems = [("file_empty", f"{path}: an empty list; re-run merge on sources that hold records")]
+        return _finish(res, t0, {})
     t_records = time.perf_counter()
     pairs, _ = dup.confirm(with_ids=0)
     for first, loc in pairs.tolist():
@@ -475,6 +478,11 @@ def run(
         provenance=paths.provenance_jsonl(cfg),
     )
     log.info("%s", res.summary())
+    if not res.file_problems and res.clean_file and not res.kept:
+        raise DataValidationError(
+            res.summary()
+            + f"\nevery record was dropped: nothing left to train on; fix the records ({res.rejects_file})"
+        )
     if res.file_problems or (cfg.data.invalid_records == "stop" and res.records_with_errors):
         raise DataValidationError(
             res.summary() + "\n(set data.invalid_records: drop to train without these records)"
