@@ -6,6 +6,7 @@ half-written file under its final name and no input file is ever modified in pla
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -99,3 +100,63 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 def dumps_pretty(obj: Any) -> str:
     """Human-readable JSON for displays and logs."""
     return json.dumps(obj, indent=2, ensure_ascii=False, default=str)
+
+
+# --------------------------------------------------------------------------- derived files and their inputs
+#: Files up to this size are hashed whole for their fingerprint; larger ones by three 1 MiB samples
+#: (head, middle, tail) plus their size, which a re-merge or re-download always changes in practice.
+_FULL_HASH_BYTES = 64 << 20
+_SAMPLE_BYTES = 1 << 20
+
+
+def file_fingerprint(path: str | os.PathLike) -> dict:
+    """Size and content hash of a file (whole up to 64 MiB, else sampled); the mtime is not used,
+    so a copy or a ``touch`` does not make the derived files stale."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= _FULL_HASH_BYTES:
+            for chunk in iter(lambda: f.read(8 << 20), b""):
+                h.update(chunk)
+        else:
+            for pos in (0, size // 2, size - _SAMPLE_BYTES):
+                f.seek(pos)
+                h.update(f.read(_SAMPLE_BYTES))
+    return {"size": size, "sha256": h.hexdigest(), "whole": size <= _FULL_HASH_BYTES}
+
+
+def inputs_stamp_path(derived: str | os.PathLike) -> Path:
+    """The sidecar recording what ``derived`` was made from: ``train.clean.json`` → ``train.clean.inputs.json``."""
+    derived = Path(derived)
+    return derived.with_name(f"{derived.stem}.inputs.json")
+
+
+def write_inputs_stamp(derived: str | os.PathLike, inputs: list[Path]) -> Path:
+    """Record the fingerprints of ``derived`` and of the files it was made from (call after writing it)."""
+    return atomic_write_json(
+        inputs_stamp_path(derived),
+        {"output": file_fingerprint(derived), "inputs": {str(p): file_fingerprint(p) for p in inputs}},
+    )
+
+
+def stale_reason(derived: str | os.PathLike) -> str | None:
+    """Why ``derived`` no longer matches its inputs (None when it does).
+
+    Stale: no stamp, ``derived`` itself changed since the stamp, an input is gone or changed.
+    """
+    derived, stamp = Path(derived), inputs_stamp_path(derived)
+    if not stamp.is_file():
+        return f"{derived.name} has no record of its inputs ({stamp.name} is missing)"
+    try:
+        recorded = read_json(stamp)
+        if file_fingerprint(derived) != recorded["output"]:
+            return f"{derived.name} changed after it was made"
+        for name, fp in recorded["inputs"].items():
+            if not Path(name).is_file():
+                return f"its input {name} is gone"
+            if file_fingerprint(name) != fp:
+                return f"its input {name} changed after {derived.name} was made from it"
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        return f"{stamp.name} is unreadable ({e})"
+    return None

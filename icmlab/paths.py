@@ -13,6 +13,7 @@ Run directory (``cfg.run_dir`` = ``runs/<run_name>``)::
 
     config.resolved.yaml env.json   NN_stage.ipynb (executed)   .markers/<stage>.json
     data/train.json (merged) data/train.provenance.jsonl data/validation.json data/train.clean.json data/rejects.jsonl
+    data/<name>.inputs.json: fingerprints of a derived file and of the inputs it was made from (``icmlab.io``)
     checkpoints/checkpoint-N/   model/ (final, native layout)   metrics.jsonl   eval/   report/
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from icmlab.config import RunConfig
+from icmlab.io import stale_reason
 
 # The file each dataset ships as (names of the upstream releases).
 DATASET_JSON = {
@@ -66,8 +68,11 @@ def rejects_jsonl(cfg: RunConfig) -> Path:
 
 
 def training_json(cfg: RunConfig) -> Path:
-    """What the train stage reads: the cleaned file when validation wrote one, else the merged file."""
-    return clean_json(cfg) if clean_json(cfg).exists() else merged_json(cfg)
+    """What the train stage reads: the cleaned file when validation wrote one from the current
+    merged file, else the merged file (the train stage refuses a stale cleaned file, see
+    :func:`icmlab.train.stage.check_training_data`)."""
+    clean = clean_json(cfg)
+    return clean if clean.exists() and stale_reason(clean) is None else merged_json(cfg)
 
 
 def checkpoints_dir(cfg: RunConfig) -> Path:

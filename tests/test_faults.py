@@ -174,6 +174,37 @@ def case_empty_list_refused_at_validate(tmp_path, capsys):
     no_traceback(out)
 
 
+# --------------------------------------------------------------------------- 1. stale derived files
+def case_train_refuses_stale_clean_file(tmp_path, capsys):
+    from icmlab import paths
+    from icmlab.config import load_run_config
+
+    p = demo_params(tmp_path, **{"data.invalid_records": "drop"})
+    sources(tmp_path, [rec(f"q{i}", i) for i in range(4)] + [rec(None, 9)], [rec("i0", 10), rec("i1", 11)])
+    assert cli(capsys, "merge", str(p))[0] == 0
+    rc, out = cli(capsys, "validate", str(p))
+    cfg = load_run_config(p)
+    assert rc == 0 and paths.training_json(cfg) == paths.clean_json(cfg), out
+    assert len(orjson.loads(paths.clean_json(cfg).read_bytes())) == 6
+    sources(tmp_path, [rec("new0", 20)], [rec("new1", 21)])  # a re-merge of 2 different records
+    assert cli(capsys, "merge", str(p))[0] == 0
+    assert paths.training_json(cfg) == paths.merged_json(cfg)
+    rc, out = cli(capsys, "train", str(p))
+    assert rc == 1 and "train.clean.json is out of date" in out and "validate" in out, out
+    no_traceback(out)
+    assert "training samples" not in out
+
+
+def case_train_refuses_merge_of_changed_sources(tmp_path, capsys):
+    p = demo_params(tmp_path)
+    sources(tmp_path, [rec("a")], [rec("b", 1)])
+    assert cli(capsys, "merge", str(p))[0] == 0
+    sources(tmp_path, [rec("a"), rec("c", 2)], [rec("b", 1)])  # a source re-downloaded, not re-merged
+    rc, out = cli(capsys, "train", str(p))
+    assert rc == 1 and "train.json is out of date" in out and "cleaned_labels.json changed" in out, out
+    no_traceback(out)
+
+
 CASES = [
     case_empty_parameters_file,
     case_duplicate_yaml_key,
@@ -187,6 +218,8 @@ CASES = [
     case_failed_merge_keeps_previous_output,
     case_empty_list_refused_at_merge,
     case_empty_list_refused_at_validate,
+    case_train_refuses_stale_clean_file,
+    case_train_refuses_merge_of_changed_sources,
 ]
 
 

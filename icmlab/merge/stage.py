@@ -46,7 +46,7 @@ import orjson
 from icmlab import paths
 from icmlab.config import RunConfig
 from icmlab.inputs.jsonscan import DEFAULT_CHUNK_BYTES, DuplicateIds, RecordBlock, count_records, iter_blocks
-from icmlab.io import atomic_path, atomic_write_json
+from icmlab.io import atomic_path, atomic_write_json, write_inputs_stamp
 from icmlab.merge.provenance import ProvenanceLines
 from icmlab.models.spec import DIALECTS
 
@@ -327,14 +327,16 @@ def run(cfg: RunConfig) -> MergeResult:
         ValueError: a source is not a JSON list of records.
     """
     token = DIALECTS[cfg.model.family]
+    srcs = merge_sources(cfg)
     result = merge_files(
-        merge_sources(cfg),
+        srcs,
         paths.merged_json(cfg),
         paths.provenance_jsonl(cfg),
         image_token=token,
         seed=cfg.seed,
         root=cfg.data.root,
     )
+    write_inputs_stamp(result.output, [s.path for s in srcs])  # train refuses it once a source changes
     atomic_write_json(
         result.summary_file, {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
     )

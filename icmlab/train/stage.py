@@ -38,7 +38,7 @@ import torch
 
 from icmlab import paths
 from icmlab.config import RunConfig, find_project_root, save_resolved
-from icmlab.io import read_json, read_jsonl
+from icmlab.io import inputs_stamp_path, read_json, read_jsonl, stale_reason
 from icmlab.models import get_family
 from icmlab.train.args import (  # noqa: F401  (re-exported: the stage's configuration helpers)
     DEEPSPEED_DIR,
@@ -117,6 +117,7 @@ def run(cfg: RunConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
         RuntimeError: a launched multi-process job failed.
     """
     _ensure_visible_logging()
+    check_training_data(cfg)  # before any rank is launched
     cfg = resolve_device(cfg)
     mode = launch_mode(cfg)
     if mode != "inprocess":
@@ -191,6 +192,22 @@ def _train_inprocess(cfg: RunConfig, callbacks: Sequence[Any]) -> TrainResult:
     finally:
         if launched:
             uninstall_sigterm_flag()
+
+
+def check_training_data(cfg: RunConfig) -> None:
+    """Refuse to train on a derived file older than its inputs (a re-merge after validate, a changed source).
+
+    Raises:
+        ValueError: naming the stale file, why it is stale and the stage to re-run.
+    """
+    merged, clean = paths.merged_json(cfg), paths.clean_json(cfg)
+    if merged.is_file() and inputs_stamp_path(merged).is_file() and (why := stale_reason(merged)):
+        raise ValueError(f"{merged} is out of date: {why}; run the merge stage again (then validate)")
+    if clean.is_file() and (why := stale_reason(clean)):
+        raise ValueError(
+            f"{clean} is out of date: {why}; run the validate stage again (icmlab validate), so that training "
+            "never reads the records of an earlier merge"
+        )
 
 
 def _train(cfg: RunConfig, callbacks: Sequence[Any], save_config: bool) -> TrainResult:

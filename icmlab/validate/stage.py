@@ -49,7 +49,7 @@ from icmlab import paths
 from icmlab.config import RunConfig
 from icmlab.inputs.jsonscan import DuplicateIds, id_value, iter_blocks
 from icmlab.inputs.lengths import LengthSetup, length_setup_for
-from icmlab.io import atomic_path, atomic_write_json, write_jsonl
+from icmlab.io import atomic_path, atomic_write_json, inputs_stamp_path, write_inputs_stamp, write_jsonl
 from icmlab.merge.provenance import read_provenance
 from icmlab.models.spec import DIALECTS
 from icmlab.validate.images import check_images
@@ -228,8 +228,8 @@ def validate_file(
         The :class:`ValidationResult`. Nothing is raised for bad data here; see :func:`run`.
     """
     t0 = time.perf_counter()
-    for p in (outputs.clean, outputs.rejects, outputs.problems):  # never leave a stale product behind
-        p.unlink(missing_ok=True)
+    for p in (outputs.clean, inputs_stamp_path(outputs.clean), outputs.rejects, outputs.problems):
+        p.unlink(missing_ok=True)  # never leave a stale product behind
     res = ValidationResult(
         input=path, report=outputs.report, problems_file=None, clean_file=None, rejects_file=None, policy=policy
     )
@@ -411,6 +411,7 @@ def _write_records(
     if drop:
         write_jsonl(out.rejects, rejects)
         res.clean_file, res.rejects_file = out.clean, out.rejects
+        write_inputs_stamp(out.clean, [path])  # train reads the clean file only while it matches its input
 
 
 def _finish(res: ValidationResult, t0: float, seconds: dict) -> ValidationResult:
