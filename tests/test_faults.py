@@ -205,6 +205,41 @@ def case_train_refuses_merge_of_changed_sources(tmp_path, capsys):
     no_traceback(out)
 
 
+# --------------------------------------------------------------------------- 9. concurrency and leftovers
+def case_second_merge_into_one_run_refused(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    p = demo_params(tmp_path)
+    sources(tmp_path, [rec("a")], [rec("b", 1)])
+    holder = (
+        "import sys; from icmlab.config import load_run_config; from icmlab.rundir import run_dir_lock\n"
+        f"with run_dir_lock(load_run_config({str(p)!r}), 'merge'):\n"
+        "    print('held', flush=True); sys.stdin.read()"
+    )
+    other = subprocess.Popen([sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        rc, out = cli(capsys, "merge", str(p))
+        assert rc == 1 and f"in use by the merge stage (pid {other.pid}" in out, out
+        assert not (run_data(tmp_path) / "train.json").exists()
+    finally:
+        other.communicate("")
+    assert cli(capsys, "merge", str(p))[0] == 0  # released when the holder ends
+
+
+def case_leftover_tmp_files_removed(tmp_path, capsys):
+    p = demo_params(tmp_path)
+    sources(tmp_path, [rec("a")], [rec("b", 1)])
+    left = run_data(tmp_path) / ".train.json.k2x9_q0a.tmp"  # what kill -9 mid-merge leaves
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"[" * 100_000)
+    mine = run_data(tmp_path) / "notes.tmp"
+    mine.write_text("the user's")
+    assert cli(capsys, "merge", str(p))[0] == 0
+    assert not left.exists() and mine.read_text() == "the user's"
+
+
 CASES = [
     case_empty_parameters_file,
     case_duplicate_yaml_key,
@@ -220,6 +255,8 @@ CASES = [
     case_empty_list_refused_at_validate,
     case_train_refuses_stale_clean_file,
     case_train_refuses_merge_of_changed_sources,
+    case_second_merge_into_one_run_refused,
+    case_leftover_tmp_files_removed,
 ]
 
 

@@ -49,6 +49,7 @@ from icmlab.inputs.jsonscan import DEFAULT_CHUNK_BYTES, DuplicateIds, RecordBloc
 from icmlab.io import atomic_path, atomic_write_json, write_inputs_stamp
 from icmlab.merge.provenance import ProvenanceLines
 from icmlab.models.spec import DIALECTS
+from icmlab.rundir import run_dir_lock
 
 log = logging.getLogger("icmlab.merge.stage")
 
@@ -325,7 +326,13 @@ def run(cfg: RunConfig) -> MergeResult:
     Raises:
         FileNotFoundError: a source file is missing.
         ValueError: a source is not a JSON list of records.
+        RunDirBusy: another process is writing into the run directory.
     """
+    with run_dir_lock(cfg, "merge"):
+        return _run(cfg)
+
+
+def _run(cfg: RunConfig) -> MergeResult:
     token = DIALECTS[cfg.model.family]
     srcs = merge_sources(cfg)
     result = merge_files(

@@ -40,6 +40,7 @@ from icmlab import paths
 from icmlab.config import RunConfig, find_project_root, save_resolved
 from icmlab.io import inputs_stamp_path, read_json, read_jsonl, stale_reason
 from icmlab.models import get_family
+from icmlab.rundir import run_dir_lock
 from icmlab.train.args import (  # noqa: F401  (re-exported: the stage's configuration helpers)
     DEEPSPEED_DIR,
     batch_message,
@@ -117,12 +118,16 @@ def run(cfg: RunConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
         RuntimeError: a launched multi-process job failed.
     """
     _ensure_visible_logging()
-    check_training_data(cfg)  # before any rank is launched
-    cfg = resolve_device(cfg)
-    mode = launch_mode(cfg)
-    if mode != "inprocess":
-        return _run_launched(cfg, mode, callbacks)
-    return _train_inprocess(cfg, callbacks)
+    # One writer per run directory; the ranks it launches inherit the lock, and the per-node
+    # launchers of a multi-node job share it by design.
+    multi_node = cfg.hardware.num_nodes > 1 or is_launched_worker()
+    with contextlib.nullcontext() if multi_node else run_dir_lock(cfg, "train"):
+        check_training_data(cfg)  # before any rank is launched
+        cfg = resolve_device(cfg)
+        mode = launch_mode(cfg)
+        if mode != "inprocess":
+            return _run_launched(cfg, mode, callbacks)
+        return _train_inprocess(cfg, callbacks)
 
 
 def _ensure_visible_logging() -> None:

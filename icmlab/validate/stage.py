@@ -52,6 +52,7 @@ from icmlab.inputs.lengths import LengthSetup, length_setup_for
 from icmlab.io import atomic_path, atomic_write_json, inputs_stamp_path, write_inputs_stamp, write_jsonl
 from icmlab.merge.provenance import read_provenance
 from icmlab.models.spec import DIALECTS
+from icmlab.rundir import run_dir_lock
 from icmlab.validate.images import check_images
 from icmlab.validate.records import KINDS, check_file, record_pass, utf8_error
 
@@ -462,6 +463,11 @@ def run(
         DataValidationError: the file is unusable, or (``stop`` policy) records have errors; the
             message is the report summary. Under ``drop`` only an unusable file raises.
     """
+    with run_dir_lock(cfg, "validate"):
+        return _run(cfg, images, workers, length_sample)
+
+
+def _run(cfg: RunConfig, images: str, workers: int | None, length_sample: int) -> ValidationResult:
     setup, reason = length_setup_for(cfg)
     if setup is None:
         log.warning("length check skipped: %s", reason)
