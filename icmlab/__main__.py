@@ -23,6 +23,7 @@ import os
 import sys
 
 from icmlab.config import ConfigError, load_run_config
+from icmlab.redact import install_log_redaction, redact_text
 
 # Subcommand -> module whose run(cfg) implements it (litgpt-style table; no branching on names).
 STAGE_MODULES = {
@@ -117,10 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    install_log_redaction()  # no token, signed URL or credentials in a log line
     try:
         cfg = load_run_config(args.params, _overrides(args.overrides))
     except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(redact_text(f"error: {e}"), file=sys.stderr)
         return 2
     if args.command == "run":
         from icmlab.runner import StageFailed, StageInterrupted, run_pipeline
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"interrupted: {e}", file=sys.stderr)
             return 143
         except (StageFailed, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(redact_text(f"error: {e}"), file=sys.stderr)
             return 1
         print(result.summary())
         print(f"\nexecuted notebooks: {result.run_dir}")
@@ -143,15 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(STAGE_MODULES[args.command])
     try:
         if args.command == "download" and args.dry_run:
-            print(module.format_plan(module.plan(cfg)))
+            print(redact_text(module.format_plan(module.plan(cfg))))
             return 0
         result = module.run(cfg)
     except (OSError, RuntimeError, ValueError) as e:  # user-facing failures: message, no traceback
         logging.getLogger("icmlab").debug("stage failed", exc_info=True)
-        print(f"error: {args.command}: {e}", file=sys.stderr)
+        print(redact_text(f"error: {args.command}: {e}"), file=sys.stderr)
         return 1
     text = getattr(result, "summary", None) or getattr(result, "table", None)
-    print(text() if callable(text) else result)
+    print(redact_text(str(text() if callable(text) else result)))
     # A training job stopped by SIGTERM saved a checkpoint but is not finished: 128 + SIGTERM, so
     # launchers and schedulers see it as interrupted (a rerun resumes). A rank of a job that
     # icmlab launched exits 0 instead, so that the deepspeed/torchrun launcher does not tear the

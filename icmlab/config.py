@@ -24,6 +24,7 @@ import yaml
 
 from icmlab.io import atomic_write_text
 from icmlab.models.spec import family_spec
+from icmlab.redact import install_log_redaction, redact, remember_secrets, restore_secrets
 from icmlab.typed_yaml import YamlFileError, apply_override, build_dataclass, deepcopy_plain, load_yaml_file, to_plain
 
 ModelFamily = Literal["llava15", "mplug_owl2"]
@@ -339,6 +340,7 @@ def config_from_dict(
     where = str(source) if source else "<config>"
     data = deepcopy_plain(raw)
     data.pop("source_file", None)
+    restore_secrets(data)  # a config.resolved.yaml written by this process or its parent
     errors: list[str] = []
     for key, value in (overrides or {}).items():
         apply_override(data, key, value, errors)
@@ -360,6 +362,7 @@ def load_notebook_config(params_file: str, overrides: dict | None, namespace: di
     are present in ``namespace`` they are used (with ``params_file`` ignored), otherwise ``params_file``
     is loaded. Either way the same validation runs.
     """
+    install_log_redaction()  # the executed notebooks keep their log lines: no secret in them
     sections = {f.name for f in fields(RunConfig)} - {"source_file"}
     injected = {k: namespace[k] for k in sections if k in namespace}
     if injected:
@@ -371,7 +374,9 @@ def save_resolved(cfg: RunConfig, path: Path | None = None) -> Path:
     """Write the resolved config as YAML (``<run_dir>/config.resolved.yaml`` by default), atomically."""
     path = path or cfg.run_dir / "config.resolved.yaml"
     header = f"# resolved from {cfg.source_file}\n" if cfg.source_file else ""
-    return atomic_write_text(path, header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    plain = cfg.to_dict()
+    remember_secrets(plain)  # the masked values reach the processes this one starts through the environment
+    return atomic_write_text(path, header + yaml.safe_dump(redact(plain), sort_keys=False))
 
 
 def find_project_root(start: Path | None = None) -> Path:

@@ -9,6 +9,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from icmlab.config import RunConfig
+from icmlab.redact import redact
 
 
 class HTML(str):
@@ -40,7 +41,7 @@ def figure_png(fig: Any, dpi: int = 110) -> bytes:
 
 def config_text(cfg: RunConfig) -> str:
     """The resolved config as YAML text, as saved in the run directory."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False)
 
 
 def show_config(cfg: RunConfig) -> None:

@@ -10,6 +10,7 @@ To add a case: write ``case_<name>`` and append it to ``CASES``.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import orjson
@@ -240,6 +241,64 @@ def case_leftover_tmp_files_removed(tmp_path, capsys):
     assert not left.exists() and mine.read_text() == "the user's"
 
 
+# --------------------------------------------------------------------------- 8. secrets
+SIGNED = "?X-Amz-Credential=AKIAFAKE%2F20260101&X-Amz-Signature=0123456789abcdef"
+
+
+class Lines(logging.Handler):
+    """Every log line of the case, formatted."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+def files_text(folder: Path) -> str:
+    return "\n".join(p.read_bytes().decode("utf-8", "replace") for p in folder.rglob("*") if p.is_file())
+
+
+def case_presigned_url_signature_never_recorded(tmp_path, capsys):
+    from fakeservers import FileServer
+    from test_download import recipe, serve_recipe_data
+
+    logs = Lines()
+    logging.getLogger().addHandler(logs)
+    try:
+        with FileServer() as server:
+            srcs = {k: v + SIGNED for k, v in serve_recipe_data(server).items()}
+            p = params(tmp_path, yaml.safe_dump(recipe(tmp_path, srcs)))
+            rc, plan = cli(capsys, "download", str(p), "--dry-run")
+            assert rc == 0 and "0123456789abcdef" not in plan and "?***" in plan, plan
+            rc, out = cli(capsys, "download", str(p))
+            assert rc == 0, out
+            gone = params(
+                tmp_path, yaml.safe_dump(recipe(tmp_path, {**srcs, "qbench_dev_json": server.url("/x") + SIGNED}))
+            )
+            rc, err = cli(capsys, "download", str(gone))
+            assert rc == 1 and "404" in err, err
+    finally:
+        logging.getLogger().removeHandler(logs)
+    assert (tmp_path / "data" / "cleaned_labels.json").is_file()
+    for text in (out, err, "\n".join(logs.lines), files_text(tmp_path / "data")):
+        assert "0123456789abcdef" not in text and "AKIAFAKE" not in text
+
+
+def case_endpoint_credentials_never_recorded(tmp_path, capsys):
+    from icmlab.config import load_notebook_config, load_run_config, save_resolved
+    from icmlab.display import config_text
+
+    endpoint = "https://alice:hunter2-pass@mirror.example.org/hf"
+    cfg = load_run_config(demo_params(tmp_path, **{"download.endpoint": endpoint}))
+    resolved = save_resolved(cfg)
+    assert "hunter2" not in resolved.read_text() and "https://***@mirror.example.org/hf" in resolved.read_text()
+    assert "hunter2" not in config_text(cfg)
+    # the notebooks and the training ranks load the masked file and still reach the mirror
+    assert load_notebook_config(str(resolved), {}, {}).download.endpoint == endpoint
+
+
 CASES = [
     case_empty_parameters_file,
     case_duplicate_yaml_key,
@@ -257,6 +316,8 @@ CASES = [
     case_train_refuses_merge_of_changed_sources,
     case_second_merge_into_one_run_refused,
     case_leftover_tmp_files_removed,
+    case_presigned_url_signature_never_recorded,
+    case_endpoint_credentials_never_recorded,
 ]
 
 

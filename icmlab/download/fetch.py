@@ -40,6 +40,7 @@ from typing import BinaryIO
 from tqdm.auto import tqdm
 
 from icmlab.io import atomic_write_json
+from icmlab.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +263,7 @@ def fetch_url(
     dest.parent.mkdir(parents=True, exist_ok=True)
     part, meta = dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".part.json")
     state = _read_meta(meta)
-    if part.exists() and state.get("url") != url:
+    if part.exists() and state.get("url_sha256") != _url_hash(url):
         part.unlink()  # a partial file from another URL cannot be resumed
     offset = part.stat().st_size if part.exists() else 0
     if size is not None and offset > size:
@@ -378,7 +379,10 @@ def _transfer(
         ctype = headers.get("content-type", "").split(";")[0].strip().lower()
         if not allow_html and offset == 0 and ctype in ("text/html", "application/xhtml+xml"):
             raise HTMLInsteadOfData(html_message(final_url or url, what))
-        atomic_write_json(meta, {"url": url, "validator": _validator(headers)})
+        # The URL masked, and its hash to recognise it: no signature or credentials on disk.
+        atomic_write_json(
+            meta, {"url": redact_text(url), "url_sha256": _url_hash(url), "validator": _validator(headers)}
+        )
         with open(part, "r+b" if offset else "wb") as f:
             f.seek(offset)
             f.truncate()
@@ -420,6 +424,10 @@ def _hash_prefix(part: Path, offset: int, hasher) -> None:
         while left and (chunk := f.read(min(CHUNK, left))):
             hasher.update(chunk)
             left -= len(chunk)
+
+
+def _url_hash(url: str) -> str:
+    return hashlib.sha256(url.encode()).hexdigest()
 
 
 def _read_meta(meta: Path) -> dict:

@@ -45,6 +45,7 @@ from icmlab.download.fetch import (
 )
 from icmlab.download.hub import fetch_hf_file, fetch_hf_snapshot
 from icmlab.io import atomic_write_json, read_json
+from icmlab.redact import redact, redact_text
 
 STATE = paths.DOWNLOAD_STATE
 """State folder under the data root: ``done/`` markers, ``downloads/`` (plain URLs), ``staging/``."""
@@ -71,7 +72,7 @@ def _fingerprint(src: Source) -> str:
     """What makes a completed source still valid: its origin and how it was laid out."""
     return json.dumps(
         {
-            "origin": src.origin,
+            "origin": redact_text(src.origin),  # a new signature of the same pre-signed URL is the same origin
             "sha256": src.sha256,
             "size": src.size,
             "kind": src.kind,
@@ -157,18 +158,18 @@ def run_source(ctx: SourceContext, src: Source) -> ItemOutcome:
             "failed",
             0,
             time.monotonic() - t0,
-            f"{src.name}: {e}{hint} If you already have the file, set data.sources.{src.name}: "
+            redact_text(f"{src.name}: {e}{hint}") + f" If you already have the file, set data.sources.{src.name}: "
             f"/path/to/{Path(src.hf_file or src.url or src.name).name} (or --set "
             f"data.sources.{src.name}=...).",
         )
     except (FetchError, ArchiveError, OSError, ValueError) as e:
-        return ItemOutcome(src.name, "failed", 0, time.monotonic() - t0, f"{src.name}: {e}")
+        return ItemOutcome(src.name, "failed", 0, time.monotonic() - t0, redact_text(f"{src.name}: {e}"))
     record |= {
         "fingerprint": _fingerprint(src),
-        "origin": src.origin,
+        "origin": redact_text(src.origin),
         "completed": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    atomic_write_json(marker_path(ctx.cfg, src.name), record)  # written last: the source is complete
+    atomic_write_json(marker_path(ctx.cfg, src.name), redact(record))  # written last: the source is complete
     return ItemOutcome(src.name, "fetched", moved, time.monotonic() - t0)
 
 

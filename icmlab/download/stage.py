@@ -62,6 +62,7 @@ from icmlab.download.tables import (  # noqa: F401  (format_plan, plan_html: re-
     text_table,
 )
 from icmlab.io import atomic_write_json
+from icmlab.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +327,7 @@ def _plan_item(cfg: RunConfig, need: Need) -> PlannedItem:
         src.name,
         src.title,
         src.kind,
-        src.origin,
+        redact_text(src.origin),  # plan tables and the dry run never show a signature or credentials
         size,
         src.size is not None,
         target,
