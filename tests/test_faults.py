@@ -299,6 +299,46 @@ def case_endpoint_credentials_never_recorded(tmp_path, capsys):
     assert load_notebook_config(str(resolved), {}, {}).download.endpoint == endpoint
 
 
+# --------------------------------------------------------------------------- 3. download and the user's data
+def case_changed_source_location_keeps_verified_file(tmp_path, capsys):
+    from fakeservers import FileServer
+    from test_download import recipe, serve_recipe_data
+
+    labels = tmp_path / "data" / "cleaned_labels.json"
+    with FileServer() as server:
+        srcs = serve_recipe_data(server)
+        assert cli(capsys, "download", str(params(tmp_path, yaml.safe_dump(recipe(tmp_path, srcs)))))[0] == 0
+        first = labels.read_bytes()
+        page = server.add("/moved/cleaned_labels.json", b"<!doctype html><html>login</html>", content_type="text/html")
+        p = params(tmp_path, yaml.safe_dump(recipe(tmp_path, {**srcs, "q_instruct_labels": page})))
+        rc, out = cli(capsys, "download", str(p))
+        assert rc == 1 and "HTML" in out, out
+        assert labels.read_bytes() == first  # the verified file stays until a new one verifies
+        new = orjson.dumps([rec("n")])
+        good = server.add("/v2/cleaned_labels.json", new)
+        p = params(tmp_path, yaml.safe_dump(recipe(tmp_path, {**srcs, "q_instruct_labels": good})))
+        assert cli(capsys, "download", str(p))[0] == 0 and labels.read_bytes() == new
+
+
+def case_users_file_at_target_not_overwritten(tmp_path, capsys):
+    import hashlib
+
+    from fakeservers import FileServer
+    from test_download import recipe, serve_recipe_data
+
+    mine = tmp_path / "data" / "cleaned_labels.json"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(orjson.dumps([rec("my own")]))
+    with FileServer() as server:
+        srcs = serve_recipe_data(server)
+        body = server.routes["/qi/cleaned_labels.json"].body
+        srcs["q_instruct_labels"] += f"#sha256={hashlib.sha256(body).hexdigest()}"
+        rc, out = cli(capsys, "download", str(params(tmp_path, yaml.safe_dump(recipe(tmp_path, srcs)))))
+    assert rc == 1 and f"{mine} is already there" in out and "left untouched" in out, out
+    assert mine.read_bytes() == orjson.dumps([rec("my own")])
+    no_traceback(out)
+
+
 CASES = [
     case_empty_parameters_file,
     case_duplicate_yaml_key,
@@ -318,6 +358,8 @@ CASES = [
     case_leftover_tmp_files_removed,
     case_presigned_url_signature_never_recorded,
     case_endpoint_credentials_never_recorded,
+    case_changed_source_location_keeps_verified_file,
+    case_users_file_at_target_not_overwritten,
 ]
 
 

@@ -226,6 +226,7 @@ def fetch_url(
     what: str | None = None,
     progress: bool = True,
     cancel: threading.Event | None = None,
+    replace_other: bool = False,
 ) -> FetchResult:
     """Download ``url`` to ``dest``: resumable, retried, verified, atomic.
 
@@ -241,6 +242,9 @@ def fetch_url(
         what: the file's description for messages (default: its name).
         progress: show a tqdm progress bar.
         cancel: when set (Ctrl-C in the stage), stop after the current chunk; the partial file is kept.
+        replace_other: ``dest`` is icmlab's own (its download state): another version found there is
+            replaced. Otherwise a file at ``dest`` that does not verify is someone's: it is left untouched
+            and :class:`FetchError` says so.
 
     Returns:
         A :class:`FetchResult`; ``transferred`` counts only the bytes moved by this call.
@@ -258,7 +262,12 @@ def fetch_url(
             if sha256:
                 verify_file(dest, size, sha256, what=str(dest))
             return FetchResult(dest, dest.stat().st_size, sha256.lower() if sha256 else None)
-        except ChecksumError:  # ... of another version of the file: fetch this one
+        except ChecksumError as e:  # ... of another version of the file
+            if not replace_other:
+                raise FetchError(
+                    f"{dest} is already there and is not the expected file ({e}); it was left untouched: "
+                    "move it away to download the expected one, or point data.sources at it to use it"
+                ) from None
             dest.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
     part, meta = dest.with_name(dest.name + ".part"), dest.with_name(dest.name + ".part.json")

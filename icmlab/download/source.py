@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import shutil
 import threading
 import time
@@ -34,6 +36,7 @@ from icmlab.download.catalog import Catalog, Source, count_files
 from icmlab.download.extract import ArchiveError, convert_images_to_jpg, copy_tree, extract_archive, place_file
 from icmlab.download.fetch import (
     AuthError,
+    ChecksumError,
     FetchError,
     HTMLInsteadOfData,
     NotFoundError,
@@ -46,6 +49,8 @@ from icmlab.download.fetch import (
 from icmlab.download.hub import fetch_hf_file, fetch_hf_snapshot
 from icmlab.io import atomic_write_json, read_json
 from icmlab.redact import redact, redact_text
+
+log = logging.getLogger("icmlab.download")
 
 STATE = paths.DOWNLOAD_STATE
 """State folder under the data root: ``done/`` markers, ``downloads/`` (plain URLs), ``staging/``."""
@@ -193,12 +198,12 @@ def _process(ctx: SourceContext, src: Source) -> tuple[int, dict]:
             place_file(loc, target, link=False)
         return 0, {"path": str(target), "source": str(loc)}
     if src.kind == "file":
-        if overwrite:
-            target.unlink(missing_ok=True)  # the previous version of this source's file
         if src.location or src.url:
             if loc is not None and not loc.is_file():
                 raise FileNotFoundError(f"data.sources.{src.name}: {loc} is not a file")
-            return fetch_url(src.location or src.url, target, **_fetch_kw(ctx, src)).transferred, {"path": str(target)}
+            return _fetch_file(ctx, src, target, loc, ours=overwrite), {"path": str(target)}
+        if _users_file(src, target, _fetch_kw(ctx, src), ours=overwrite):
+            return 0, {"path": str(target)}
         moved, path = _hf_file(ctx, src)
         place_file(path, target, link=True)
         return moved, {"path": str(target)}
@@ -239,6 +244,45 @@ def _process(ctx: SourceContext, src: Source) -> tuple[int, dict]:
     if ours:
         archive.unlink()  # our verified download is extracted: the completion record stands for it now
     return moved, {"counts": counts, "archive": str(archive)}
+
+
+def _fetch_file(ctx: SourceContext, src: Source, target: Path, loc: Path | None, *, ours: bool) -> int:
+    """A single-file source from a URL or a local file: fetched into the download state, verified, then
+    renamed onto ``target``. Returns the bytes moved.
+
+    ``ours``: ``target`` is this source's earlier version (its marker says so); it stays in place until
+    the new one is verified, so a failed fetch (a moved URL now answering HTML) keeps it.
+    """
+    kw = _fetch_kw(ctx, src)
+    if loc is not None and target.exists() and loc.resolve() == target.resolve():
+        verify_file(target, kw["size"], kw["sha256"], what=f"{src.name} ({target})")
+        return 0
+    if _users_file(src, target, kw, ours=ours):
+        return 0
+    staged = download_path(ctx.cfg, src, src.location or src.url)
+    moved = fetch_url(src.location or src.url, staged, replace_other=True, **kw).transferred
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, target)  # the previous version stayed in place until this one verified
+    return moved
+
+
+def _users_file(src: Source, target: Path, kw: dict, *, ours: bool) -> bool:
+    """Whether a file the user placed at ``target`` is used as the source's file (it verifies).
+
+    Raises:
+        FetchError: it does not verify; it is never replaced, the message says what to do.
+    """
+    if ours or not target.exists():
+        return False
+    try:
+        verify_file(target, kw["size"], kw["sha256"], what=str(target))
+    except ChecksumError as e:
+        raise FetchError(
+            f"{target} is already there and is not {src.name}'s file ({e}); it was left untouched: move "
+            f"it away to download {src.name}, or set data.sources.{src.name}: {target} to use it as it is"
+        ) from None
+    log.info("%s: using the file already at %s", src.name, target)
+    return True
 
 
 def _hf_call(ctx: SourceContext, src: Source, call):
@@ -300,7 +344,8 @@ def _get_archive(ctx: SourceContext, src: Source, loc: Path | None) -> tuple[Pat
         return loc, 0, False
     if src.location or src.url:
         dest = download_path(ctx.cfg, src, src.location or src.url)
-        return dest, fetch_url(src.location or src.url, dest, **_fetch_kw(ctx, src)).transferred, True
+        moved = fetch_url(src.location or src.url, dest, replace_other=True, **_fetch_kw(ctx, src)).transferred
+        return dest, moved, True
     moved, path = _hf_file(ctx, src)
     return path, moved, False
 
