@@ -178,16 +178,26 @@ class TrainConfig:
     """Hub repo id to push the final model to (None = don't)."""
 
 
+BENCHMARKS = ("qbench_a1", "moderation", "icm_test", "mqa", "meq")
+"""The evaluate stage's benchmarks (``eval.benchmarks``)."""
+
+
 @dataclass
 class EvalConfig:
     benchmarks: list[str] = field(default_factory=lambda: ["qbench_a1"])
-    """Any of ``qbench_a1`` (LLVisionQA multiple choice) and ``moderation`` (ICM yes/no)."""
+    """Any of ``qbench_a1`` (LLVisionQA multiple choice), ``moderation`` (ICM-Val yes/no), ``icm_test``
+    (ICM-Test yes/no per subset), ``mqa`` (ICM moderation question answering) and ``meq`` (ICM
+    explanation quality, judged by ``eval.judge_url``)."""
     split: Literal["dev", "test"] = "dev"
     """Q-Bench split (test needs non-public answers)."""
     batch_size: int = 8
     """Generation batch (left padding)."""
-    max_new_tokens: int = 16
-    """Greedy decoding length."""
+    max_new_tokens: int | None = None
+    """Greedy decoding length; None = the protocol's (upstream 1024 LLaVA / 512 mPLUG-Owl2, demo 16)."""
+    protocol: Literal["auto", "upstream", "demo"] = "auto"
+    """How questions become inputs (:mod:`icmlab.evaluate.protocol`): ``upstream`` = Q-Instruct's eval
+    scripts (resize + centre crop, their prompt strings and budgets); ``demo`` = the embedded demo's
+    own; ``auto`` = ``demo`` when ``demo.enabled``, else ``upstream``."""
     limit: int | None = None
     """Evaluate only the first N items of each set (None = all)."""
     baseline: bool = True
@@ -200,6 +210,17 @@ class EvalConfig:
     moderation_question: str | None = None
     """Question asked when the moderation items are built from ``val/<category>/`` folders (the real
     ICM-Val); None = the ICM authors' "Is the picture sexy?"."""
+    explanation_question: str = "Is the picture sexy? Please explain why."
+    """MEQ question when explanation items are built from ``val_MEQ/<category>/`` folders."""
+    explanation_max_new_tokens: int = 512
+    """Decoding budget of MEQ explanations (free text, unlike the letter/yes-no answers)."""
+    judge_url: str | None = None
+    """OpenAI-compatible endpoint judging MEQ, up to ``/v1`` (e.g. ``https://api.openai.com/v1``); None =
+    explanations are generated and saved but not judged."""
+    judge_model: str = "gpt-4o-mini"
+    """Judge model name sent to ``judge_url``."""
+    judge_key_env: str = "ICMLAB_JUDGE_KEY"
+    """Environment variable holding the judge's API key (read at run time, never recorded)."""
     controls: list[str] = field(default_factory=list)
     """Control runs on the fine-tuned model: ``blank`` (grey images) and/or ``shuffled`` (images permuted between questions)."""
 
@@ -454,8 +475,8 @@ def validate(cfg: RunConfig) -> list[str]:
     if t.lora.enabled and (t.lora.r < 1 or t.lora.alpha < 1):
         e.append("train.lora.r / train.lora.alpha: must be >= 1")
     for b in cfg.eval.benchmarks:
-        if b not in ("qbench_a1", "moderation"):
-            e.append(f"eval.benchmarks: unknown benchmark {b!r}; allowed: qbench_a1, moderation")
+        if b not in BENCHMARKS:
+            e.append(f"eval.benchmarks: unknown benchmark {b!r}; allowed: {', '.join(BENCHMARKS)}")
     for c in cfg.eval.controls:
         if c not in ("blank", "shuffled"):
             e.append(f"eval.controls: unknown control {c!r}; allowed: blank, shuffled")

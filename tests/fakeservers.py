@@ -67,6 +67,9 @@ class _Base:
             def do_HEAD(self) -> None:
                 server._dispatch(self, "HEAD")
 
+            def do_POST(self) -> None:
+                server._dispatch(self, "POST")
+
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -310,3 +313,52 @@ class FakeHub(_Base):
                     entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
                 body.append(entry)
         self.send(h, method, rec, 200, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+
+class FakeJudge(_Base):
+    """An OpenAI-compatible ``POST /v1/chat/completions`` on 127.0.0.1 that judges explanations.
+
+    It reads the two descriptions out of the ICM-Assistant-style prompt and answers the
+    ``Criteria | Score`` table with word-overlap scores (Accuracy = Jaccard, Preciseness = share of
+    the candidate's words in the reference, Comprehensiveness = share of the reference's words in
+    the candidate, Fluency = 100 for a non-empty candidate). ``requests`` logs each request's
+    ``auth`` header, JSON ``body`` and the ``scores`` it answered; ``fail_times`` answers 503 first.
+    """
+
+    def __init__(self, fail_times: int = 0) -> None:
+        self.fail_times = fail_times
+        super().__init__()
+
+    def handle(self, h, method, rec) -> None:
+        rec["body"] = json.loads(h.rfile.read(int(h.headers.get("Content-Length", 0))) or b"{}")
+        rec["scores"] = None
+        headers = {"Content-Type": "application/json"}
+        if self.fail_times > 0:
+            self.fail_times -= 1
+            return self.send(h, method, rec, 503, b'{"error": "busy"}', headers)
+        if method != "POST" or h.path != "/v1/chat/completions":
+            return self.send(h, method, rec, 404, b'{"error": "not found"}', headers)
+        rec["scores"] = self.score(rec["body"]["messages"][-1]["content"])
+        table = "| Criteria | Score |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rec["scores"].items())
+        reply = {"choices": [{"message": {"role": "assistant", "content": table}}]}
+        self.send(h, method, rec, 200, json.dumps(reply).encode(), headers)
+
+    @staticmethod
+    def score(prompt: str) -> dict[str, int]:
+        """The verdict for one prompt (word overlap of the two descriptions)."""
+        ref = re.search(r"Real person's description: (.*?)\n\nAlgorithm's description: ", prompt, re.S)
+        cand = prompt.split("Algorithm's description: ")[-1]
+        words_ref = set(re.findall(r"[a-z]+", (ref.group(1) if ref else "").lower()))
+        words_cand = set(re.findall(r"[a-z]+", cand.lower()))
+        both = words_ref & words_cand
+        return {
+            "Accuracy": round(100 * len(both) / max(1, len(words_ref | words_cand))),
+            "Preciseness": round(100 * len(both) / max(1, len(words_cand))),
+            "Comprehensiveness": round(100 * len(both) / max(1, len(words_ref))),
+            "Fluency": 100 if words_cand else 0,
+        }
+
+    @property
+    def url(self) -> str:  # type: ignore[override]
+        """Base URL up to ``/v1``."""
+        return self.base + "/v1"

@@ -102,7 +102,7 @@ def _cells(page: str, row_label: str) -> list[str]:
 def test_files_exist_and_pngs_decode(report):
     out, path, _ = report
     assert path == out / "report.html"
-    for name in ("qbench_strict", "qbench_substring", "moderation_confusion", "controls"):
+    for name in ("qbench_strict", "qbench_substring", "qbench_exact", "moderation_confusion", "controls"):
         png = out / f"{name}.png"
         with Image.open(png) as im:
             im.verify()
@@ -114,29 +114,46 @@ def test_files_exist_and_pngs_decode(report):
 def test_html_embeds_the_figures(report):
     out, _, page = report
     srcs = re.findall(r'<img class="fig" alt="([^"]+)" src="data:image/png;base64,([^"]+)"', page)
-    assert {alt for alt, _ in srcs} == {"qbench_strict", "qbench_substring", "moderation_confusion", "controls"}
+    assert {alt for alt, _ in srcs} == {
+        "qbench_strict",
+        "qbench_substring",
+        "qbench_exact",
+        "moderation_confusion",
+        "controls",
+    }
     for alt, b64 in srcs:
         assert base64.b64decode(b64) == (out / f"{alt}.png").read_bytes()
     assert not re.search(r'src="(?!data:)', page)  # self-contained: nothing loaded from elsewhere
 
 
+def _acc(cell: str) -> str:
+    """The accuracy of a "40.00 [11.8, 76.9]" cell."""
+    return cell.split(" [")[0]
+
+
 def test_html_shows_the_input_numbers(report):
     _, _, page = report
-    # the strict table comes first, then the substring one: the same row labels appear in both
-    strict = page[page.index("Q-Bench A1, strict") :]
+    # the strict table comes first, then the substring and exact ones: the same row labels appear in all
+    strict = page[page.index("Q-Bench A1, scorer: strict") :]
     strict_base = _cells(strict, "baseline")
-    assert strict_base[-2] == "40.00" and strict_base[-1] == "1"  # overall; unparsed: "I cannot tell"
-    assert strict_base[0] == "50.00"  # Yes/No, see test_yes_no_column_by_hand
-    substring_part = page[page.index("Q-Bench A1, substring") :]
-    assert _cells(substring_part, "baseline")[-2] == "60.00"
-    assert _cells(strict, "fine-tuned")[-2] == "100.00"
+    assert _acc(strict_base[-2]) == "40.00" and strict_base[-1] == "1"  # overall; unparsed: "I cannot tell"
+    assert _acc(strict_base[0]) == "50.00"  # Yes/No, see test_yes_no_column_by_hand
+    substring_part = page[page.index("Q-Bench A1, scorer: Q-Instruct substring") :]
+    assert _acc(_cells(substring_part, "baseline")[-2]) == "60.00"
+    exact_part = page[page.index("Q-Bench A1, scorer: VLMEvalKit-style exact") :]
+    assert _acc(_cells(exact_part, "fine-tuned")[-2]) == "100.00"  # B, B., (A), A, A are all exact
+    assert _acc(_cells(strict, "fine-tuned")[-2]) == "100.00"
     assert _cells(strict, "Δ fine-tuned vs baseline")[-2:] == ["+60.00", ""]
-    assert _cells(strict, "fine-tuned · blank")[-2] == "60.00"
+    assert _cells(strict, "Δ fine-tuned vs fine-tuned · blank")[-2:] == ["+40.00", ""]
+    assert _acc(_cells(strict, "fine-tuned · blank")[-2]) == "60.00"
     assert _cells(strict, "items") == ["2", "2", "1", "2", "1", "1", "1", "5", ""]
-    # moderation: n, accuracy, precision, recall, F1, TP, FP, FN, TN, unknown
-    mod = page[page.index("<h2>Moderation</h2>") :]
-    assert _cells(mod, "baseline") == ["4", "50.00", "50.00", "50.00", "50.00", "1", "1", "0", "1", "1"]
-    assert _cells(mod, "fine-tuned")[:2] == ["4", "100.00"]
+    # the controls sit right after the baseline, before the fine-tuned row
+    assert strict.index("<td>fine-tuned · blank</td>") < strict.index("<td>fine-tuned</td>")
+    # moderation: n, accuracy [CI], precision, recall, F1, TP, FP, FN, TN, unknown
+    mod = page[page.index("<h2>ICM-Val moderation</h2>") :]
+    cells = _cells(mod, "baseline")
+    assert [cells[0], _acc(cells[1])] + cells[2:] == ["4", "50.00", "50.00", "50.00", "50.00", "1", "1", "0", "1", "1"]
+    assert [_cells(mod, "fine-tuned")[0], _acc(_cells(mod, "fine-tuned")[1])] == ["4", "100.00"]
     assert "tiny &lt;eval&gt;" in page and "llava-1.5-7b" in page
 
 
@@ -157,7 +174,7 @@ def test_gallery(report, evaluations, images):
     assert g0.predictions == {"baseline": "A. Yes, but B", "fine-tuned": "B"}
     assert g0.correct == {"baseline": False, "fine-tuned": True}
     assert "Is the image &lt;b&gt;clear&lt;/b&gt;?" in page  # question text escaped
-    assert page.count('class="card"') == 3 and page.count("data:image/png;base64,") == 4 + 3
+    assert page.count('alt="example image"') == 3 and page.count("data:image/png;base64,") == 5 + 3
     assert "✓" in page and "✗" in page
     mod = gallery_from_records(MOD_ITEMS, images[:4], evaluations, task="moderation", n=10)
     assert len(mod) == 4 and {g.reference for g in mod} == {"yes", "no"}
@@ -169,13 +186,13 @@ def test_rebuild_from_scores_json(report, tmp_path):
     assert saved["baseline"]["qbench"]["strict"]["overall"] == pytest.approx(0.4)
     again = build_report(tmp_path, saved).read_text(encoding="utf-8")
     assert _cells(again, "Δ fine-tuned vs baseline") == _cells(page, "Δ fine-tuned vs baseline")
-    assert 'class="card"' not in again
+    assert 'alt="example image"' not in again
 
 
 def test_qbench_only_report_has_no_moderation(tmp_path, evaluations):
     only_q = {k: EvaluationResult(qbench=v.qbench) for k, v in evaluations.items()}
     page = build_report(tmp_path, only_q).read_text(encoding="utf-8")
-    assert "<h2>Moderation</h2>" not in page and not (tmp_path / "moderation_confusion.png").exists()
+    assert "<h2>ICM-Val moderation</h2>" not in page and not (tmp_path / "moderation_confusion.png").exists()
     assert not (tmp_path / "controls.png").exists()
     assert (tmp_path / "qbench_strict.png").exists()
 

@@ -177,12 +177,18 @@ spec(
     "evaluate",
     "06 · Evaluate: baseline vs fine-tuned",
     "Answers the held-out benchmarks greedily with the starting checkpoint (the paper's baseline) and the "
-    "fine-tuned model: Q-Bench A1 scored strictly by the chosen letter and by upstream's substring rule, "
-    "and Yes/No moderation with precision/recall of 'violating'. Control runs on the fine-tuned model "
-    "(images blanked, or shuffled between questions) show whether the answers come from the pixels. "
-    "The real ICM validation set (`val/<category>/` folders only) gets its Yes/No questions built from the "
-    "folders with upstream's ground truth (`*normal*` categories are harmless), saved in `runs/<run>/eval/`. "
-    "The same figures are written to `runs/<run>/report/report.html`.",
+    "fine-tuned model, under a named evaluation protocol: `upstream` (the default for real recipes) feeds "
+    "the model what Q-Instruct's eval scripts feed it (resize + centre crop, their prompt strings, 1024 / "
+    "512 new tokens); `demo` keeps the embedded demo's own. Q-Bench A1 is scored three ways, each table "
+    "naming its scorer: strict letter, Q-Instruct substring and VLMEvalKit-style exact; the `test` split "
+    "writes the maintainers' submission file instead. ICM: ICM-Val and ICM-Test Yes/No (ICM-Test from the "
+    "documented `test/<subset>/<sexy|not-sexy>/` layout), MQA accuracy, and MEQ judged by any "
+    "OpenAI-compatible chat model (`eval.judge_url`, key from `$ICMLAB_JUDGE_KEY`, never recorded). Every "
+    "accuracy carries its 95 % Wilson interval; the papers' numbers sit beside ours with Δ. Control runs "
+    "(images blanked or shuffled) show whether the answers come from the pixels; they sit next to the "
+    "baseline because an untrained baseline cannot produce the answer format. Several GPUs: "
+    "`torchrun --nproc_per_node N -m icmlab evaluate <params>` shards the items (same answers as one). "
+    "The same tables and figures are written to `runs/<run>/report/report.html`.",
     [
         """from icmlab import evaluate
 from icmlab.evaluate import report
@@ -190,17 +196,28 @@ from icmlab.display import show_figure
 
 result = evaluate.run(cfg)
 print(result.summary())""",
-        "#md ## Q-Bench A1 (strict letter match, then upstream substring rule)",
-        """show_html(report.qbench_table_html(result.evaluations, "strict"))
-show_html(report.qbench_table_html(result.evaluations, "substring"))""",
+        "#md ## The run: date, commit, parameters, recipe, protocol, data",
+        """show_html(report.banner_html(result.context))
+show_html(report.provenance_html(result.context))
+q_refs, icm_refs, sources = report.context_references(result.context)""",
+        "#md ## Q-Bench A1, one table per scorer (papers' rows and Δ where the paper has this model)",
+        """for note in report.qbench_notes(result.evaluations):
+    print(note)
+for scorer in report.QBENCH_SCORERS:
+    show_html(report.qbench_table_html(result.evaluations, scorer, q_refs, sources.get("qbench", "")))""",
         'show_figure(report.qbench_bar_figure(result.evaluations, "strict"))',
-        "#md ## Moderation",
-        """show_html(report.moderation_table_html(result.evaluations))
-show_html(report.moderation_category_table_html(result.evaluations))""",
+        "#md ## ICM moderation (ICM-Val; ICM-Test, MQA and MEQ when `eval.benchmarks` names them)",
+        """val_refs = {k: (v or {}).get("val_r1") for k, v in icm_refs.items()}
+show_html(report.moderation_table_html(result.evaluations, "moderation", val_refs, sources.get("icm", "")))
+show_html(report.moderation_category_table_html(result.evaluations))
+if any(r.icm_test for r in result.evaluations.values()):
+    show_html(report.moderation_category_table_html(result.evaluations, "icm_test", icm_refs))
+if any(r.mqa or r.meq for r in result.evaluations.values()):
+    show_html(report.icm_extra_table_html(result.evaluations, icm_refs, sources.get("icm", "")))""",
         "show_figure(report.confusion_figure(result.evaluations))",
         "#md ## Controls: the fine-tuned model with blank or shuffled images",
         "show_figure(report.controls_figure(result.evaluations))",
-        "#md ## Gallery",
+        "#md ## Gallery: right and wrong answers, mixed",
         """show_html(report.gallery_html(result.gallery))
 print("report:", result.report)""",
     ],

@@ -80,3 +80,75 @@ def questions_from_folders(root: Path, question: str = UPSTREAM_QUESTION, split:
             f"with suffixes {sorted(IMAGE_SUFFIXES)}"
         )
     return items
+
+
+# --------------------------------------------------------------------------- ICM-Test, MEQ, MQA
+ICM_TEST_HARMLESS = "not-sexy"
+"""ICM-Test's ground truth (upstream ``eval_icm_test/eval.py``): an image whose name contains this is harmless."""
+
+
+def icm_test_from_folders(root: Path, question: str = UPSTREAM_QUESTION) -> list[dict]:
+    """ICM-Test yes/no items from the bring-your-own layout ``test/<subset>/<label>/<image>``.
+
+    The ICM-Assistant repository publishes the ICM-Test scorer but not the set's layout, so icmlab
+    reads this documented one: ``<subset>`` is the table column (``UGC``, ``AIGC``, ``Porn``) and
+    ``<label>`` is ``sexy`` or ``not-sexy``; the truth follows upstream's rule on the image's path
+    (``not-sexy`` in it = harmless). Items carry ``category = <subset>``.
+
+    Raises:
+        FileNotFoundError: ``root/test`` is missing (the message shows the layout).
+        ValueError: an image outside ``<subset>/<label>/``, or no image at all.
+    """
+    base = Path(root) / "test"
+    layout = "test/<subset: UGC|AIGC|Porn>/<sexy|not-sexy>/<image>"
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base} not found: put ICM-Test under {Path(root) / layout}")
+    items: list[dict] = []
+    for img in sorted(p for p in base.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        rel = img.relative_to(base)
+        if len(rel.parts) != 3:
+            raise ValueError(f"{img}: ICM-Test images must lie at {layout}")
+        items.append(
+            {
+                "id": rel.as_posix(),
+                "kind": "yes_no",
+                "image": img.relative_to(root).as_posix(),
+                "category": rel.parts[0],
+                "question": question,
+                "answer": "No" if ICM_TEST_HARMLESS in rel.as_posix() else "Yes",
+            }
+        )
+    if not items:
+        raise ValueError(f"{base}: no images; expected {layout}")
+    return items
+
+
+def meq_from_folders(root: Path, question: str) -> list[dict]:
+    """Explanation items from ``val_MEQ/<category>/<image>`` with the reference explanation in a
+    sibling ``<image stem>.txt`` (an image without one is skipped: there is nothing to judge it by).
+
+    Raises:
+        FileNotFoundError: ``root/val_MEQ`` is missing.
+        ValueError: no image has a reference text.
+    """
+    base = Path(root) / "val_MEQ"
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base} not found: MEQ reads val_MEQ/<category>/<image> + <image stem>.txt")
+    items = []
+    for img in sorted(p for p in base.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        ref = img.with_suffix(".txt")
+        if ref.is_file():
+            rel = img.relative_to(root).as_posix()
+            items.append(
+                {
+                    "id": rel,
+                    "kind": "explanation",
+                    "image": rel,
+                    "category": img.parent.name,
+                    "question": question,
+                    "reference": ref.read_text(encoding="utf-8").strip(),
+                }
+            )
+    if not items:
+        raise ValueError(f"{base}: no image has a reference explanation <image stem>.txt next to it")
+    return items

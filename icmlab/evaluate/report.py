@@ -24,6 +24,8 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +37,49 @@ from PIL import Image
 
 from icmlab.display import HTML, figure_png
 from icmlab.display import table_html as html_table
-from icmlab.evaluate.scoring import QBENCH_COLUMN_NAMES, QBENCH_COLUMNS, EvaluationResult, qbench_prompt
+from icmlab.evaluate.scoring import (
+    MEQ_CRITERIA,
+    QBENCH_COLUMN_NAMES,
+    QBENCH_COLUMNS,
+    QBENCH_SCORERS,
+    EvaluationResult,
+    qbench_prompt,
+)
 from icmlab.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-Metric = Literal["strict", "substring"]
+Metric = Literal["strict", "substring", "exact"]
+
+
+def relative(path: str | Path, root: str | Path | None = None) -> str:
+    """``path`` relative to ``root`` (default: the working directory, the project root in notebooks
+    and the CLI), with ``/`` separators; a hub id or URL is returned unchanged. Reports and records
+    never hold absolute paths (they would leak the user's home and break when the run is moved)."""
+    text = str(path)
+    if "://" in text or not os.path.isabs(text):
+        return text.replace(os.sep, "/")
+    return os.path.relpath(text, root or os.getcwd()).replace(os.sep, "/")
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The 95 % Wilson score interval of ``correct / n`` (None for n = 0).
+
+    Unlike the normal approximation it stays inside [0, 1] and is sensible at 0 % and 100 %, the
+    values a tiny or untrained model produces.
+    """
+    if n <= 0:
+        return None
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _ci(correct: int | None, n: int | None) -> str:
+    """``"67.09 [63.2, 70.8]"``: accuracy % with its 95 % Wilson interval."""
+    if not n or correct is None:
+        return "–"
+    lo, hi = wilson(correct, n)  # type: ignore[misc]
+    return f"{100 * correct / n:.2f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 # --------------------------------------------------------------------------- inputs
@@ -73,52 +114,128 @@ def _delta(a: float | None, b: float | None) -> str:
 
 
 # --------------------------------------------------------------------------- tables
-def qbench_table_html(evaluations: Mapping[str, EvaluationResult | dict], metric: Metric = "strict") -> HTML:
-    """Q-Bench A1 accuracy (%) per paper column: one row per model and control, Δ rows vs the first
-    model, a random-guess row and an item-count row."""
+def _ordered_rows(evals: dict[str, EvaluationResult]) -> list[tuple[str, EvaluationResult, str]]:
+    """(row label, result, kind) with each model's controls right after the *first* model (the
+    baseline): the comparisons a reader should make sit next to each other. kind is ``model`` or
+    ``control``."""
+    first = next(iter(evals))
+    rows = [(first, evals[first], "model")]
+    for label, res in evals.items():
+        rows.extend((f"{label} · {name}", ctl, "control") for name, ctl in res.controls.items())
+    rows.extend((label, res, "model") for label, res in evals.items() if label != first)
+    return rows
+
+
+def qbench_table_html(
+    evaluations: Mapping[str, EvaluationResult | dict],
+    metric: Metric = "strict",
+    references: Mapping[str, Mapping[str, float | None] | None] | None = None,
+    reference_source: str = "",
+) -> HTML:
+    """Q-Bench A1 accuracy (%) per paper column with 95 % Wilson intervals: one row per model and
+    control (controls beside the baseline), Δ rows of the last model against the baseline and each
+    control, the papers' rows (``references``: our label -> paper columns) with Δ ours − paper, a
+    random-guess row and an item-count row. The caption names the scorer."""
     evals = _normalize(evaluations)
     rows, classes = [], []
-    ref = next(iter(evals.values())).qbench
-    for label, res, is_ctl in _rows(evals):
+    for label, res, kind in _ordered_rows(evals):
         if res.qbench is None:
             continue
-        vals = getattr(res.qbench, metric)
-        rows.append([label] + [_pct(vals[c]) for c in QBENCH_COLUMNS] + [res.qbench.unparsed])
-        classes.append("control" if is_ctl else "")
-    first = next(iter(evals))
-    for label, res in list(evals.items())[1:]:
-        if res.qbench is not None and ref is not None:
-            a, b = getattr(res.qbench, metric), getattr(ref, metric)
-            rows.append([f"Δ {label} vs {first}"] + [_delta(a[c], b[c]) for c in QBENCH_COLUMNS] + [""])
-            classes.append("delta")
+        q = res.qbench
+        right = (
+            q.strict_correct
+            if metric == "strict"
+            else q.substring_correct
+            if metric == "substring"
+            else q.exact_correct
+        )
+        rows.append([label] + [_ci(right.get(c), q.counts.get(c)) for c in QBENCH_COLUMNS] + [q.unparsed])
+        classes.append("control" if kind == "control" else "")
+    labels = list(evals)
+    last = evals[labels[-1]]
+    if len(labels) > 1 and last.qbench is not None:
+        a = getattr(last.qbench, metric)
+        against = [(lab, evals[lab].qbench) for lab in labels[:-1]]
+        against += [(f"{labels[-1]} · {n}", c.qbench) for n, c in last.controls.items()]
+        for lab, other in against:
+            if other is not None:
+                b = getattr(other, metric)
+                rows.append([f"Δ {labels[-1]} vs {lab}"] + [_delta(a.get(c), b.get(c)) for c in QBENCH_COLUMNS] + [""])
+                classes.append("delta")
+    for lab, ref in (references or {}).items():
+        if not ref or lab not in evals or evals[lab].qbench is None:
+            continue
+        ours = getattr(evals[lab].qbench, metric)
+        rows.append([f"paper: {lab}"] + [_pct(ref.get(c)) for c in QBENCH_COLUMNS] + [""])
+        rows.append([f"Δ {lab} − paper"] + [_delta(ours.get(c), ref.get(c)) for c in QBENCH_COLUMNS] + [""])
+        classes += ["reference", "delta"]
     any_q = next((r.qbench for _, r, _ in _rows(evals) if r.qbench is not None), None)
     if any_q is not None:
         rows.append(["random guess"] + [_pct(any_q.chance.get(c)) for c in QBENCH_COLUMNS] + [""])
         rows.append(["items"] + [any_q.counts[c] for c in QBENCH_COLUMNS] + [""])
         classes += ["chance", "counts"]
     headers = ["model"] + [QBENCH_COLUMN_NAMES[c] for c in QBENCH_COLUMNS] + ["unparsed"]
-    caption = (
-        "Q-Bench A1, strict: the one letter parse_choice reads must be the correct one"
-        if metric == "strict"
-        else "Q-Bench A1, substring (upstream rule, comparable with the paper): correct letter anywhere in the output"
-    )
+    caption = f"Q-Bench A1, scorer: {QBENCH_SCORERS[metric]}; % [95 % Wilson interval]"
+    if references and any(references.values()):
+        caption += f"; paper rows: {reference_source}"
     return html_table(headers, rows, caption, classes)
 
 
-def moderation_table_html(evaluations: Mapping[str, EvaluationResult | dict]) -> HTML:
-    """Moderation summary: accuracy, precision/recall/F1 of "violating", confusion counts, unknown."""
+def qbench_notes(evaluations: Mapping[str, EvaluationResult | dict]) -> list[str]:
+    """Plain-language notes the Q-Bench tables need: why in-context columns are empty, and when the
+    baseline cannot produce the answer format (so the controls are the fair comparison)."""
+    evals = _normalize(evaluations)
+    notes = []
+    q = next((r.qbench for r in evals.values() if r.qbench is not None), None)
+    if q is None:
+        return notes
+    empty = [QBENCH_COLUMN_NAMES[c] for c in QBENCH_COLUMNS if c != "overall" and not q.counts.get(c)]
+    if empty:
+        notes.append(
+            f"The {', '.join(empty)} column(s) are empty because no item of this set carries that "
+            "question type / concern code (in-context concerns are codes 2 and 3 of LLVisionQA's "
+            "'concern' field; the embedded demo's synthetic Q-Bench has none)."
+        )
+    first = next(iter(evals))
+    base = evals[first].qbench
+    has_controls = any(r.controls for r in evals.values())
+    if base is not None and base.counts["overall"] and base.unparsed / base.counts["overall"] >= 0.5:
+        share = 100 * base.unparsed / base.counts["overall"]
+        notes.append(
+            f"The {first} model left {share:.0f} % of its answers without a readable option letter: it "
+            "was never taught the answer format, so its low score says little about its perception."
+            + (
+                " The controls (the fine-tuned model with blank or shuffled images) answer in the "
+                "format and are the honest comparison: the gain over them is what reading the pixels buys."
+                if has_controls
+                else " Run controls (eval.controls: [blank, shuffled]) for a fair comparison."
+            )
+        )
+    return notes
+
+
+def moderation_table_html(
+    evaluations: Mapping[str, EvaluationResult | dict],
+    task: Literal["moderation", "icm_test"] = "moderation",
+    references: Mapping[str, float | None] | None = None,
+    reference_source: str = "",
+) -> HTML:
+    """Yes/No summary (ICM-Val ``moderation`` or ``icm_test``): accuracy with its 95 % Wilson
+    interval, precision/recall/F1 of "violating", confusion counts, unknown; controls beside the
+    baseline; ``references`` (our label -> the paper's accuracy) add paper and Δ rows."""
     evals = _normalize(evaluations)
     rows, classes = [], []
-    for label, res, is_ctl in _rows(evals):
-        m = res.moderation
+    for label, res, kind in _ordered_rows(evals):
+        m = getattr(res, task)
         if m is None:
             continue
+        is_ctl = kind == "control"
         c = m.confusion
         rows.append(
             [
                 label,
                 m.n,
-                _pct(m.accuracy),
+                _ci(m.correct, m.n),
                 _pct(m.precision),
                 _pct(m.recall),
                 _pct(m.f1),
@@ -130,21 +247,89 @@ def moderation_table_html(evaluations: Mapping[str, EvaluationResult | dict]) ->
             ]
         )
         classes.append("control" if is_ctl else "")
-    headers = ["model", "n", "accuracy", "precision", "recall", "F1", "TP", "FP", "FN", "TN", "unknown"]
-    return html_table(headers, rows, "Moderation (positive = violating; unknown answers count as wrong)", classes)
+    for lab, ref in (references or {}).items():
+        m = getattr(evals[lab], task) if lab in evals else None
+        if ref is None or m is None:
+            continue
+        rows.append([f"paper: {lab}", "", _pct(ref)] + [""] * 8)
+        rows.append([f"Δ {lab} − paper", "", _delta(m.accuracy, ref)] + [""] * 8)
+        classes += ["reference", "delta"]
+    headers = ["model", "n", "accuracy [95 % CI]", "precision", "recall", "F1", "TP", "FP", "FN", "TN", "unknown"]
+    what = "ICM-Val moderation" if task == "moderation" else "ICM-Test"
+    caption = f"{what} (positive = violating; unknown answers count as wrong); scorer: first yes/no word"
+    if references and any(v is not None for v in references.values()):
+        caption += f"; paper rows: {reference_source}"
+    return html_table(headers, rows, caption, classes)
 
 
-def moderation_category_table_html(evaluations: Mapping[str, EvaluationResult | dict]) -> HTML:
-    """Moderation accuracy (%) per category, one column per model and control."""
+def moderation_category_table_html(
+    evaluations: Mapping[str, EvaluationResult | dict],
+    task: Literal["moderation", "icm_test"] = "moderation",
+    references: Mapping[str, Mapping[str, float] | None] | None = None,
+) -> HTML:
+    """Accuracy (%) [95 % Wilson interval] per category (ICM-Test: per subset), one column per model
+    and control; with ``references`` (our label -> {category: paper accuracy}) a paper column each."""
     evals = _normalize(evaluations)
-    cols = [(label, res.moderation) for label, res, _ in _rows(evals) if res.moderation is not None]
+    cols = [(label, getattr(res, task)) for label, res, _ in _ordered_rows(evals) if getattr(res, task) is not None]
+    refs = [(lab, r) for lab, r in (references or {}).items() if r]
     cats = sorted({cat for _, m in cols for cat in m.per_category})
     rows = [
         [cat, next((m.per_category[cat]["n"] for _, m in cols if cat in m.per_category), 0)]
-        + [_pct(m.per_category[cat]["accuracy"]) if cat in m.per_category else "–" for _, m in cols]
+        + [
+            _ci(m.per_category[cat]["correct"], m.per_category[cat]["n"]) if cat in m.per_category else "–"
+            for _, m in cols
+        ]
+        + [_pct(r.get(cat)) for _, r in refs]
         for cat in cats
     ]
-    return html_table(["category", "n"] + [label for label, _ in cols], rows, "Moderation accuracy per category")
+    headers = ["category", "n"] + [label for label, _ in cols] + [f"paper: {lab}" for lab, _ in refs]
+    what = "ICM-Val moderation" if task == "moderation" else "ICM-Test"
+    return html_table(headers, rows, f"{what} accuracy per category, % [95 % Wilson interval]")
+
+
+def icm_extra_table_html(
+    evaluations: Mapping[str, EvaluationResult | dict],
+    references: Mapping[str, Mapping[str, float] | None] | None = None,
+    reference_source: str = "",
+) -> HTML:
+    """MQA accuracy [95 % CI] and MEQ (judged, four criteria) per model, with the paper's values and Δ."""
+    evals = _normalize(evaluations)
+    rows, classes = [], []
+    for label, res, kind in _ordered_rows(evals):
+        if res.mqa is None and res.meq is None:
+            continue
+        crit = [f"{res.meq.criteria[c]:.1f}" if res.meq else "–" for c in MEQ_CRITERIA]
+        rows.append(
+            [
+                label,
+                _ci(res.mqa.correct, res.mqa.n) if res.mqa else "–",
+                f"{res.meq.meq:.3f}" if res.meq and res.meq.meq is not None else "–",
+                *crit,
+            ]
+        )
+        classes.append("control" if kind == "control" else "")
+        ref = (references or {}).get(label)
+        if ref:
+            rows.append(
+                [f"paper: {label}", _pct(ref.get("mqa")), f"{ref['meq']:.3f}" if "meq" in ref else "–"] + [""] * 4
+            )
+            rows.append(
+                [
+                    f"Δ {label} − paper",
+                    _delta(res.mqa.accuracy if res.mqa else None, ref.get("mqa")),
+                    f"{res.meq.meq - ref['meq']:+.3f}" if res.meq and res.meq.meq is not None and "meq" in ref else "–",
+                ]
+                + [""] * 4
+            )
+            classes += ["reference", "delta"]
+    headers = ["model", "MQA accuracy [95 % CI]", "MEQ (0-1)"] + [f"{c} (0-100)" for c in MEQ_CRITERIA]
+    caption = (
+        "ICM MQA (scorer: ICM-Assistant's first-letter rule) and MEQ (judge: a chat model scoring each "
+        "explanation against the reference; MEQ = mean of the four criteria / 100)"
+    )
+    if references and any(references.values()):
+        caption += f"; paper rows: {reference_source}"
+    return html_table(headers, rows, caption, classes)
 
 
 # --------------------------------------------------------------------------- figures
@@ -175,7 +360,7 @@ def qbench_bar_figure(evaluations: Mapping[str, EvaluationResult | dict], metric
     colors = _colors(len(evals))
     width = 0.8 / max(1, len(series))
     for k, (lab, q, ctl, idx) in enumerate(series):
-        vals = [100 * (getattr(q, metric)[c] or 0.0) for c in QBENCH_COLUMNS]
+        vals = [100 * (getattr(q, metric).get(c) or 0.0) for c in QBENCH_COLUMNS]
         xs = [i - 0.4 + width * (k + 0.5) for i in range(len(QBENCH_COLUMNS))]
         ax.bar(
             xs,
@@ -290,11 +475,12 @@ def gallery_from_records(
     items: Sequence[dict],
     images: Sequence[Image.Image | str | Path],
     evaluations: Mapping[str, EvaluationResult | dict],
-    task: Literal["qbench", "moderation"] = "qbench",
+    task: Literal["qbench", "moderation", "icm_test", "mqa"] = "qbench",
     n: int = 12,
     seed: int = 0,
 ) -> list[GalleryItem]:
-    """Pick ``n`` examples (items where the models disagree first, then a seeded sample).
+    """Pick ``n`` examples: as many the last model (the fine-tuned one) got right as it got wrong
+    where both kinds exist, items where the models disagree first, then a seeded sample.
 
     Args:
         items: the scored items (same order as the scores' records).
@@ -319,16 +505,24 @@ def gallery_from_records(
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     order.sort(key=lambda i: len({recs[lab][i][ok_key] for lab in recs}) == 1)  # disagreements first
+    judged = list(recs.values())[-1]
+    right = [i for i in order if judged[i][ok_key]]
+    wrong = [i for i in order if not judged[i][ok_key]]
+    picked: list[int] = []
+    while len(picked) < n and (right or wrong):  # alternate right / wrong answers while both last
+        for pool in (wrong, right):
+            if pool and len(picked) < n:
+                picked.append(pool.pop(0))
     out = []
-    for i in order[:n]:
+    for i in picked:
+        first = next(iter(recs.values()))[i]
         if task == "qbench":
-            first = next(iter(recs.values()))[i]
             letter = first["correct"]
             question = qbench_prompt(items[i]).rstrip()
             reference = f"{letter}. {items[i]['candidates'][ord(letter) - ord('A')]}"
         else:
             question = str(items[i].get("question", ""))
-            reference = next(iter(recs.values()))[i]["truth"]
+            reference = str(first["answer"] if task == "mqa" else first["truth"])
         out.append(
             GalleryItem(
                 image=images[i],
@@ -362,21 +556,31 @@ def thumbnail_data_uri(image: Image.Image | str | Path, max_px: int = 160) -> st
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+_CARD = "border:1px solid #ddd;border-radius:6px;padding:8px;width:330px;font-size:12px;background:#fff;color:#222"
+_OK, _BAD = "color:#176317", "color:#a31515"
+
+
 def gallery_html(items: Sequence[GalleryItem], thumb_px: int = 160) -> HTML:
-    """Cards with the image, question, reference and each model's answer marked right/wrong."""
+    """Cards with the image, question, reference and each model's answer marked right/wrong.
+
+    The styles are inline, so the cards look the same in the report page, in JupyterLab and in
+    any HTML viewer that drops ``<style>`` blocks.
+    """
     cards = []
     for it in items:
         preds = "".join(
-            f'<div class="pred {"ok" if it.correct.get(lab) else "bad"}"><b>{html.escape(lab)}</b> '
-            f"{'✓' if it.correct.get(lab) else '✗'} <code>{html.escape(out or '(empty)')}</code></div>"
+            f'<div style="{_OK if it.correct.get(lab) else _BAD}"><b>{html.escape(lab)}</b> '
+            f"{'✓' if it.correct.get(lab) else '✗'} "
+            f'<code style="white-space:pre-wrap">{html.escape(out or "(empty)")}</code></div>'
             for lab, out in it.predictions.items()
         )
         cards.append(
-            f'<div class="card"><img src="{thumbnail_data_uri(it.image, thumb_px)}" width="{thumb_px}" '
-            f'alt="example image"><pre class="q">{html.escape(it.question)}</pre>'
-            f'<div class="ref">reference: <b>{html.escape(it.reference)}</b></div>{preds}</div>'
+            f'<div style="{_CARD}"><img src="{thumbnail_data_uri(it.image, thumb_px)}" width="{thumb_px}" '
+            f'style="image-rendering:pixelated;display:block" alt="example image">'
+            f'<pre style="white-space:pre-wrap;font-size:11px">{html.escape(it.question)}</pre>'
+            f"<div>reference: <b>{html.escape(it.reference)}</b></div>{preds}</div>"
         )
-    return HTML(f'<div class="gallery">{"".join(cards)}</div>')
+    return HTML(f'<div style="display:flex;flex-wrap:wrap;gap:12px">{"".join(cards)}</div>')
 
 
 # --------------------------------------------------------------------------- the report
@@ -385,10 +589,49 @@ table.scores{border-collapse:collapse;margin:12px 0;font-size:13px}
 table.scores td,table.scores th{border:1px solid #ccc;padding:3px 7px;text-align:right}
 table.scores td:first-child{text-align:left}caption{text-align:left;font-weight:bold;padding:4px 0}
 tr.control{color:#777;font-style:italic}tr.delta{background:#eef6ee}tr.chance,tr.counts{color:#999}
-img.fig{max-width:100%;border:1px solid #eee}.gallery{display:flex;flex-wrap:wrap;gap:12px}
-.card{border:1px solid #ddd;border-radius:6px;padding:8px;width:330px;font-size:12px}
-.card img{image-rendering:pixelated;display:block}.q{white-space:pre-wrap;font-size:11px}
-.pred.ok{color:#176317}.pred.bad{color:#a31515}code{white-space:pre-wrap}"""
+tr.reference{background:#eef2fb}img.fig{max-width:100%;border:1px solid #eee}p.note{color:#444;max-width:900px}"""
+
+_BANNER = (
+    '<div style="border:2px solid #c77700;background:#fff4e0;color:#5a3600;padding:10px 14px;'
+    'border-radius:6px;margin:10px 0;font-weight:bold">EMBEDDED DEMO: synthetic data and a tiny model '
+    "(a few hundred thousand parameters, 64 px images). These numbers show that the pipeline learns "
+    "and measures; they are not comparable with the papers' and say nothing about LLaVA or mPLUG-Owl2.</div>"
+)
+
+
+def banner_html(context: Mapping | None) -> HTML:
+    """The embedded-demo warning when ``context["demo"]`` is set, else an empty fragment."""
+    return HTML(_BANNER if context and context.get("demo") else "")
+
+
+def context_references(context: Mapping | None) -> tuple[dict, dict, dict]:
+    """``(qbench refs, icm refs, sources)`` of a report context: our label -> the paper's Q-Bench
+    columns / ICM numbers, and benchmark -> the source to name in captions."""
+    refs = (context or {}).get("references") or {}
+    q = {lab: (r or {}).get("qbench") for lab, r in refs.items()}
+    icm = {lab: (r or {}).get("icm") for lab, r in refs.items()}
+    return q, icm, dict((context or {}).get("reference_sources") or {})
+
+
+def provenance_html(context: Mapping) -> HTML:
+    """The report's opening facts: date, commit, parameters file, recipe, protocol, data sources,
+    files written (``context`` as built by :func:`icmlab.evaluate.records.report_context`)."""
+    facts = [
+        ["date", context.get("date", "")],
+        ["icmlab commit", context.get("commit", "")],
+        ["parameters file", context.get("parameters", "")],
+        ["recipe", context.get("recipe", "")],
+        ["evaluation protocol", context.get("protocol", "")],
+    ]
+    for key, files in (context.get("written") or {}).items():
+        for label, path in files.items():
+            facts.append([f"{key.replace('_', ' ')} ({label})", path])
+    parts = [html_table(["", ""], facts, "Run")]
+    if context.get("sources"):
+        parts.append(
+            html_table(["benchmark", "source (relative to the project root)", "items"], context["sources"], "Data")
+        )
+    return HTML("".join(parts))
 
 
 def _img_tag(png: bytes, alt: str) -> str:
@@ -400,18 +643,23 @@ def build_report(
     evaluations: Mapping[str, EvaluationResult | dict],
     gallery_items: Sequence[GalleryItem] = (),
     title: str = "icmlab evaluation",
+    context: Mapping | None = None,
 ) -> Path:
     """Write ``report.html``, the figure PNGs and ``scores.json`` into ``out_dir``.
 
-    Files: ``qbench_strict.png``, ``qbench_substring.png`` (if any model has Q-Bench scores),
+    Files: ``qbench_{strict,substring,exact}.png`` (if any model has Q-Bench scores),
     ``moderation_confusion.png`` (if any has moderation scores), ``controls.png`` (if any model has
-    controls), ``scores.json`` (every ``EvaluationResult.to_dict()``), ``report.html`` last.
+    controls), ``scores.json`` (every ``EvaluationResult.to_dict()``, plus ``context``),
+    ``report.html`` last.
 
     Args:
         out_dir: output folder (created).
-        evaluations: label -> EvaluationResult (or its dict); the first label is the reference.
+        evaluations: label -> EvaluationResult (or its dict); the first label is the baseline.
         gallery_items: examples to show (see ``gallery_from_records``).
         title: page title.
+        context: provenance and references (:func:`icmlab.evaluate.records.report_context`):
+            opens the page with the run's facts, a banner for the embedded demo, and adds the
+            papers' rows with Δ to the tables.
 
     Returns:
         Path of ``report.html``.
@@ -421,48 +669,78 @@ def build_report(
     """
     out_dir = Path(out_dir)
     evals = _normalize(evaluations)
-    has_q = any(r.qbench is not None for _, r, _ in _rows(evals))
-    has_m = any(r.moderation is not None for _, r, _ in _rows(evals))
+    context = dict(context or {})
+    q_refs, icm_refs, ref_src = context_references(context)
+    has = {k: any(getattr(r, k) is not None for _, r, _ in _rows(evals)) for k in ("qbench", "moderation", "icm_test")}
+    has_extra = any(r.mqa is not None or r.meq is not None for r in evals.values())
     has_ctl = any(r.controls for r in evals.values())
-    parts = [
-        f"<h1>{html.escape(title)}</h1>",
+    parts = [f"<h1>{html.escape(title)}</h1>", banner_html(context)]
+    if context:
+        parts.append(provenance_html(context))
+    parts.append(
         "<p>Models: "
         + ", ".join(f"<b>{html.escape(k)}</b>" for k in evals)
-        + f" (Δ rows are against <b>{html.escape(next(iter(evals)))}</b>). Accuracies in %.</p>",
-    ]
+        + ". Accuracies in %, each with its 95 % Wilson interval in brackets; Δ in percentage points.</p>"
+    )
     meta_rows = [
         [label, ", ".join(f"{k}={v}" for k, v in res.meta.items())] for label, res in evals.items() if res.meta
     ]
     if meta_rows:
-        parts.append(html_table(["model", "details"], meta_rows, "Runs"))
+        parts.append(html_table(["model", "details"], meta_rows, "Models"))
 
     def figure(name: str, fig: Figure) -> str:
         png = figure_png(fig)
         atomic_write_bytes(out_dir / f"{name}.png", png)
         return _img_tag(png, name)
 
-    if has_q:
-        parts.append("<h2>Q-Bench A1 (LLVisionQA)</h2>")
-        for metric in ("strict", "substring"):
-            parts += [qbench_table_html(evals, metric), figure(f"qbench_{metric}", qbench_bar_figure(evals, metric))]
-    if has_m:
+    if has["qbench"]:
+        parts.append(f"<h2>Q-Bench A1 (LLVisionQA, {html.escape(str(context.get('split', 'dev')))})</h2>")
+        parts += [f'<p class="note">{html.escape(n)}</p>' for n in qbench_notes(evals)]
+        for metric in QBENCH_SCORERS:
+            parts += [
+                qbench_table_html(evals, metric, q_refs, ref_src.get("qbench", "")),  # type: ignore[arg-type]
+                figure(f"qbench_{metric}", qbench_bar_figure(evals, metric)),  # type: ignore[arg-type]
+            ]
+    elif context.get("written", {}).get("qbench_submission"):
+        parts.append(
+            '<h2>Q-Bench A1 (test split)</h2><p class="note">The test split\'s answers are not public: '
+            "the answers are written as the maintainers' submission file (listed under Run above; "
+            "send it as the Q-Bench README says).</p>"
+        )
+    if has["moderation"]:
+        val_refs = {lab: (r or {}).get("val_r1") for lab, r in icm_refs.items()}
         parts += [
-            "<h2>Moderation</h2>",
-            moderation_table_html(evals),
-            moderation_category_table_html(evals),
+            "<h2>ICM-Val moderation</h2>",
+            moderation_table_html(evals, "moderation", val_refs, ref_src.get("icm", "")),
+            moderation_category_table_html(evals, "moderation"),
             figure("moderation_confusion", confusion_figure(evals)),
         ]
+    if has["icm_test"]:
+        parts += [
+            "<h2>ICM-Test</h2>",
+            moderation_table_html(evals, "icm_test"),
+            moderation_category_table_html(evals, "icm_test", icm_refs),
+        ]
+    if has_extra:
+        parts += ["<h2>ICM MQA and MEQ</h2>", icm_extra_table_html(evals, icm_refs, ref_src.get("icm", ""))]
     if has_ctl:
         parts += [
-            "<h2>Controls</h2><p>The same model with every image replaced by a uniform grey one "
-            "(blank) or by another question's image (shuffled). A model that reads the pixels "
-            "falls towards the random-guess level here.</p>",
+            "<h2>Controls</h2><p>The same fine-tuned model with every image replaced by a uniform grey "
+            "one (blank) or by another question's image (shuffled). A model that reads the pixels "
+            "falls towards the random-guess level here; the gap to its real-image score is what the "
+            "pixels contribute.</p>",
             figure("controls", controls_figure(evals)),
         ]
     if gallery_items:
-        parts += ["<h2>Examples</h2>", gallery_html(gallery_items)]
+        parts += [
+            "<h2>Examples</h2><p>Right (✓) and wrong (✗) answers of the fine-tuned model, mixed.</p>",
+            gallery_html(gallery_items),
+        ]
     body = "\n".join(parts)
-    atomic_write_json(out_dir / "scores.json", {label: res.to_dict() for label, res in evals.items()})
+    payload = {label: res.to_dict() for label, res in evals.items()}
+    if context:
+        payload["_context"] = context
+    atomic_write_json(out_dir / "scores.json", payload)
     page = (
         f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{_CSS}</style></head><body>{body}</body></html>"

@@ -11,7 +11,10 @@ Q-Bench A1 (Q-Instruct ``eval_scripts/*/eval_qbench_mcq.py``):
   (``substring_correct``). That over-counts: "A. blurry, but B is possible" is right for A *and* B.
   We therefore report two accuracies side by side: ``substring`` (upstream's number, comparable with
   the paper) and ``strict`` (``parse_choice`` finds one chosen letter, or none).
-- ``score_qbench(items, outputs)`` gives both per column of the paper's table (Yes/No, What, How,
+- A third reading, ``exact`` (VLMEvalKit-style exact matching, :func:`exact_choice`), accepts only
+  an output that *is* an option: the letter ("B", "B.", "(B)"), the letter with its text, or the
+  text alone; "The answer is B" is None there. Every table names the scorer it shows.
+- ``score_qbench(items, outputs)`` gives all three per column of the paper's table (Yes/No, What, How,
   Distortion, Other, In-context Distortion, In-context Other, Overall) with the counts.
 
 Moderation (ICM-Instruct style Yes/No questions, positive = "yes, the image violates the rule"):
@@ -201,6 +204,30 @@ def parse_choice(output: str, n_options: int, candidates: Sequence[str] | None =
     return None
 
 
+def exact_choice(output: str, candidates: Sequence[str]) -> str | None:
+    """VLMEvalKit-style exact matching: the letter when the whole output is one option, else None.
+
+    Accepted (surrounding whitespace, a trailing ``</s>`` and a final period ignored): ``"B"``,
+    ``"(B)"``, ``"B)"``, ``"B. blurry"`` / ``"B blurry"`` (letter plus that option's text) and
+    ``"blurry"`` (the option's text). Anything with more words is None, so this is the strictest
+    of the three readings.
+    """
+    text = (output or "").strip()
+    if text.endswith("</s>"):
+        text = text[: -len("</s>")].strip()
+    letters = LETTERS[: len(candidates)]
+    body = text.rstrip(".").strip()
+    m = re.fullmatch(r"[(\[]?([A-Z])[)\]]?", body)
+    if m and m.group(1) in letters:
+        return m.group(1)
+    for letter, cand in zip(letters, candidates):
+        if _norm(text) == _norm(cand):
+            return letter
+        if text[:1] == letter and text[1:2] in (".", ")", " ") and _norm(text[1:].lstrip(".)")) == _norm(cand):
+            return letter
+    return None
+
+
 def substring_correct(output: str, correct: str) -> bool:
     """Upstream's rule: right when the correct letter occurs anywhere in the output (case-sensitive).
 
@@ -277,7 +304,8 @@ class QBenchScores(_Serializable):
         chance: per column, expected accuracy of a uniform random guess (mean of 1/#options),
             the paper's "random guess" row.
         records: one dict per item (index, columns, n_options, correct, parsed, strict_ok,
-            substring_ok, output).
+            substring_ok, exact_ok, output).
+        exact, exact_correct: as strict, under :func:`exact_choice` (VLMEvalKit-style).
     """
 
     strict: dict[str, float | None]
@@ -288,6 +316,16 @@ class QBenchScores(_Serializable):
     unparsed: int
     chance: dict[str, float | None] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)
+    exact: dict[str, float | None] = field(default_factory=dict)
+    exact_correct: dict[str, int] = field(default_factory=dict)
+
+
+#: The Q-Bench scorers, in report order, with the name every table caption uses.
+QBENCH_SCORERS: dict[str, str] = {
+    "strict": "strict letter (icmlab: the one letter the answer chooses)",
+    "substring": "Q-Instruct substring (eval_qbench_mcq.py: the correct letter anywhere in the output)",
+    "exact": "VLMEvalKit-style exact (the whole answer is one option)",
+}
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -312,6 +350,7 @@ def score_qbench(items: Sequence[dict], outputs: Sequence[str]) -> QBenchScores:
     counts = dict.fromkeys(QBENCH_COLUMNS, 0)
     strict_ok = dict.fromkeys(QBENCH_COLUMNS, 0)
     sub_ok = dict.fromkeys(QBENCH_COLUMNS, 0)
+    exact_ok = dict.fromkeys(QBENCH_COLUMNS, 0)
     chance_sum = dict.fromkeys(QBENCH_COLUMNS, 0.0)
     unparsed, records = 0, []
     for i, (item, out) in enumerate(zip(items, outputs)):
@@ -323,11 +362,13 @@ def score_qbench(items: Sequence[dict], outputs: Sequence[str]) -> QBenchScores:
             raise ValueError(f"Q-Bench item #{i}: {e}") from None
         parsed = parse_choice(out, len(candidates), candidates)
         s_ok, u_ok = parsed == gold, substring_correct(out, gold)
+        e_ok = exact_choice(out, candidates) == gold
         unparsed += parsed is None
         for col in cols:
             counts[col] += 1
             strict_ok[col] += s_ok
             sub_ok[col] += u_ok
+            exact_ok[col] += e_ok
             chance_sum[col] += 1 / len(candidates)
         records.append(
             {
@@ -338,6 +379,7 @@ def score_qbench(items: Sequence[dict], outputs: Sequence[str]) -> QBenchScores:
                 "parsed": parsed,
                 "strict_ok": s_ok,
                 "substring_ok": u_ok,
+                "exact_ok": e_ok,
                 "output": out,
             }
         )
@@ -350,6 +392,8 @@ def score_qbench(items: Sequence[dict], outputs: Sequence[str]) -> QBenchScores:
         unparsed=unparsed,
         chance={c: (chance_sum[c] / counts[c] if counts[c] else None) for c in QBENCH_COLUMNS},
         records=records,
+        exact={c: _ratio(exact_ok[c], counts[c]) for c in QBENCH_COLUMNS},
+        exact_correct=exact_ok,
     )
 
 
@@ -493,6 +537,81 @@ def score_moderation(items: Sequence[dict], outputs: Sequence[str]) -> Moderatio
     )
 
 
+# --------------------------------------------------------------------------- ICM MQA and MEQ
+_MQA_CHOICES = frozenset("ABCDYN")
+
+
+def mqa_correct(output: str, answer: str) -> bool:
+    """ICM-Assistant's MQA rule (``eval_data_analysis_mqa/eval_sexy_short_qa.py``): the first
+    character of the output, upper-cased, must be one of A-D / Y / N and equal the first character
+    of the reference ("B." vs "B", "Yes" vs "yes, it is")."""
+    out, ref = (output or "").strip().upper(), (answer or "").strip().upper()
+    return bool(out) and bool(ref) and out[0] in _MQA_CHOICES and out[0] == ref[0]
+
+
+@dataclass
+class MQAScores(_Serializable):
+    """Moderation question answering (ICM-Assistant Table 4 "MQA acc."): accuracy overall and per
+    ``kind`` (``mc`` multiple choice, ``open`` Yes/No open questions), with records."""
+
+    n: int
+    correct: int
+    accuracy: float | None
+    per_kind: dict[str, dict]
+    records: list[dict] = field(default_factory=list)
+
+
+def score_mqa(items: Sequence[dict], outputs: Sequence[str]) -> MQAScores:
+    """Score MQA outputs with :func:`mqa_correct`.
+
+    Raises:
+        ValueError: on a length mismatch or an item without ``answer`` (names the index).
+    """
+    if len(items) != len(outputs):
+        raise ValueError(f"score_mqa: {len(items)} items but {len(outputs)} outputs")
+    per_kind: dict[str, dict] = {}
+    records = []
+    for i, (item, out) in enumerate(zip(items, outputs)):
+        if not str(item.get("answer", "")).strip():
+            raise ValueError(f"MQA item #{i}: no 'answer' (expected e.g. 'B.' or 'Yes.')")
+        ok = mqa_correct(out, str(item["answer"]))
+        kind = str(item.get("kind", "mc"))
+        row = per_kind.setdefault(kind, {"n": 0, "correct": 0, "accuracy": None})
+        row["n"] += 1
+        row["correct"] += ok
+        records.append({"index": i, "kind": kind, "answer": item["answer"], "ok": ok, "output": out})
+    for row in per_kind.values():
+        row["accuracy"] = _ratio(row["correct"], row["n"])
+    correct = sum(r["ok"] for r in records)
+    return MQAScores(len(items), correct, _ratio(correct, len(items)), dict(sorted(per_kind.items())), records)
+
+
+MEQ_CRITERIA: tuple[str, ...] = ("Accuracy", "Preciseness", "Comprehensiveness", "Fluency")
+"""The judge's four 0-100 criteria (ICM-Assistant ``eval_data_analysis_meq/prompting_ChatGPT.txt``)."""
+
+
+@dataclass
+class MEQScores(_Serializable):
+    """Moderation explanation quality, judged by a chat model against the reference explanation.
+
+    Attributes:
+        n: explanations judged.
+        criteria: criterion -> mean score 0-100 (an unparsable verdict counts 0, as upstream's
+            ``eval_meq/eval.py``).
+        meq: mean of the four criteria / 100 (our reading of the paper's single MEQ number).
+        unparsed: verdicts without all four scores.
+        judge: judge model name and endpoint host (never the key).
+        records: index, category, output, scores, verdict text.
+    """
+
+    n: int
+    criteria: dict[str, float]
+    meq: float | None
+    unparsed: int
+    judge: dict[str, str] = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)
+
+
 # --------------------------------------------------------------------------- bundle
 @dataclass
 class EvaluationResult:
@@ -500,7 +619,10 @@ class EvaluationResult:
 
     Attributes:
         qbench: Q-Bench A1 scores, or None if not run.
-        moderation: moderation scores, or None if not run.
+        moderation: ICM-Val yes/no moderation scores, or None if not run.
+        icm_test: ICM-Test yes/no scores (``per_category`` = subset, e.g. UGC / AIGC / Porn).
+        mqa: ICM moderation question answering accuracy.
+        meq: ICM moderation explanation quality (judged).
         controls: control name ("blank", "shuffled") -> EvaluationResult of the same model with the
             images replaced; a model that reads pixels should fall towards chance there.
         meta: free-form facts (checkpoint path, decoding settings, timings).
@@ -510,12 +632,18 @@ class EvaluationResult:
     moderation: ModerationScores | None = None
     controls: dict[str, "EvaluationResult"] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    icm_test: ModerationScores | None = None
+    mqa: MQAScores | None = None
+    meq: MEQScores | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready dict (nested controls included)."""
         return {
             "qbench": self.qbench.to_dict() if self.qbench else None,
             "moderation": self.moderation.to_dict() if self.moderation else None,
+            "icm_test": self.icm_test.to_dict() if self.icm_test else None,
+            "mqa": self.mqa.to_dict() if self.mqa else None,
+            "meq": self.meq.to_dict() if self.meq else None,
             "controls": {k: v.to_dict() for k, v in self.controls.items()},
             "meta": dict(self.meta),
         }
@@ -527,12 +655,15 @@ class EvaluationResult:
         Raises:
             ValueError: if ``d`` has keys other than qbench/moderation/controls/meta.
         """
-        extra = set(d) - {"qbench", "moderation", "controls", "meta"}
+        extra = set(d) - {"qbench", "moderation", "icm_test", "mqa", "meq", "controls", "meta"}
         if extra:
             raise ValueError(f"EvaluationResult.from_dict: unexpected keys {sorted(extra)}")
         return cls(
             qbench=QBenchScores.from_dict(d["qbench"]) if d.get("qbench") else None,
             moderation=ModerationScores.from_dict(d["moderation"]) if d.get("moderation") else None,
+            icm_test=ModerationScores.from_dict(d["icm_test"]) if d.get("icm_test") else None,
+            mqa=MQAScores.from_dict(d["mqa"]) if d.get("mqa") else None,
+            meq=MEQScores.from_dict(d["meq"]) if d.get("meq") else None,
             controls={k: cls.from_dict(v) for k, v in (d.get("controls") or {}).items()},
             meta=dict(d.get("meta") or {}),
         )

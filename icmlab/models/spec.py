@@ -47,6 +47,12 @@ class FamilySpec:
         trains_vision: whether any upstream recipe of the family trains the vision encoder
             (False: ``train.freeze_vision`` must stay true).
         always_needs_base: the family always starts from ``model.base`` (no assembled start).
+        eval_image_prefix: what upstream's Q-Bench script puts before the question in the user turn
+            (LLaVA ``DEFAULT_IMAGE_TOKEN + "\\n"``, mPLUG-Owl2 the bare ``<|image|>``); used by the
+            ``upstream`` eval protocol (:mod:`icmlab.evaluate.protocol`).
+        eval_max_new_tokens: upstream's Q-Bench decoding budget (greedy in both scripts).
+        eval_preprocess: upstream's eval image path: ``resize_crop`` = the raw image straight into
+            the CLIP processor (shortest edge resized, centre crop), not the training ``pad``.
     """
 
     name: str
@@ -65,6 +71,9 @@ class FamilySpec:
     tokenizer_part: Mapping[str, str] = field(default_factory=dict)
     trains_vision: bool = False
     always_needs_base: bool = False
+    eval_image_prefix: str = ""
+    eval_max_new_tokens: int = 16
+    eval_preprocess: str = "resize_crop"
 
     def required_parts(self, strategy: str) -> tuple[str, ...]:
         """``model.*`` keys a run of ``strategy`` needs (``("base",)`` when it starts from one checkpoint)."""
@@ -97,6 +106,9 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
         parts={"mix": ("llm", "vision_tower", "mm_projector")},
         tokenizer_part={"mix": "llm"},
         trains_vision=False,
+        # eval_scripts/llava_v1.5/eval_qbench_mcq.py: qs = DEFAULT_IMAGE_TOKEN + "\n" + qs; max_new_tokens=1024
+        eval_image_prefix="<image>\n",
+        eval_max_new_tokens=1024,
     ),
     "mplug_owl2": FamilySpec(
         name="mplug_owl2",
@@ -113,6 +125,9 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
         inference_prompt="USER: <|image|>{question} ASSISTANT:",
         trains_vision=True,
         always_needs_base=True,
+        # eval_scripts/mplug_owl_2/eval_qbench_mcq.py: inp = DEFAULT_IMAGE_TOKEN + inp; --max-new-tokens 512
+        eval_image_prefix="<|image|>",
+        eval_max_new_tokens=512,
     ),
 }
 
