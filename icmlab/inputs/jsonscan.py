@@ -18,13 +18,14 @@ the worker processes, duplicate ids) and :mod:`icmlab.inspection.stage` (samplin
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import orjson
@@ -65,6 +66,8 @@ class RecordBlock:
         first: index of the first record in the file.
         offset: file offset of ``buf[0]`` when ``buf`` is a verbatim slice of the file, else None.
         pipes: offsets of every ``|`` byte (records that may hold ``<|image|>``), None if unknown.
+        extra: what the caller's ``extra`` function of :func:`iter_blocks` computed from the block's
+            structure (None for blocks of the whole-file fallback parse).
     """
 
     buf: bytes | mmap.mmap
@@ -76,6 +79,7 @@ class RecordBlock:
     pipes: np.ndarray | None = None
     id_keys: np.ndarray | None = None
     id_offsets: np.ndarray | None = None
+    extra: Any = None
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -101,7 +105,10 @@ class RecordBlock:
 
 
 def iter_blocks(
-    path: str | os.PathLike, chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers: int | None = None
+    path: str | os.PathLike,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    workers: int | None = None,
+    extra: Callable[[BlockParts], Any] | None = None,
 ) -> Iterator[RecordBlock]:
     """Stream a top-level JSON array of objects as :class:`RecordBlock` s, exactly and fast.
 
@@ -115,6 +122,9 @@ def iter_blocks(
         chunk_bytes: chunk size of the scan; blocks hold the records whose closing brace lies in
             one chunk (the first two chunks form the first block).
         workers: scan threads (default: the usable CPUs, at most 4); 0 scans in this thread.
+        extra: optional function of a scanned block's :class:`BlockParts` (quotes, braces, depth),
+            run on the scan threads; its result is the block's ``extra`` (e.g. the modality
+            lengths of :class:`icmlab.inputs.recordstore.RecordStore`).
 
     Yields:
         Blocks in file order.
@@ -126,7 +136,7 @@ def iter_blocks(
     path = Path(path)
     done = 0
     try:
-        for block in scan_blocks(path, chunk_bytes, _finish_block, workers):
+        for block in scan_blocks(path, chunk_bytes, functools.partial(_finish_block, extra=extra), workers):
             done += len(block)
             yield block
     except _SplitFailed:
@@ -167,7 +177,7 @@ def _not_list_message(path: Path, data: Any) -> str:
     )
 
 
-def _finish_block(parts: BlockParts) -> RecordBlock:
+def _finish_block(parts: BlockParts, extra: Callable[[BlockParts], Any] | None = None) -> RecordBlock:
     """Check the separators of a block of records and extract their ids (runs on a scan thread).
 
     Raises:
@@ -187,7 +197,16 @@ def _finish_block(parts: BlockParts) -> RecordBlock:
             raise _SplitFailed
     hashes, keys, offsets = _id_keys(buf, a, parts.q, parts.braces, parts.depth, starts)
     return RecordBlock(
-        buf, starts, ends, hashes, parts.first, offset=0, pipes=parts.pipes, id_keys=keys, id_offsets=offsets
+        buf,
+        starts,
+        ends,
+        hashes,
+        parts.first,
+        offset=0,
+        pipes=parts.pipes,
+        id_keys=keys,
+        id_offsets=offsets,
+        extra=extra(parts) if extra is not None else None,
     )
 
 

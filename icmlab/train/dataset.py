@@ -1,7 +1,10 @@
 """The lazy supervised dataset of the train stage: LLaVA-format JSON records → model inputs.
 
-Like upstream's ``LazySupervisedDataset`` the JSON is read once (eagerly) and every sample is
-tokenized and its image decoded only when the data loader asks for it. The pieces are the shared
+Like upstream's ``LazySupervisedDataset`` every sample is tokenized and its image decoded only when
+the data loader asks for it. The records are a :class:`icmlab.inputs.recordstore.RecordStore`
+(offsets into the memory-mapped JSON, one record decoded per access, modality lengths from the
+byte scan), so ranks and their data-loader workers share the file's page cache instead of each
+holding (and copying on write) gigabytes of Python objects. The pieces are the shared
 ones, so training sees exactly what validation, inspection and the fixture proofs check:
 
 - :func:`icmlab.inputs.encode.encode_conversation`: ``vicuna_v1`` template, labels on the answers
@@ -19,7 +22,7 @@ With ``train.packing`` the collator packs each micro-batch into rows of at most
 
 Usage::
 
-    ds = SupervisedDataset.from_bundle(read_json(paths.training_json(cfg)), bundle, cfg)
+    ds = SupervisedDataset.from_bundle(RecordStore.open(paths.training_json(cfg)), bundle, cfg)
     batch = TrainingCollator(bundle.tokenizer.pad_token_id)([ds[0], ds[1]])
     packed = TrainingCollator(bundle.tokenizer.pad_token_id, packing=True, max_length=2048)([ds[0], ds[1]])
 """
@@ -37,29 +40,21 @@ from icmlab.inputs.collate import collate_for_training
 from icmlab.inputs.conversation import image_token_for
 from icmlab.inputs.encode import PieceEncoder, encode_conversation
 from icmlab.inputs.images import load_and_preprocess, processor_size
+from icmlab.inputs.recordstore import RecordStore, modality_length
 from icmlab.models.spec import family_spec
 from icmlab.train.packing import pack_samples
 
 log = logging.getLogger(__name__)
 
-#: How each family's upstream cuts over-long samples (see ``icmlab.inputs.encode.truncate``).
-
-
-def modality_length(record: Mapping[str, Any]) -> int:
-    """LLaVA's ``modality_lengths`` entry: words of all turns, positive with an image, negative without.
-
-    A record without any word still counts as 1 (the grouped sampler needs a sign).
-    """
-    words = sum(len(str(turn.get("value", "")).split()) for turn in record.get("conversations", []))
-    words = max(words, 1)
-    return words if "image" in record else -words
+__all__ = ["SupervisedDataset", "TrainingCollator", "modality_length"]
 
 
 class SupervisedDataset(Dataset):
     """Training samples built on access from LLaVA-format records.
 
     Args:
-        records: the training JSON's list of ``{id, image?, conversations}``.
+        records: the training records ``{id, image?, conversations}``: a
+            :class:`~icmlab.inputs.recordstore.RecordStore`, or a list (stored compactly on entry).
         tokenizer: the model's tokenizer (needs ``bos_token_id``).
         image_processor: CLIP-style processor of the model.
         data_root: folder the records' ``image`` paths are relative to.
@@ -76,7 +71,7 @@ class SupervisedDataset(Dataset):
 
     def __init__(
         self,
-        records: Sequence[Mapping[str, Any]],
+        records: RecordStore | Sequence[Mapping[str, Any]],
         *,
         tokenizer: Any,
         image_processor: Any,
@@ -88,9 +83,7 @@ class SupervisedDataset(Dataset):
         aspect_ratio: str = "pad",
         template: str = "vicuna_v1",
     ) -> None:
-        if not isinstance(records, list) or not all(isinstance(r, Mapping) for r in records):
-            raise ValueError("training data must be a JSON list of records {id, image?, conversations}")
-        self.records = records
+        self.records = records if isinstance(records, RecordStore) else RecordStore.from_records(records)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.data_root = Path(data_root)
@@ -103,10 +96,12 @@ class SupervisedDataset(Dataset):
         self.truncation = family_spec(family).truncation
         # One encoder for all records: building it compiles the special-token regex.
         self.encoder = PieceEncoder(tokenizer, dialect=family, literal=(image_token_for(family),))
-        self.modality_lengths = [modality_length(r) for r in records]
+        self.modality_lengths = self.records.modality_lengths
 
     @classmethod
-    def from_bundle(cls, records: Sequence[Mapping[str, Any]], bundle: Any, cfg: Any) -> "SupervisedDataset":
+    def from_bundle(
+        cls, records: RecordStore | Sequence[Mapping[str, Any]], bundle: Any, cfg: Any
+    ) -> "SupervisedDataset":
         """Build the dataset for a loaded :class:`icmlab.models.ModelBundle` and a ``RunConfig``."""
         return cls(
             records,

@@ -38,7 +38,7 @@ import torch
 
 from icmlab import paths
 from icmlab.config import RunConfig, find_project_root, save_resolved
-from icmlab.io import inputs_stamp_path, read_json, read_jsonl, stale_reason
+from icmlab.io import inputs_stamp_path, read_jsonl, stale_reason
 from icmlab.models import get_family
 from icmlab.rundir import run_dir_lock
 from icmlab.train.args import (  # noqa: F401  (re-exported: the stage's configuration helpers)
@@ -218,6 +218,7 @@ def check_training_data(cfg: RunConfig) -> None:
 def _train(cfg: RunConfig, callbacks: Sequence[Any], save_config: bool) -> TrainResult:
     from transformers import set_seed
 
+    from icmlab.inputs.recordstore import RecordStore
     from icmlab.train.callbacks import GracefulStopCallback
     from icmlab.train.dataset import SupervisedDataset
 
@@ -240,8 +241,7 @@ def _train(cfg: RunConfig, callbacks: Sequence[Any], save_config: bool) -> Train
         # reversed at save time they write "language_model.model.model.*" keys. Dropping them makes
         # checkpoints and the final model use the same llava-hf layout as a plain run.
         _unwrap_peft(bundle.model)._weight_conversions = None
-    records = read_json(data_file)
-    dataset = SupervisedDataset.from_bundle(records, bundle, cfg)
+    dataset = SupervisedDataset.from_bundle(RecordStore.open(data_file), bundle, cfg)
     log.info("%d training samples from %s", len(dataset), data_file)
 
     if _is_main_process():

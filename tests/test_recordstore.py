@@ -1,0 +1,149 @@
+"""RecordStore (offsets into the mapped merged JSON) reads exactly what the list-of-dicts reading did.
+
+The train stage's dataset used ``read_json`` (a list of dicts) and :func:`modality_length` per
+record; :class:`RecordStore` must give the same records in the same order and the same modality
+lengths (the grouped sampler's input), so a run's samples, order and losses stay the same.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import numpy as np
+import orjson
+import pytest
+import tiny_train_setup as T
+
+from icmlab.demo.bundle import generate_bundle
+from icmlab.inputs.recordstore import RecordStore, modality_length
+from icmlab.io import atomic_write_json, read_json
+
+# Strings that exercise the word counting: escapes, Unicode whitespace, multi-byte text, quotes.
+PIECES = ["word", " ", "  ", "\n", "\t", "\r", "\x0c", "\x08", "\\", '"', "/", "\u00a0", "\u0085", "\u1680",
+          "\u2003", "\u200a", "\u2028", "\u202f", "\u205f", "\u3000", "\x1c", "é", "’", "—", "中文", "<image>"]  # fmt: skip
+
+
+def _same_as_list_reading(path) -> RecordStore:
+    records = read_json(path)
+    store = RecordStore.open(path, workers=0)
+    assert len(store) == len(records)
+    assert [store[i] for i in range(len(store))] == records
+    assert store.modality_lengths.tolist() == [modality_length(r) for r in records]
+    return store
+
+
+def _tricky_records(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+
+    def text() -> str:
+        return "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 10)))
+
+    out = []
+    for i in range(n):
+        r: dict = {"id": str(i) if i % 7 else i}
+        if rng.random() < 0.5:
+            r["image"] = rng.choice(["a.jpg", None])
+        if rng.random() < 0.9:
+            r["conversations"] = [{"from": "human", "value": text()} for _ in range(rng.randint(0, 4))]
+            if rng.random() < 0.1:
+                r["conversations"].append({"from": "gpt", "value": rng.choice([None, 3, 1.5, text()])})
+            if rng.random() < 0.1:
+                r["conversations"].append({"from": "gpt", "value": text(), "meta": {"value": text()}})
+        if rng.random() < 0.1:
+            r["meta"] = {"value": text(), "image": 1}
+        if rng.random() < 0.1:
+            r["tags"] = ["image", "conversations", {"value": "x y"}]
+        out.append(r)
+    return out
+
+
+def test_demo_records_equal_the_list_reading(tmp_path):
+    bundle = generate_bundle(seed=0, scale=0.2)
+    records = [r for ds in (bundle.q_instruct, bundle.icm_instruct) for r in ds.payload]
+    path = atomic_write_json(tmp_path / "merged.json", records, indent=True)
+    _same_as_list_reading(path)
+
+
+def test_training_records_with_text_only_samples(tmp_path):
+    records = T.build_records(tmp_path / "data")
+    path = atomic_write_json(tmp_path / "train.json", records)
+    store = _same_as_list_reading(path)
+    assert (store.modality_lengths > 0).any() and (store.modality_lengths < 0).any()
+
+
+@pytest.mark.parametrize("indent", [False, True])
+def test_tricky_text_counts_words_like_str_split(tmp_path, indent):
+    path = atomic_write_json(tmp_path / "t.json", _tricky_records(1500), indent=indent)
+    _same_as_list_reading(path)
+
+
+def test_small_blocks_and_threads(tmp_path):
+    """Many scan blocks (tiny chunks, several threads): offsets and lengths still line up."""
+    records = _tricky_records(400, seed=1)
+    path = atomic_write_json(tmp_path / "t.json", records)
+    from icmlab.inputs import recordstore
+
+    starts, ends, lengths = [], [], []
+    for block in recordstore.iter_blocks(path, chunk_bytes=512, workers=2, extra=recordstore.scan_modality_lengths):
+        starts.append(block.starts), ends.append(block.ends), lengths.append(block.extra)
+    assert len(starts) > 10
+    assert np.concatenate(lengths).tolist() == [modality_length(r) for r in records]
+    buf = path.read_bytes()
+    assert [orjson.loads(buf[s:e]) for s, e in zip(np.concatenate(starts), np.concatenate(ends))] == records
+
+
+def test_duplicate_keys_and_odd_values_follow_the_parser(tmp_path):
+    """Duplicate keys (the parser keeps the last), non-array conversations: decoded, same answer."""
+    text = (
+        b'[{"id":"a","conversations":[{"from":"human","value":"one two","value":"three"}]},'
+        b'{"id":"b","conversations":[{"value":"x"}],"conversations":[{"value":"p q r"}],"image":"i.png"},'
+        b'{"id":"c","conversations":[]},{"id":"d"},{"id":"e","image":null,"conversations":[{"value":"\\\\n a\\u00a0b"}]}]'
+    )
+    path = tmp_path / "d.json"
+    path.write_bytes(text)
+    store = _same_as_list_reading(path)
+    assert store.modality_lengths.tolist() == [modality_length(r) for r in orjson.loads(text)]
+
+
+def test_fallback_layouts_and_empty(tmp_path):
+    empty = tmp_path / "e.json"
+    empty.write_bytes(b"[]")
+    assert len(RecordStore.open(empty)) == 0
+    nested = tmp_path / "n.json"  # whitespace the scan does not accept between records: parsed whole
+    nested.write_bytes(b'[{"id":"a","conversations":[{"value":"x y"}]} , , ]')
+    with pytest.raises(ValueError, match="n.json"):
+        RecordStore.open(nested)
+    scalar = tmp_path / "s.json"
+    scalar.write_bytes(b'[{"id":"a","conversations":[]}, 3]')
+    with pytest.raises(ValueError, match="record 1"):
+        RecordStore.open(scalar)
+    with pytest.raises(FileNotFoundError):
+        RecordStore.open(tmp_path / "missing.json")
+
+
+def test_bad_offsets_and_indices(tmp_path):
+    path = atomic_write_json(tmp_path / "t.json", [{"id": "a"}, {"id": "b"}])
+    store = RecordStore.open(path)
+    assert store[-1] == {"id": "b"}
+    with pytest.raises(IndexError, match="out of range"):
+        store[2]
+    s, e, m = store.starts, store.ends, store.modality_lengths
+    for starts, ends in ((s + 1, e), (s, e + 100), (s[::-1].copy(), e[::-1].copy()), (s, e[:1])):
+        with pytest.raises(ValueError, match="t.json"):
+            RecordStore(store.buf, starts, ends, m, path)
+
+
+def test_pickles_by_path_and_notices_a_changed_file(tmp_path):
+    path = atomic_write_json(tmp_path / "t.json", [{"id": "a", "conversations": [{"value": "x"}]}])
+    store = RecordStore.open(path)
+    blob = pickle.dumps(store)
+    assert len(blob) < 2000  # offsets and the path, not the file
+    assert pickle.loads(blob)[0] == store[0]
+    atomic_write_json(path, [{"id": "changed"}, {"id": "more"}])
+    with pytest.raises(ValueError, match="changed since"):
+        pickle.loads(blob)
+    mem = RecordStore.from_records([{"id": "m", "image": "x", "conversations": [{"value": "a b"}]}])
+    assert pickle.loads(pickle.dumps(mem))[0]["id"] == "m" and mem.modality_lengths.tolist() == [2]
+    with pytest.raises(ValueError, match="list of records"):
+        RecordStore.from_records([1, 2])
