@@ -3,7 +3,7 @@
 Each stage is a notebook under ``notebooks/``. The runner saves the resolved config and an
 environment record in ``runs/<run_name>/``, executes each notebook into that folder (the executed
 notebooks are the record of the run), and writes a completion marker per stage **last**. A stage
-whose marker is present and whose fingerprint (resolved config, notebook content, input files,
+whose marker is present and whose fingerprint (resolved config, notebook cell sources, input files,
 previous stages) is unchanged is skipped. The first failure stops the run with a message naming the
 notebook and the cell; the executed notebook is kept for diagnosis.
 
@@ -153,12 +153,23 @@ def stage_inputs(cfg: RunConfig, stage: str) -> list[Path]:
     return []
 
 
+def notebook_code(notebook: Path) -> bytes:
+    """What of a notebook decides its result: each cell's type and source, in order.
+
+    Outputs, execution counts and cell/notebook metadata are left out, so a notebook that Lab saved
+    after a Run All (outputs in it, widget state in its metadata) does not re-run its stage.
+    """
+    nb = orjson.loads(notebook.read_bytes())
+    cells = [(c.get("cell_type", ""), "".join(c.get("source", ""))) for c in nb.get("cells", [])]
+    return orjson.dumps(cells)
+
+
 def fingerprint(cfg: RunConfig, stage: str, notebook: Path, previous: str) -> str:
-    """Hash of everything a stage's result depends on."""
+    """Hash of everything a stage's result depends on (the notebook by :func:`notebook_code`)."""
     h = hashlib.sha256()
     h.update(orjson.dumps(cfg.to_dict(), option=orjson.OPT_SORT_KEYS))
     h.update(stage.encode())
-    h.update(notebook.read_bytes())
+    h.update(notebook_code(notebook))
     h.update(previous.encode())
     for p in stage_inputs(cfg, stage):
         st = p.stat() if p.exists() else None

@@ -102,3 +102,24 @@ def test_cli_setup_prints_environment_table(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "torch" in proc.stdout and "disk free at data root" in proc.stdout
+
+
+def test_fingerprint_ignores_outputs_and_metadata_not_sources(mini_project):
+    """Lab's autosave (outputs, execution counts, widget metadata) must not re-run a stage."""
+    from nbformat.v4 import new_output
+
+    from icmlab.runner import fingerprint
+
+    cfg = load_run_config(mini_project / "parameters" / "p.yaml")
+    path = mini_project / "notebooks" / "02_merge.ipynb"
+    before = fingerprint(cfg, "merge", path, "")
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[1].outputs = [new_output("stream", name="stdout", text="x" * 1000)]
+    nb.cells[1].execution_count = 7
+    nb.cells[1].metadata["collapsed"] = True
+    nb.metadata["widgets"] = {"state": {}}
+    nbformat.write(nb, path)
+    assert fingerprint(cfg, "merge", path, "") == before
+    nb.cells[1].source += "\nprint('changed')"
+    nbformat.write(nb, path)
+    assert fingerprint(cfg, "merge", path, "") != before
