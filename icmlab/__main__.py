@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
             )
             sp.add_argument("--submit", action="store_true", help="submit the script with sbatch")
         if name == "train":
+            sp.add_argument(
+                "--force",
+                action="store_true",
+                help="retrain a finished run (its model, checkpoints and metrics are moved to runs/<run>/previous/)",
+            )
             # deepspeed's launcher appends --local_rank=N to the worker command line.
             sp.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -136,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "slurm":
         return _slurm(cfg, args)
     module = importlib.import_module(STAGE_MODULES[args.command])
+    if args.command == "train" and args.force:
+        from icmlab.train.stage import RETRAIN_ENV
+
+        os.environ[RETRAIN_ENV] = "1"
     if args.command == "download" and args.dry_run:
         plan = module.plan(cfg)
         print(module.format_plan(plan))

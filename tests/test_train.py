@@ -87,6 +87,26 @@ def test_smoke_after_strategy(tiny, tmp_path):
     assert "3 steps" in result.summary()
 
 
+def test_finished_run_is_not_retrained_unless_asked(tiny, tmp_path, monkeypatch):
+    """A rerun of a finished train returns its result and says how to retrain (it used to add a step);
+    ICMLAB_RETRAIN=1 (``icmlab train --force``) retrains with the old outputs moved aside, not deleted."""
+    cfg = _setup(tiny, tmp_path, max_steps=1, save_steps=1)
+    run(cfg)
+    weights = paths.final_model_dir(cfg) / "model.safetensors"
+    stamp, first = weights.stat().st_mtime_ns, weights.read_bytes()
+    again = run(cfg)
+    assert again.already_trained and again.global_step == 1 and "--force" in again.summary()
+    assert weights.stat().st_mtime_ns == stamp and len(read_jsonl(paths.metrics_jsonl(cfg))) == 1
+    assert sorted(p.name for p in paths.checkpoints_dir(cfg).iterdir()) == ["checkpoint-1"]
+    monkeypatch.setenv("ICMLAB_RETRAIN", "1")
+    fresh = run(cfg)
+    assert not fresh.already_trained and fresh.global_step == 1 and fresh.resumed_from is None
+    (aside,) = (cfg.run_dir / "previous").iterdir()
+    assert (aside / "model" / "model.safetensors").read_bytes() == first
+    assert {"checkpoints", "metrics.jsonl", "trained.json"} <= {p.name for p in aside.iterdir()}
+    assert json.loads((cfg.run_dir / "trained.json").read_text())["global_step"] == 1
+
+
 def test_smoke_mix_strategy(tiny, tmp_path):
     cfg = _setup(tiny, tmp_path, model="parts", max_steps=2)
     result = run(cfg)
