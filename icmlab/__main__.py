@@ -66,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             sp.add_argument("--only", nargs="+", metavar="STEP", help="run only these stages")
             sp.add_argument("--from", dest="start", metavar="STEP", help="start at this stage")
-            sp.add_argument("--force", action="store_true", help="re-run stages even when up to date")
+            sp.add_argument(
+                "--force",
+                action="store_true",
+                help="re-run stages even when up to date (a finished train is kept: `icmlab train --force` retrains)",
+            )
+            sp.add_argument("-v", "--verbose", action="store_true", help="show papermill's and the kernel's logs")
         if name == "download":
             sp.add_argument("--dry-run", action="store_true", help="list what would be fetched and how big")
         if name == "slurm":
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         from icmlab.runner import StageFailed, StageInterrupted, run_pipeline
 
         try:
-            result = run_pipeline(cfg, only=args.only, start=args.start, force=args.force)
+            result = run_pipeline(cfg, only=args.only, start=args.start, force=args.force, verbose=args.verbose)
         except StageInterrupted as e:  # SIGTERM: the checkpoint is saved, a rerun resumes
             print(f"interrupted: {e}", file=sys.stderr)
             return 143
