@@ -41,3 +41,28 @@ def test_notebook_shape(path):
         lines = c.source.splitlines()
         assert not any(l.startswith(("def ", "class ", "async def ", "lambda")) for l in lines), c.source
         assert len(lines) <= 12, f"cell too long; move logic into icmlab:\n{c.source}"
+
+
+def test_show_config_is_a_short_summary_with_the_full_yaml_folded():
+    """A notebook opens with a few lines on what the run is; the resolved YAML sits in a <details>."""
+    import html
+
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    from icmlab.config import load_run_config
+    from icmlab.display import config_summary, config_text, show_config
+
+    cfg = load_run_config(ROOT / "parameters" / "demo.yaml")
+    InteractiveShell.instance()
+    try:
+        with capture_output() as cap:
+            show_config(cfg)
+    finally:
+        InteractiveShell.clear_instance()
+    (out,) = cap.outputs
+    markup = out.data["text/html"]
+    shown, folded = markup.split("<details>")
+    assert all(html.escape(v) in shown for _, v in config_summary(cfg)) and len(config_summary(cfg)) <= 8
+    assert html.escape(config_text(cfg)) in folded and "embedded demo data" in shown
+    assert cap.stdout == ""
