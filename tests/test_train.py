@@ -573,3 +573,27 @@ def test_gpu_bf16_smoke(tiny, tmp_path):
     before = LlavaForConditionalGeneration.from_pretrained(tiny["hf"], dtype=torch.bfloat16).state_dict()
     after = LlavaForConditionalGeneration.from_pretrained(result.model_dir, dtype=torch.bfloat16).state_dict()
     _assert_trained(before, after)
+
+
+@pytest.mark.slow  # three real 2x2 figures: about 1 s idle, 5 s on a busy 2-core machine
+def test_live_plot_draws_at_the_first_log_then_by_time(tmp_path, capsys):
+    """The live curves appear at the first logged step (it used to wait for 10 logs, 100 demo steps)
+    and are then redrawn when ``every_s`` has passed, whatever the number of steps in between."""
+    import time
+
+    from transformers import TrainerState
+
+    from icmlab.io import write_jsonl
+    from icmlab.train.live import LiveMetricsPlot
+
+    path, state = tmp_path / "metrics.jsonl", TrainerState()
+    live = LiveMetricsPlot(path, every_s=0.4)
+    write_jsonl(path, [{"step": 10, "loss": 2.0}])
+    live.on_log(None, state, None)
+    write_jsonl(path, [{"step": 10, "loss": 2.0}, {"step": 20, "loss": 1.5}])
+    live.on_log(None, state, None)  # 0.4 s have not passed: no redraw
+    time.sleep(0.45)
+    write_jsonl(path, [{"step": s, "loss": 1.0} for s in (10, 20, 30)])
+    live.on_log(None, state, None)
+    live.on_train_end(None, state, None)
+    assert live.drawn == [1, 3, 3]

@@ -166,7 +166,7 @@ from icmlab.train.live import LiveMetricsPlot, plot_metrics
 
 print(train.batch_message(cfg))""",
         "#md ## Training (live loss, learning rate, grad norm, throughput, ETA)",
-        """result = train.run(cfg, callbacks=[LiveMetricsPlot(paths.metrics_jsonl(cfg), every=10, title=cfg.run_name)])
+        """result = train.run(cfg, callbacks=[LiveMetricsPlot(paths.metrics_jsonl(cfg), title=cfg.run_name)])
 print(result.summary())""",
         "#md ## Curves of the whole run",
         "show_figure(plot_metrics(paths.metrics_jsonl(cfg), title=cfg.run_name))",
