@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Iterator, TextIO
 
 PROGRESS_FILE_ENV = "ICMLAB_PROGRESS_FILE"
 INTERVAL_ENV = "ICMLAB_PROGRESS_INTERVAL"
@@ -132,3 +132,16 @@ class TerminalProgress:
         self.stream.flush()
         self._drawn = True
         return True
+
+
+def batch_starts(total: int, batch_size: int, desc: str) -> Iterator[int]:
+    """``range(0, total, batch_size)`` with a tqdm bar counting items (the evaluate stage's batches).
+
+    The bar advances when the next batch is asked for, i.e. once the previous batch is answered.
+    """
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=desc, unit="item", leave=False) as bar:
+        for start in range(0, total, batch_size):
+            yield start
+            bar.update(min(batch_size, total - start))

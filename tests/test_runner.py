@@ -172,3 +172,13 @@ def test_terminal_progress_redraws_one_line_on_a_terminal(tmp_path):
         "train:  20%|##        | 2/10 [loss 1.9] | samples: 3/9",
     ]
     assert stream.getvalue().count("\r\x1b[K") == 2 and stream.getvalue().endswith("samples: 3/9\n")
+
+
+def test_batch_starts_shows_a_live_bar_counting_items():
+    """The evaluate stage's batches are counted in items by a bar that the progress tee can read."""
+    from icmlab.progress import bar_lines, batch_starts
+
+    seen = [(start, bar_lines()) for start in batch_starts(10, 4, "evaluate")]
+    assert [s for s, _ in seen] == [0, 4, 8]
+    assert seen[1][1][0].startswith("evaluate:") and "4/10" in seen[1][1][0] and "8/10" in seen[2][1][0]
+    assert bar_lines() == []  # closed with the loop
