@@ -66,3 +66,31 @@ def test_show_config_is_a_short_summary_with_the_full_yaml_folded():
     assert all(html.escape(v) in shown for _, v in config_summary(cfg)) and len(config_summary(cfg)) <= 8
     assert html.escape(config_text(cfg)) in folded and "embedded demo data" in shown
     assert cap.stdout == ""
+
+
+def test_lab_saves_committed_notebooks_without_outputs_and_runs_as_they_are(tmp_path):
+    """The repository's jupyter_server_config.py, loaded by traitlets as Lab loads it, into Lab's own
+    FileContentsManager: a save under notebooks/ drops outputs and Lab's metadata, one under runs/ keeps them."""
+    import copy
+
+    from jupyter_server.services.contents.filemanager import FileContentsManager
+    from nbformat.v4 import new_output
+    from traitlets.config import PyFileConfigLoader
+
+    config = PyFileConfigLoader("jupyter_server_config.py", path=str(ROOT)).load_config()
+    assert config.ServerApp.root_dir == str(ROOT) and config.ServerApp.default_url == "/lab/tree/notebooks"
+    manager = FileContentsManager(config=config, root_dir=str(tmp_path))
+    nb = nbformat.read(NOTEBOOKS[0], as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    code[1].outputs, code[1].execution_count = [new_output("stream", name="stdout", text="x" * 500)], 3
+    code[1].metadata["execution"] = {"iopub.status.busy": "2026-12-02T15:00:00"}
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    nb.metadata["language_info"] = {"name": "python", "version": "3.11.5", "mimetype": "text/x-python"}
+    for folder in ("notebooks", "runs"):
+        (tmp_path / folder).mkdir()
+        model = {"type": "notebook", "format": "json", "content": copy.deepcopy(nb)}  # the hook edits it in place
+        manager.save(model, f"{folder}/{NOTEBOOKS[0].name}")
+    saved = nbformat.read(tmp_path / "notebooks" / NOTEBOOKS[0].name, as_version=4)
+    assert saved == nbformat.read(NOTEBOOKS[0], as_version=4)  # byte-for-byte what the generator wrote
+    kept = nbformat.read(tmp_path / "runs" / NOTEBOOKS[0].name, as_version=4)
+    assert [c for c in kept.cells if c.cell_type == "code"][1].outputs and "widgets" in kept.metadata
