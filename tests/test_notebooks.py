@@ -24,6 +24,9 @@ def test_notebook_shape(path):
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    # the opening says, for a newcomer, how long, what to look at, what good looks like, what next
+    for part in ("**How long.** demo", "**What to look at.**", "**What good looks like.**", "**Next.**"):
+        assert part in nb.cells[0].source, (path.name, part)
     # committed without outputs
     assert all(not c.outputs and c.execution_count is None for c in code)
     # parameters cell: literal demo defaults, documented for --help-notebook
