@@ -52,7 +52,7 @@ spec(
     intro(
         "Checks that this machine can run the chosen recipe, and lists what is missing before you spend "
         "time downloading or training.",
-        "a few seconds, on the demo and on a real recipe.",
+        "demo: a few seconds; a real recipe: the same.",
         "the last cell: either *Everything this recipe needs is here* or a short list of what is missing.",
         "the demo needs nothing beyond `make install`, so on any machine the last cell says everything is "
         "here. A real recipe wants the GPUs, bf16 and free disk its parameters file names (e.g. 8 GPUs "
