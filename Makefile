@@ -113,8 +113,10 @@ format: $(INSTALLED)  ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
 	$(VENV)/bin/ruff format $(LINT_PATHS)
 
-lab: $(INSTALLED)  ## JupyterLab on the notebooks
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/jupyter-lab --notebook-dir=notebooks
+# jupyter_server_config.py roots Lab at the repository (runs/ and parameters/ open in it, the file
+# browser starts in notebooks/), strips outputs when a committed notebook is saved, and allows root.
+lab: $(INSTALLED)  ## JupyterLab on the repository, opened at notebooks/
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/jupyter-lab --config=$(CURDIR)/jupyter_server_config.py $(LAB_ARGS)
 
 clean-runs:
 	rm -rf runs/

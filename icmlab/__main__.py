@@ -70,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             sp.add_argument("--only", nargs="+", metavar="STEP", help="run only these stages")
             sp.add_argument("--from", dest="start", metavar="STEP", help="start at this stage")
-            sp.add_argument("--force", action="store_true", help="re-run stages even when up to date")
+            sp.add_argument(
+                "--force",
+                action="store_true",
+                help="re-run stages even when up to date (a finished train is kept: `icmlab train --force` retrains)",
+            )
+            sp.add_argument("-v", "--verbose", action="store_true", help="show papermill's and the kernel's logs")
         if name == "download":
             sp.add_argument("--dry-run", action="store_true", help="list what would be fetched and how big")
         if name == "slurm":
@@ -107,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
             )
             sp.add_argument("--submit", action="store_true", help="submit the script with sbatch")
         if name == "train":
+            sp.add_argument(
+                "--force",
+                action="store_true",
+                help="retrain a finished run (its model, checkpoints and metrics are moved to runs/<run>/previous/)",
+            )
             # deepspeed's launcher appends --local_rank=N to the worker command line.
             sp.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -128,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         from icmlab.runner import StageFailed, StageInterrupted, run_pipeline
 
         try:
-            result = run_pipeline(cfg, only=args.only, start=args.start, force=args.force)
+            result = run_pipeline(cfg, only=args.only, start=args.start, force=args.force, verbose=args.verbose)
         except StageInterrupted as e:  # SIGTERM: the checkpoint is saved, a rerun resumes
             print(f"interrupted: {e}", file=sys.stderr)
             return 143
@@ -143,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "slurm":
         return _slurm(cfg, args)
     module = importlib.import_module(STAGE_MODULES[args.command])
+    if args.command == "train" and args.force:
+        from icmlab.train.stage import RETRAIN_ENV
+
+        os.environ[RETRAIN_ENV] = "1"
     try:
         if args.command == "download" and args.dry_run:
             print(redact_text(module.format_plan(module.plan(cfg))))

@@ -381,9 +381,13 @@ def load_notebook_config(params_file: str, overrides: dict | None, namespace: di
 
     ``papermill -f parameters/X.yaml`` injects the file's top-level sections as variables; when any
     are present in ``namespace`` they are used (with ``params_file`` ignored), otherwise ``params_file``
-    is loaded. Either way the same validation runs.
+    is loaded. Either way the same validation runs. It first sets the kernel up for the notebooks
+    (:func:`icmlab.notebook.prepare`: logs on stdout, known-harmless warnings dropped, progress tee).
     """
     install_log_redaction()  # the executed notebooks keep their log lines: no secret in them
+    from icmlab.notebook import prepare
+
+    prepare()
     sections = {f.name for f in fields(RunConfig)} - {"source_file"}
     injected = {k: namespace[k] for k in sections if k in namespace}
     if injected:

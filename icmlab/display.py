@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import io
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import yaml
@@ -44,10 +45,57 @@ def config_text(cfg: RunConfig) -> str:
     return yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False)
 
 
+def config_summary(cfg: RunConfig) -> list[tuple[str, str]]:
+    """The few settings that say what a run is, as (label, value) rows."""
+    t, m, h = cfg.train, cfg.model, cfg.hardware
+    where = (
+        f"cpu, {h.num_processes} process(es)"
+        if h.device == "cpu"
+        else f"{h.device}, {h.num_gpus} GPU(s) × {h.num_nodes} node(s), DeepSpeed {h.deepspeed}"
+    )
+    length = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epoch(s)"
+    data = ", ".join(cfg.data.datasets) + (f" + {cfg.data.high_level}" if t.strategy == "mix" else "")
+    return [
+        ("run", f"{cfg.run_name}  ({_relative(cfg.run_dir)})"),
+        ("parameters file", _relative(cfg.source_file) if cfg.source_file else "(none)"),
+        ("model", f"{m.family} {m.size}: {_relative(m.base)}"),
+        ("data", f"{data}{'  [embedded demo data]' if cfg.demo.enabled else ''}  (root {_relative(cfg.data.root)})"),
+        ("training", f"{t.strategy}, {length}, global batch {t.global_batch_size}, lr {t.lr:g}"),
+        ("hardware", where),
+    ]
+
+
+def _relative(path: str | Path) -> str:
+    """``path`` relative to the working directory (the project root in notebooks) when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def show_config(cfg: RunConfig) -> None:
-    """Print the resolved config so the executed notebook records the values, not just the file name."""
-    print(f"# run directory: {cfg.run_dir}\n# parameters file: {cfg.source_file}")
-    print(config_text(cfg))
+    """Show what the run is in a few lines, with the whole resolved config one click away.
+
+    The executed notebook records every value (in the collapsible element), not just the file name.
+    Outside IPython the summary and the full YAML are printed.
+    """
+    rows = config_summary(cfg)
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        get_ipython = None  # type: ignore[assignment]
+    if get_ipython is None or get_ipython() is None:
+        print("\n".join(f"# {k}: {v}" for k, v in rows))
+        print(config_text(cfg))
+        return
+    table = "".join(
+        f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>{html.escape(v)}</td></tr>"
+        for k, v in rows
+    )
+    show_html(
+        f"<table>{table}</table><details><summary>full resolved config (YAML)</summary>"
+        f"<pre>{html.escape(config_text(cfg))}</pre></details>"
+    )
 
 
 def show_html(markup: str) -> None:

@@ -3,9 +3,14 @@
 Each stage is a notebook under ``notebooks/``. The runner saves the resolved config and an
 environment record in ``runs/<run_name>/``, executes each notebook into that folder (the executed
 notebooks are the record of the run), and writes a completion marker per stage **last**. A stage
-whose marker is present and whose fingerprint (resolved config, notebook content, input files,
+whose marker is present and whose fingerprint (resolved config, notebook cell sources, input files,
 previous stages) is unchanged is skipped. The first failure stops the run with a message naming the
 notebook and the cell; the executed notebook is kept for diagnosis.
+
+While a stage runs, its progress bars are shown in the terminal (:mod:`icmlab.progress`: redrawn
+in place on a terminal, a line a minute in a log). Otherwise the run is quiet: papermill's INFO
+lines and the kernel's own log (its "running over TCP" warning) appear only with ``verbose``
+(``icmlab run -v``).
 
 SIGTERM (a scheduler's pre-emption, ``kill``) is forwarded to the notebook kernel, which runs in
 a session of its own and would not see it: an in-process training saves a checkpoint at the end of
@@ -32,6 +37,7 @@ import orjson
 from icmlab import paths
 from icmlab.config import RunConfig, find_project_root, save_resolved
 from icmlab.io import atomic_write_json, read_json
+from icmlab.progress import PROGRESS_FILE_ENV, TerminalProgress
 
 log = logging.getLogger("icmlab.run")
 
@@ -153,12 +159,23 @@ def stage_inputs(cfg: RunConfig, stage: str) -> list[Path]:
     return []
 
 
+def notebook_code(notebook: Path) -> bytes:
+    """What of a notebook decides its result: each cell's type and source, in order.
+
+    Outputs, execution counts and cell/notebook metadata are left out, so a notebook that Lab saved
+    after a Run All (outputs in it, widget state in its metadata) does not re-run its stage.
+    """
+    nb = orjson.loads(notebook.read_bytes())
+    cells = [(c.get("cell_type", ""), "".join(c.get("source", ""))) for c in nb.get("cells", [])]
+    return orjson.dumps(cells)
+
+
 def fingerprint(cfg: RunConfig, stage: str, notebook: Path, previous: str) -> str:
-    """Hash of everything a stage's result depends on."""
+    """Hash of everything a stage's result depends on (the notebook by :func:`notebook_code`)."""
     h = hashlib.sha256()
     h.update(orjson.dumps(cfg.to_dict(), option=orjson.OPT_SORT_KEYS))
     h.update(stage.encode())
-    h.update(notebook.read_bytes())
+    h.update(notebook_code(notebook))
     h.update(previous.encode())
     for p in stage_inputs(cfg, stage):
         st = p.stat() if p.exists() else None
@@ -203,6 +220,7 @@ def run_pipeline(
     force: bool = False,
     kernel_name: str | None = None,
     root: Path | None = None,
+    verbose: bool = False,
 ) -> PipelineResult:
     """Execute the stage notebooks for ``cfg`` into its run directory.
 
@@ -213,6 +231,7 @@ def run_pipeline(
         force: run even when a stage's marker and fingerprint say it is done.
         kernel_name: Jupyter kernel to use (default: the kernel of this Python).
         root: project root holding ``notebooks/`` (default: found from the working directory).
+        verbose: show papermill's INFO lines and the kernel's own log.
 
     Returns:
         A :class:`PipelineResult` listing each stage's outcome.
@@ -231,6 +250,9 @@ def run_pipeline(
     atomic_write_json(run_dir / "env.json", environment_record())
     # The kernel must be this environment's Python: ipykernel's spec resolves `python` through PATH.
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    logging.getLogger("papermill").setLevel(logging.INFO if verbose else logging.WARNING)
+    quiet_kernel = [] if verbose else ["--log-level=ERROR"]  # ipykernel's own log (the TCP warning)
+    progress_file = run_dir / "progress.txt"
     result = PipelineResult(run_dir)
     previous = ""
     chosen = select_stages(only, start)
@@ -251,7 +273,8 @@ def run_pipeline(
         marker.unlink(missing_ok=True)
         log.info("%s: running %s -> %s", stage, nb.name, out)
         t0 = time.perf_counter()
-        with _ForwardSigterm() as sigterm:
+        os.environ[PROGRESS_FILE_ENV] = str(progress_file)  # the kernel inherits it
+        with _ForwardSigterm() as sigterm, TerminalProgress(progress_file, stage):
             try:
                 pm.execute_notebook(
                     str(nb),
@@ -261,6 +284,7 @@ def run_pipeline(
                     kernel_name=kernel_name,
                     progress_bar=False,
                     log_output=False,
+                    extra_arguments=quiet_kernel,
                 )
             except Exception as err:  # papermill raises PapermillExecutionError; keep the notebook
                 status = "interrupted" if sigterm.received else "failed"
@@ -268,6 +292,8 @@ def run_pipeline(
                 if sigterm.received:
                     raise StageInterrupted(f"stage '{stage}' stopped by SIGTERM; rerun to resume ({out})") from None
                 raise StageFailed(_failure_message(stage, nb, out, err)) from None
+            finally:
+                os.environ.pop(PROGRESS_FILE_ENV, None)
         secs = time.perf_counter() - t0
         if sigterm.received:  # the stage ended early but cleanly (training saved a checkpoint)
             result.stages.append(StageOutcome(stage, "interrupted", secs, out))

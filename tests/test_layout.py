@@ -16,7 +16,7 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "icmlab"
 STAGES = ("download", "merge", "validate", "inspection", "train", "evaluate")
 # Lower layers: a stage may import them, they never import a stage.
-LOWER = ("inputs", "models", "demo", "config", "typed_yaml", "paths", "io", "display")
+LOWER = ("inputs", "models", "demo", "config", "typed_yaml", "paths", "io", "display", "notebook", "progress")
 # The one public cross-stage read: validate and inspect read merge's provenance sidecar.
 ALLOWED_CROSS = {("validate", "icmlab.merge.provenance"), ("inspection", "icmlab.merge.provenance")}
 

@@ -270,7 +270,7 @@ def uninterrupted(tiny) -> dict:
     from icmlab.train.live import LiveMetricsPlot
 
     cfg = _cfg(tiny, "llava15", "steady", ranks=2, deepspeed="zero2", launcher="deepspeed", **LONG)
-    live = LiveMetricsPlot(paths.metrics_jsonl(cfg), every=1)
+    live = LiveMetricsPlot(paths.metrics_jsonl(cfg), every_s=0)
     t0 = time.perf_counter()
     run(cfg, callbacks=[live])
     print(f"uninterrupted 2-rank ZeRO-2 run: {time.perf_counter() - t0:.1f} s, live redraws at rows {live.drawn}")

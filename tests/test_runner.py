@@ -102,3 +102,83 @@ def test_cli_setup_prints_environment_table(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "torch" in proc.stdout and "disk free at data root" in proc.stdout
+
+
+def test_fingerprint_ignores_outputs_and_metadata_not_sources(mini_project):
+    """Lab's autosave (outputs, execution counts, widget metadata) must not re-run a stage."""
+    from nbformat.v4 import new_output
+
+    from icmlab.runner import fingerprint
+
+    cfg = load_run_config(mini_project / "parameters" / "p.yaml")
+    path = mini_project / "notebooks" / "02_merge.ipynb"
+    before = fingerprint(cfg, "merge", path, "")
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[1].outputs = [new_output("stream", name="stdout", text="x" * 1000)]
+    nb.cells[1].execution_count = 7
+    nb.cells[1].metadata["collapsed"] = True
+    nb.metadata["widgets"] = {"state": {}}
+    nbformat.write(nb, path)
+    assert fingerprint(cfg, "merge", path, "") == before
+    nb.cells[1].source += "\nprint('changed')"
+    nbformat.write(nb, path)
+    assert fingerprint(cfg, "merge", path, "") != before
+
+
+@pytest.mark.slow
+def test_cli_run_streams_stage_progress_and_is_quiet_otherwise(mini_project):
+    """``icmlab run`` shows the stage's tqdm bar (here: the periodic lines of a non-terminal log) and
+    neither papermill's INFO lines nor the kernel's TCP warning; an INFO log goes to the notebook's stdout."""
+    import os
+
+    _nb(
+        mini_project / "notebooks" / "00_setup.ipynb",
+        "import logging, time\nfrom tqdm.auto import tqdm\nfrom icmlab.notebook import prepare\nprepare()\n"
+        "logging.getLogger('icmlab.demo').info('hello from the stage')\n"
+        "for _ in tqdm(range(8), desc='counting'):\n    time.sleep(0.5)",
+    )
+    env = dict(os.environ, ICMLAB_PROGRESS_INTERVAL="1")
+    cmd = [sys.executable, "-m", "icmlab", "run", "parameters/p.yaml", "--only", "setup"]
+    proc = subprocess.run(cmd, cwd=mini_project, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("setup: counting:")]
+    assert len(lines) >= 2 and lines[-1] != lines[0], proc.stderr  # it moved while the stage ran
+    assert "/8 [" in lines[-1]
+    assert "without encryption" not in proc.stderr and "Executing Cell" not in proc.stderr
+    cfg = load_run_config(mini_project / "parameters" / "p.yaml")
+    cell = nbformat.read(cfg.run_dir / "00_setup.ipynb", as_version=4).cells[-1]
+    streams = {o.name: o.text for o in cell.outputs if o.output_type == "stream"}
+    assert "hello from the stage" in streams.get("stdout", "") and "hello" not in streams.get("stderr", "")
+
+
+def test_terminal_progress_redraws_one_line_on_a_terminal(tmp_path):
+    """On a terminal the bars are redrawn in place (carriage return, line cleared), one line at the end."""
+    import io
+    import time
+
+    from icmlab.progress import TerminalProgress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream, path = Tty(), tmp_path / "progress.txt"
+    with TerminalProgress(path, "train", stream=stream) as shown:
+        path.write_text("train:  10%|#         | 1/10 [loss 2.1]\n")
+        time.sleep(0.7)
+        path.write_text("train:  20%|##        | 2/10 [loss 1.9]\nsamples: 3/9\n")
+    assert shown.shown == [
+        "train:  10%|#         | 1/10 [loss 2.1]",
+        "train:  20%|##        | 2/10 [loss 1.9] | samples: 3/9",
+    ]
+    assert stream.getvalue().count("\r\x1b[K") == 2 and stream.getvalue().endswith("samples: 3/9\n")
+
+
+def test_batch_starts_shows_a_live_bar_counting_items():
+    """The evaluate stage's batches are counted in items by a bar that the progress tee can read."""
+    from icmlab.progress import bar_lines, batch_starts
+
+    seen = [(start, bar_lines()) for start in batch_starts(10, 4, "evaluate")]
+    assert [s for s, _ in seen] == [0, 4, 8]
+    assert seen[1][1][0].startswith("evaluate:") and "4/10" in seen[1][1][0] and "8/10" in seen[2][1][0]
+    assert bar_lines() == []  # closed with the loop

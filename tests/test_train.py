@@ -87,6 +87,26 @@ def test_smoke_after_strategy(tiny, tmp_path):
     assert "3 steps" in result.summary()
 
 
+def test_finished_run_is_not_retrained_unless_asked(tiny, tmp_path, monkeypatch):
+    """A rerun of a finished train returns its result and says how to retrain (it used to add a step);
+    ICMLAB_RETRAIN=1 (``icmlab train --force``) retrains with the old outputs moved aside, not deleted."""
+    cfg = _setup(tiny, tmp_path, max_steps=1, save_steps=1)
+    run(cfg)
+    weights = paths.final_model_dir(cfg) / "model.safetensors"
+    stamp, first = weights.stat().st_mtime_ns, weights.read_bytes()
+    again = run(cfg)
+    assert again.already_trained and again.global_step == 1 and "--force" in again.summary()
+    assert weights.stat().st_mtime_ns == stamp and len(read_jsonl(paths.metrics_jsonl(cfg))) == 1
+    assert sorted(p.name for p in paths.checkpoints_dir(cfg).iterdir()) == ["checkpoint-1"]
+    monkeypatch.setenv("ICMLAB_RETRAIN", "1")
+    fresh = run(cfg)
+    assert not fresh.already_trained and fresh.global_step == 1 and fresh.resumed_from is None
+    (aside,) = (cfg.run_dir / "previous").iterdir()
+    assert (aside / "model" / "model.safetensors").read_bytes() == first
+    assert {"checkpoints", "metrics.jsonl", "trained.json"} <= {p.name for p in aside.iterdir()}
+    assert json.loads((cfg.run_dir / "trained.json").read_text())["global_step"] == 1
+
+
 def test_smoke_mix_strategy(tiny, tmp_path):
     cfg = _setup(tiny, tmp_path, model="parts", max_steps=2)
     result = run(cfg)
@@ -553,3 +573,27 @@ def test_gpu_bf16_smoke(tiny, tmp_path):
     before = LlavaForConditionalGeneration.from_pretrained(tiny["hf"], dtype=torch.bfloat16).state_dict()
     after = LlavaForConditionalGeneration.from_pretrained(result.model_dir, dtype=torch.bfloat16).state_dict()
     _assert_trained(before, after)
+
+
+@pytest.mark.slow  # three real 2x2 figures: about 1 s idle, 5 s on a busy 2-core machine
+def test_live_plot_draws_at_the_first_log_then_by_time(tmp_path, capsys):
+    """The live curves appear at the first logged step (it used to wait for 10 logs, 100 demo steps)
+    and are then redrawn when ``every_s`` has passed, whatever the number of steps in between."""
+    import time
+
+    from transformers import TrainerState
+
+    from icmlab.io import write_jsonl
+    from icmlab.train.live import LiveMetricsPlot
+
+    path, state = tmp_path / "metrics.jsonl", TrainerState()
+    live = LiveMetricsPlot(path, every_s=0.4)
+    write_jsonl(path, [{"step": 10, "loss": 2.0}])
+    live.on_log(None, state, None)
+    write_jsonl(path, [{"step": 10, "loss": 2.0}, {"step": 20, "loss": 1.5}])
+    live.on_log(None, state, None)  # 0.4 s have not passed: no redraw
+    time.sleep(0.45)
+    write_jsonl(path, [{"step": s, "loss": 1.0} for s in (10, 20, 30)])
+    live.on_log(None, state, None)
+    live.on_train_end(None, state, None)
+    assert live.drawn == [1, 3, 3]

@@ -44,6 +44,7 @@ import torch
 from PIL import Image
 
 from icmlab.models.spec import FAMILY_SPECS
+from icmlab.progress import batch_starts
 
 Control = Literal["none", "blank", "shuffled", "shuffle"]
 _CONTROL_ALIASES = {"none": "none", "blank": "blank", "shuffled": "shuffled", "shuffle": "shuffled"}
@@ -280,7 +281,7 @@ def _batches(
     source = derangement(len(images), seed) if control == "shuffled" else list(range(len(images)))
     dev, dtype = _model_device_dtype(model, device)
     pad = _pad_id(_tokenizer_of(processor_or_tokenizer))
-    for start in range(0, len(prompts), batch_size):
+    for start in batch_starts(len(prompts), batch_size, "evaluate"):
         stop = start + batch_size
         imgs = [load_image(images[j]) for j in source[start:stop]]
         if control == "blank":

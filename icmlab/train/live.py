@@ -10,6 +10,8 @@ The same code serves both, so the notebook looks the same either way.
 
 from __future__ import annotations
 
+import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,20 +67,26 @@ def plot_metrics(rows_or_path: list[dict] | str | Path, title: str = "") -> Figu
 
 
 class LiveMetricsPlot(TrainerCallback):
-    """Redraw ``plot_metrics`` in one notebook output every ``every`` logged steps.
+    """Redraw ``plot_metrics`` in one notebook output: at the first logged step, then at most every
+    ``every_s`` seconds while new rows come in, and once at the end.
 
     In-process training calls it as a Trainer callback; a launched job's stage calls :meth:`poll`.
+    Time, not a count of steps, sets the pace: the picture is as fresh on a 0.1 s/step demo as on
+    a 20 s/step real run (drawing takes about 0.1 s, so 5 s keeps its cost near 2 %).
     """
 
-    def __init__(self, metrics_path: str | Path, every: int = 5, title: str = "") -> None:
-        self.path, self.every, self.title = Path(metrics_path), max(1, every), title
+    def __init__(self, metrics_path: str | Path, every_s: float = 5.0, title: str = "") -> None:
+        self.path, self.every_s, self.title = Path(metrics_path), max(0.0, every_s), title
         self._handle: Any = None
-        self._logs = 0
+        self._last_draw = -math.inf  # time.monotonic() of the last redraw
         self._drawn_rows = -1  # rows shown by the last poll() redraw
         self.drawn: list[int] = []  # metrics rows shown by each redraw (the live view's history)
 
+    def _due(self) -> bool:
+        return time.monotonic() - self._last_draw >= self.every_s
+
     def poll(self, force: bool = False) -> bool:
-        """Redraw when ``metrics.jsonl`` gained ``every`` rows since the last redraw (launched jobs).
+        """Redraw when ``metrics.jsonl`` gained rows and the last redraw is ``every_s`` old (launched jobs).
 
         Args:
             force: redraw whenever the file changed (the final picture when the job ended).
@@ -87,13 +95,19 @@ class LiveMetricsPlot(TrainerCallback):
             True when it redrew.
         """
         rows = len(read_metrics(self.path))
-        if rows == self._drawn_rows or (not force and self._drawn_rows >= 0 and rows - self._drawn_rows < self.every):
+        if rows == self._drawn_rows or (not force and not self._due()):
             return False
         self._drawn_rows = rows
         self._draw()
         return True
 
     def _draw(self) -> None:
+        try:
+            self._draw_now()
+        finally:  # the pace counts from when the picture was shown
+            self._last_draw = time.monotonic()
+
+    def _draw_now(self) -> None:
         try:
             from IPython.display import display
         except ImportError:
@@ -111,8 +125,8 @@ class LiveMetricsPlot(TrainerCallback):
             self._handle.update(fig)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        self._logs += 1
-        if state.is_world_process_zero and self._logs % self.every == 0:
+        # MetricsJsonlCallback (registered first, see build_trainer) has appended this log's row.
+        if state.is_world_process_zero and self._due():
             self._draw()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

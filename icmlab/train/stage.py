@@ -20,6 +20,11 @@ What it does, in order:
    ``<run_dir>/checkpoints`` with its weights really restored. SIGTERM saves a checkpoint and stops.
 5. Saves the final model with the adapter's ``save_bundle`` into ``<run_dir>/model`` (llava-hf
    layout for LLaVA) and optionally pushes it to the hub. Metrics go to ``<run_dir>/metrics.jsonl``.
+6. Writes ``<run_dir>/trained.json`` last. A rerun of a finished run does not train again (it would
+   resume and add steps to a finished model): it says so and returns the saved result, unless
+   ``train.max_steps`` (or ``train.epochs``) was raised, which continues from the last checkpoint,
+   or a retrain is asked for (``icmlab train P --force``, ``ICMLAB_RETRAIN=1``), which moves the
+   old model, checkpoints and metrics aside into ``<run_dir>/previous/<time>/`` and starts afresh.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import torch
 
 from icmlab import paths
 from icmlab.config import RunConfig, find_project_root, save_resolved
-from icmlab.io import inputs_stamp_path, read_jsonl, stale_reason
+from icmlab.io import inputs_stamp_path, read_json, read_jsonl, stale_reason
 from icmlab.models import get_family
 from icmlab.rundir import run_dir_lock
 from icmlab.train.args import (  # noqa: F401  (re-exported: the stage's configuration helpers)
@@ -86,10 +91,13 @@ class TrainResult:
     resumed_from: Path | None = None
     interrupted: bool = False
     mode: str = "inprocess"
+    already_trained: bool = False
 
     def summary(self) -> str:
         """A few lines for the terminal or the notebook."""
         state = "interrupted (checkpoint saved; rerun to resume)" if self.interrupted else "done"
+        if self.already_trained:
+            state = "already done (not retrained; `icmlab train <params> --force` or ICMLAB_RETRAIN=1 retrains)"
         loss = f"{self.final_loss:.4f}" if self.final_loss is not None else "n/a"
         lines = [f"train {state}: {self.global_step} steps, final loss {loss} ({self.mode})"]
         if self.resumed_from:
@@ -100,7 +108,11 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------- the stage
-def run(cfg: RunConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
+RETRAIN_ENV = "ICMLAB_RETRAIN"
+"""Set to 1 to retrain a finished run (what ``icmlab train --force`` does)."""
+
+
+def run(cfg: RunConfig, callbacks: Sequence[Any] = (), force: bool | None = None) -> TrainResult:
     """Train the run's model; see the module docstring.
 
     Args:
@@ -108,6 +120,8 @@ def run(cfg: RunConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
         callbacks: extra ``TrainerCallback`` objects (e.g. a notebook's live plot). A launched job's
             workers cannot receive them: there, those with a ``poll()`` method (``LiveMetricsPlot``)
             are polled about once a second while the job runs and follow ``metrics.jsonl``.
+        force: retrain a finished run from scratch, its old outputs moved aside (default: the
+            ``ICMLAB_RETRAIN`` environment variable).
 
     Returns:
         The :class:`TrainResult`.
@@ -122,9 +136,14 @@ def run(cfg: RunConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     # launchers of a multi-node job share it by design.
     multi_node = cfg.hardware.num_nodes > 1 or is_launched_worker()
     with contextlib.nullcontext() if multi_node else run_dir_lock(cfg, "train"):
-        check_training_data(cfg)  # before any rank is launched
         cfg = resolve_device(cfg)
         mode = launch_mode(cfg)
+        if not is_launched_worker():  # the launching process decides; its workers just train
+            force = os.environ.get(RETRAIN_ENV, "") not in ("", "0") if force is None else force
+            done = _finished(cfg, mode, force)
+            if done is not None:
+                return done
+        check_training_data(cfg)  # before any rank is launched
         if mode != "inprocess":
             return _run_launched(cfg, mode, callbacks)
         return _train_inprocess(cfg, callbacks)
@@ -141,6 +160,63 @@ def _ensure_visible_logging() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         pkg.addHandler(handler)
         pkg.setLevel(logging.INFO)
+
+
+def trained_marker(cfg: RunConfig) -> Path:
+    """``<run_dir>/trained.json``: written last by a finished training (steps, epochs, model)."""
+    return cfg.run_dir / "trained.json"
+
+
+def _finished(cfg: RunConfig, mode: str, force: bool) -> TrainResult | None:
+    """The saved result of a finished run that the config does not ask to extend; None = train.
+
+    With ``force`` the finished run's outputs are moved aside first (nothing is deleted).
+    """
+    marker = trained_marker(cfg)
+    if not marker.is_file():
+        return None
+    done = read_json(marker)
+    if force:
+        _move_aside(cfg)
+        return None
+    t = cfg.train
+    if t.max_steps > 0 and t.max_steps > done.get("global_step", 0):
+        log.info("train.max_steps raised to %d: continuing from step %d", t.max_steps, done.get("global_step", 0))
+        return None
+    if t.max_steps <= 0 and t.epochs > done.get("epochs", 0):
+        log.info("train.epochs raised to %s: continuing the finished run", t.epochs)
+        return None
+    result = _result_from_disk(cfg, mode, step=done.get("global_step"))
+    result.already_trained = True
+    log.warning(
+        "%s is already trained (%d steps, finished %s); not training again. To retrain: "
+        "`icmlab train <params> --force` or ICMLAB_RETRAIN=1 (old outputs are moved to %s/previous/), "
+        "a new run_name, or raise train.max_steps to continue",
+        cfg.run_name,
+        result.global_step,
+        done.get("finished", "?"),
+        cfg.run_dir,
+    )
+    return result
+
+
+def _move_aside(cfg: RunConfig) -> Path:
+    """Move a finished run's training outputs into ``<run_dir>/previous/<time>/``; returns that folder."""
+    import time
+
+    dest = cfg.run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in (
+        paths.final_model_dir(cfg),
+        paths.checkpoints_dir(cfg),
+        paths.metrics_jsonl(cfg),
+        interrupted_marker(cfg),
+        trained_marker(cfg),
+    ):
+        if p.exists():
+            p.rename(dest / p.name)
+    log.warning("retraining %s: the previous model, checkpoints and metrics are in %s", cfg.run_name, dest)
+    return dest
 
 
 def interrupted_marker(cfg: RunConfig) -> Path:
@@ -276,6 +352,21 @@ def _train(cfg: RunConfig, callbacks: Sequence[Any], save_config: bool) -> Train
         push_to_hub(model_dir, cfg.train.push_to_hub)
     result = _result_from_disk(cfg, "inprocess", resumed_from=resume, step=trainer.state.global_step)
     result.model_dir = model_dir
+    if _is_main_process():
+        import time
+
+        from icmlab.io import atomic_write_json
+
+        atomic_write_json(
+            trained_marker(cfg),
+            {
+                "global_step": result.global_step,
+                "max_steps": cfg.train.max_steps,
+                "epochs": cfg.train.epochs,
+                "model": str(model_dir),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+        )
     log.info("train loss %.4f over %d steps", output.training_loss, output.global_step)
     return result
 

@@ -44,6 +44,7 @@ from typing import NamedTuple
 
 import numpy as np
 import orjson
+from tqdm.auto import tqdm
 
 from icmlab import paths
 from icmlab.config import RunConfig
@@ -248,15 +249,17 @@ def validate_file(
     lengths: list[tuple] = []
     workers = workers or min(8, os.cpu_count() or 1)
     try:
-        for r in record_pass(path, token, setup, stride, workers, dup, prov[2] if prov else None, id_blocks):
-            if r.get("json_error"):
-                res.file_problems = [r["json_error"]]
-                return _finish(res, t0, {})
-            for i, k, d in r["problems"]:
-                problems[i].append((k, d))
-            image_of += r["images"]
-            turns += r["turns"]
-            lengths += r["lengths"]
+        with tqdm(total=n_total or None, desc="validate records", unit="rec", leave=False) as bar:
+            for r in record_pass(path, token, setup, stride, workers, dup, prov[2] if prov else None, id_blocks):
+                if r.get("json_error"):
+                    res.file_problems = [r["json_error"]]
+                    return _finish(res, t0, {})
+                for i, k, d in r["problems"]:
+                    problems[i].append((k, d))
+                image_of += r["images"]
+                turns += r["turns"]
+                lengths += r["lengths"]
+                bar.update(len(r["turns"]))
     except ValueError as e:  # the scanner's whole-file fallback: HTML / invalid JSON / not a list
         msg = str(e)
         kind = "file_html" if "HTML" in msg else "file_not_list" if "not a list" in msg else "file_not_json"
@@ -274,7 +277,7 @@ def validate_file(
     unique = set(image_of)
     unique.discard(None)
     mode = images if images != "auto" else ("decode" if len(unique) <= 20_000 else "header")
-    checked = check_images(data_root, list(unique), decode=mode == "decode", header=mode != "exists")
+    checked = _check_images_with_progress(data_root, sorted(unique), mode)
     bad = {rel: found for rel, (found, _info) in checked.items() if found}
     for i in [i for i, img in enumerate(image_of) if img in bad] if bad else ():
         problems[i] += bad[image_of[i]]
@@ -286,6 +289,18 @@ def validate_file(
     _summarise(res, problems, np.array(turns), lengths, prov, setup, length_skip_reason, stride)
     _write_records(res, path, outputs, problems, prov, policy, id_blocks)
     return _finish(res, t0, {"records": t_records - t0, "images": t_images - t_records})
+
+
+def _check_images_with_progress(data_root: Path, rels: list[str], mode: str) -> dict:
+    """:func:`check_images` in chunks of a few thousand, so that a bar can count the images checked."""
+    checked: dict = {}
+    step = max(2000, len(rels) // 100)
+    with tqdm(total=len(rels), desc=f"validate images ({mode})", unit="img", leave=False) as bar:
+        for a in range(0, len(rels), step):
+            part = rels[a : a + step]
+            checked.update(check_images(data_root, part, decode=mode == "decode", header=mode != "exists"))
+            bar.update(len(part))
+    return checked
 
 
 def _summarise(
