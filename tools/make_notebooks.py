@@ -273,7 +273,7 @@ spec(
         "(images blanked or shuffled) show whether the answers come from the pixels; they sit next to the "
         "baseline because an untrained baseline cannot produce the answer format. Several GPUs: "
         "`torchrun --nproc_per_node N -m icmlab evaluate <params>` shards the items (same answers as one). "
-        "The same tables and figures are written to `runs/<run>/report/report.html`."
+        "The same tables and figures are written to `runs/<run>/report/report.html`.",
     ),
     [
         """from icmlab import evaluate
