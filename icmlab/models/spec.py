@@ -47,6 +47,10 @@ class FamilySpec:
         trains_vision: whether any upstream recipe of the family trains the vision encoder
             (False: ``train.freeze_vision`` must stay true).
         always_needs_base: the family always starts from ``model.base`` (no assembled start).
+        serving_architecture: the transformers class name vLLM and SGLang serve the exported ``hf``
+            folder as (None: no serving engine reads the family).
+        original_layout: the export stage also writes the family's ORIGINAL checkpoint layout
+            (the adapter's ``save_original``), for code that reads only that.
     """
 
     name: str
@@ -65,6 +69,8 @@ class FamilySpec:
     tokenizer_part: Mapping[str, str] = field(default_factory=dict)
     trains_vision: bool = False
     always_needs_base: bool = False
+    serving_architecture: str | None = None
+    original_layout: bool = False
 
     def required_parts(self, strategy: str) -> tuple[str, ...]:
         """``model.*`` keys a run of ``strategy`` needs (``("base",)`` when it starts from one checkpoint)."""
@@ -97,6 +103,7 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
         parts={"mix": ("llm", "vision_tower", "mm_projector")},
         tokenizer_part={"mix": "llm"},
         trains_vision=False,
+        serving_architecture="LlavaForConditionalGeneration",
     ),
     "mplug_owl2": FamilySpec(
         name="mplug_owl2",
@@ -113,6 +120,7 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
         inference_prompt="USER: <|image|>{question} ASSISTANT:",
         trains_vision=True,
         always_needs_base=True,
+        original_layout=True,
     ),
 }
 
