@@ -10,6 +10,7 @@ Commands:
     train      train (launches deepspeed/torchrun for several GPUs or CPU ranks); also the launcher's worker entry
     slurm      write an sbatch script for the run (--nodes, --gpus-per-node, --partition, --time, --submit)
     evaluate   baseline vs fine-tuned evaluation and the HTML/PNG report
+    export     the model in llava-hf / PEFT adapter / original mPLUG-Owl2 layouts, model card, serve commands, hub push
 
 Every command loads the config the same way as the notebooks (``load_run_config``).
 """
@@ -34,6 +35,7 @@ STAGE_MODULES = {
     "inspect": "icmlab.inspection",
     "train": "icmlab.train",
     "evaluate": "icmlab.evaluate",
+    "export": "icmlab.export",
 }
 
 

@@ -275,6 +275,41 @@ class DemoConfig:
 
 
 @dataclass
+class ExportConfig:
+    source: str = "final"
+    """What to export: ``final`` (``runs/<run>/model``, plus ``runs/<run>/adapter`` of a LoRA run),
+    ``checkpoint-N`` (one of the run's checkpoints) or a folder (a saved model or a PEFT adapter)."""
+    original_layout: bool = True
+    """mPLUG-Owl2: also write the ORIGINAL X-PLUG layout (``export/original``) that Q-Align,
+    IQA-PyTorch and the original code load."""
+    repo_id: str | None = None
+    """Hub repo id (``org/name``) the export's ``hf`` folder is pushed to; None = don't push."""
+    private: bool = True
+    """Create the hub repo private when it does not exist."""
+
+
+@dataclass
+class PlaygroundPair:
+    image: str
+    """Image path (relative paths are read under ``data.root``)."""
+    question: str
+    """The question, or a template name of :data:`icmlab.playground.TEMPLATES` (``qbench:...``, ``moderation``)."""
+
+
+@dataclass
+class PlaygroundConfig:
+    models: list[str] = field(default_factory=lambda: ["baseline", "fine-tuned"])
+    """Models to compare: ``baseline``, ``fine-tuned``, ``checkpoint-N``, ``run:<name>`` or a folder."""
+    pairs: list[PlaygroundPair] = field(default_factory=list)
+    """Headless (papermill) mode: the (image, question) pairs to answer; empty = the first
+    ``samples`` validated records of the run."""
+    samples: int = 4
+    """Records of the validated dataset asked when ``pairs`` is empty."""
+    max_new_tokens: int = 64
+    """Answer length budget of the playground (greedy decoding, as evaluation)."""
+
+
+@dataclass
 class RunConfig:
     run_name: str = "run"
     """Name of the run directory ``<runs_root>/<run_name>``."""
@@ -289,6 +324,8 @@ class RunConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    playground: PlaygroundConfig = field(default_factory=PlaygroundConfig)
     source_file: str | None = None
     """The parameters file this config came from (set by the loader)."""
 

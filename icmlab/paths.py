@@ -14,7 +14,8 @@ Run directory (``cfg.run_dir`` = ``runs/<run_name>``)::
     config.resolved.yaml env.json   NN_stage.ipynb (executed)   .markers/<stage>.json
     data/train.json (merged) data/train.provenance.jsonl data/validation.json data/train.clean.json data/rejects.jsonl
     data/<name>.inputs.json: fingerprints of a derived file and of the inputs it was made from (``icmlab.io``)
-    checkpoints/checkpoint-N/   model/ (final, native layout)   metrics.jsonl   eval/   report/
+    checkpoints/checkpoint-N/   model/ (final, native layout)   adapter/ (LoRA)   metrics.jsonl   eval/   report/
+    export/{hf,adapter,original}/   playground/
 """
 
 from __future__ import annotations
@@ -83,6 +84,21 @@ def checkpoints_dir(cfg: RunConfig) -> Path:
 def final_model_dir(cfg: RunConfig) -> Path:
     """The trained model in the family's native layout (llava-hf for LLaVA)."""
     return cfg.run_dir / "model"
+
+
+def adapter_dir(cfg: RunConfig) -> Path:
+    """The LoRA adapter alone (PEFT layout) of a LoRA run, saved beside the merged ``model/``."""
+    return cfg.run_dir / "adapter"
+
+
+def export_dir(cfg: RunConfig) -> Path:
+    """The export stage's output: ``hf/`` (with the model card), ``adapter/``, ``original/``."""
+    return cfg.run_dir / "export"
+
+
+def playground_dir(cfg: RunConfig) -> Path:
+    """The playground's headless answers (``answers.json``, ``answers.html``)."""
+    return cfg.run_dir / "playground"
 
 
 def metrics_jsonl(cfg: RunConfig) -> Path:

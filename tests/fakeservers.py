@@ -14,11 +14,15 @@ answer a status (401/404/...). :class:`FakeHub` speaks the hub protocol that ``h
 uses (environment-notes.md "A local Hugging Face Hub for tests"): ``HEAD/GET …/resolve/<rev>/<path>``
 with ``X-Repo-Commit``/``ETag``, LFS-style 302 to another origin (the CDN, a :class:`FileServer`)
 with ``X-Linked-Etag``/``X-Linked-Size``, the ``/api/<type>s/<repo>/revision`` and ``tree`` calls
-of ``snapshot_download``, 404 ``EntryNotFound``/``RepoNotFound``, and 403 ``GatedRepo``.
+of ``snapshot_download``, 404 ``EntryNotFound``/``RepoNotFound``, and 403 ``GatedRepo``. For uploads
+(``HfApi.create_repo`` + ``upload_folder``) it answers ``POST /api/repos/create``, ``/api/validate-yaml``,
+``…/preupload/<rev>`` (every file "regular", so contents come inline) and ``…/commit/<rev>`` (the
+NDJSON commit; the files land in the repo and each commit is kept in :attr:`FakeHub.commits`).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -219,6 +223,8 @@ class FakeHub(_Base):
         self.cdn = cdn
         self.lfs_min = lfs_min
         self.repos: dict[tuple[str, str], _Repo] = {}
+        self.commits: list[dict] = []
+        """Commits received: ``{"repo", "summary", "files"}``."""
         super().__init__()
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], repo_type: str = "dataset", gated: bool = False) -> str:
@@ -232,6 +238,8 @@ class FakeHub(_Base):
 
     def handle(self, h, method, rec) -> None:
         path = h.path.split("?")[0]
+        if method == "POST":
+            return self._post(h, rec, path, h.rfile.read(int(h.headers.get("Content-Length") or 0)))
         api = re.match(r"^/api/(models|datasets)/([^/]+/[^/]+)/(revision|tree)/([^/]+)(/.*)?$", path)
         if api:
             return self._api(h, method, rec, api.group(1)[:-1], api.group(2), api.group(3))
@@ -313,6 +321,42 @@ class FakeHub(_Base):
                     entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
                 body.append(entry)
         self.send(h, method, rec, 200, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+    def _post(self, h, rec, path: str, body: bytes) -> None:
+        """The upload calls: create repo, README metadata check, preupload, commit."""
+
+        def answer(obj, status: int = 200) -> None:
+            self.send(h, "POST", rec, status, json.dumps(obj).encode(), {"Content-Type": "application/json"})
+
+        if path == "/api/validate-yaml":
+            return answer({"errors": [], "warnings": []})
+        if path == "/api/repos/create":
+            req = json.loads(body)
+            repo_id = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
+            key = (req.get("type") or "model", repo_id)
+            if key not in self.repos:
+                self.repos[key] = _Repo({}, hashlib.sha1(repo_id.encode()).hexdigest())
+            return answer({"url": f"{self.base}/{repo_id}"})
+        m = re.match(r"^/api/(models|datasets)/([^/]+/[^/]+)/(preupload|commit)/([^/]+)$", path)
+        if not m:
+            return answer({"error": f"unknown endpoint {path}"}, 404)
+        repo = self._repo(h, "POST", rec, m.group(1)[:-1], m.group(2))
+        if repo is None:
+            return None
+        if m.group(3) == "preupload":
+            files = json.loads(body)["files"]
+            return answer(
+                {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+            )
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        header = next(x["value"] for x in lines if x["key"] == "header")
+        added = {x["value"]["path"]: base64.b64decode(x["value"]["content"]) for x in lines if x["key"] == "file"}
+        if any(x["key"] != "header" and x["key"] != "file" for x in lines):
+            return answer({"error": "only inline files are supported by this fake hub"}, 400)
+        repo.files.update(added)
+        repo.commit = hashlib.sha1((repo.commit + "".join(sorted(added))).encode()).hexdigest()
+        self.commits.append({"repo": m.group(2), "summary": header["summary"], "files": sorted(added)})
+        return answer({"commitUrl": f"{self.base}/{m.group(2)}/commit/{repo.commit}", "commitOid": repo.commit})
 
 
 class FakeJudge(_Base):

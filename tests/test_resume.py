@@ -217,6 +217,9 @@ def test_lora_resume_continues_the_same_run(setup, tmp_path):
     b = load_file(paths.final_model_dir(straight) / "model.safetensors")
     for key, value in b.items():
         assert torch.allclose(a[key], value, rtol=1e-5, atol=1e-7), key
+    # the adapter alone is kept beside the merged model (the export stage ships it)
+    adapter = load_file(paths.adapter_dir(straight) / "adapter_model.safetensors")
+    assert any("lora_B" in k for k in adapter) and (paths.adapter_dir(straight) / "adapter_config.json").is_file()
 
 
 def test_sigterm_to_icmlab_run_reaches_the_kernel_then_rerun_resumes(setup, tmp_path):

@@ -113,3 +113,27 @@ def write_bundle_dir(out_dir: str | Path, bundle: ModelBundle, write: Callable[[
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def write_safetensors(state: dict[str, Any], out_dir: Path, max_shard_size: str = "5GB") -> list[Path]:
+    """Write a state dict as ``model.safetensors``, or as shards plus ``model.safetensors.index.json``
+    when it exceeds ``max_shard_size`` (the file names transformers and the serving engines read).
+
+    Returns:
+        The files written.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    from icmlab.io import atomic_write_json
+
+    out_dir = Path(out_dir)
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    written = []
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({k: state[k].contiguous() for k in keys}, str(out_dir / filename), metadata={"format": "pt"})
+        written.append(out_dir / filename)
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        written.append(atomic_write_json(out_dir / "model.safetensors.index.json", index))
+    return written

@@ -53,6 +53,10 @@ class FamilySpec:
         eval_max_new_tokens: upstream's Q-Bench decoding budget (greedy in both scripts).
         eval_preprocess: upstream's eval image path: ``resize_crop`` = the raw image straight into
             the CLIP processor (shortest edge resized, centre crop), not the training ``pad``.
+        serving_architecture: the transformers class name vLLM and SGLang serve the exported ``hf``
+            folder as (None: no serving engine reads the family).
+        original_layout: the export stage also writes the family's ORIGINAL checkpoint layout
+            (the adapter's ``save_original``), for code that reads only that.
     """
 
     name: str
@@ -74,6 +78,8 @@ class FamilySpec:
     eval_image_prefix: str = ""
     eval_max_new_tokens: int = 16
     eval_preprocess: str = "resize_crop"
+    serving_architecture: str | None = None
+    original_layout: bool = False
 
     def required_parts(self, strategy: str) -> tuple[str, ...]:
         """``model.*`` keys a run of ``strategy`` needs (``("base",)`` when it starts from one checkpoint)."""
@@ -109,6 +115,7 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
         # eval_scripts/llava_v1.5/eval_qbench_mcq.py: qs = DEFAULT_IMAGE_TOKEN + "\n" + qs; max_new_tokens=1024
         eval_image_prefix="<image>\n",
         eval_max_new_tokens=1024,
+        serving_architecture="LlavaForConditionalGeneration",
     ),
     "mplug_owl2": FamilySpec(
         name="mplug_owl2",
@@ -128,6 +135,7 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
         # eval_scripts/mplug_owl_2/eval_qbench_mcq.py: inp = DEFAULT_IMAGE_TOKEN + inp; --max-new-tokens 512
         eval_image_prefix="<|image|>",
         eval_max_new_tokens=512,
+        original_layout=True,
     ),
 }
 

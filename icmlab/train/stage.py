@@ -421,6 +421,7 @@ def _save_final(trainer: Any, bundle: Any, family: Any, cfg: RunConfig) -> Path:
     ds_cfg = getattr(trainer.args, "hf_deepspeed_config", None)
     if ds_cfg is None or not ds_cfg.is_zero3():
         if _is_main_process():
+            _save_adapter(bundle.model, cfg)
             family.save_bundle(bundle, out)
     elif not hasattr(bundle.model, "get_base_model"):
         from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
@@ -440,9 +441,24 @@ def _save_final(trainer: Any, bundle: Any, family: Any, cfg: RunConfig) -> Path:
 
         with deepspeed.zero.GatheredParameters(list(bundle.model.parameters()), modifier_rank=None):
             if _is_main_process():
+                _save_adapter(bundle.model, cfg)
                 family.save_bundle(bundle, out)
     _barrier()
     return out
+
+
+def _save_adapter(model: Any, cfg: RunConfig) -> None:
+    """Keep a LoRA run's adapter alone (PEFT layout, ``runs/<run>/adapter``) before ``save_bundle``
+    merges it; the export stage ships it as the adapter-only release. Written to a staging folder
+    and renamed into place."""
+    if not hasattr(model, "peft_config"):
+        return
+    out = paths.adapter_dir(cfg)
+    staging = out.with_name(".adapter-staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
 
 
 def _barrier() -> None:
@@ -456,13 +472,9 @@ def push_to_hub(model_dir: Path, repo_id: str) -> str:
     Returns:
         The commit URL.
     """
-    from huggingface_hub import HfApi
+    from icmlab.export.hub import push_folder
 
-    api = HfApi()
-    api.create_repo(repo_id, private=True, exist_ok=True)
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(model_dir), commit_message="icmlab train stage")
-    log.info("pushed %s to %s", model_dir, repo_id)
-    return str(getattr(info, "commit_url", info))
+    return push_folder(model_dir, repo_id, private=True, commit_message="icmlab train stage")
 
 
 def _result_from_disk(

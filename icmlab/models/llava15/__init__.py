@@ -26,6 +26,7 @@ from icmlab.models.llava15.adapter import (
     resolve_attn_implementation,
     resolve_dtype,
     save_bundle,
+    save_hub_layout,
     training_dtype,
 )
 from icmlab.models.llava15.tiny import build_tiny_config
@@ -49,5 +50,6 @@ __all__ = [
     "resolve_attn_implementation",
     "resolve_dtype",
     "save_bundle",
+    "save_hub_layout",
     "training_dtype",
 ]

@@ -46,6 +46,7 @@ from icmlab.models.llava15.convert import (
     assemble_from_parts,
     build_llava_config,
     load_original_checkpoint,
+    native_to_hub_key,
 )
 from icmlab.models.llava15.files import hub_options, read_config, resolve_source
 from icmlab.models.spec import FAMILY_SPECS
@@ -452,6 +453,27 @@ def save_bundle(bundle: ModelBundle, out_dir: str | Path) -> Path:
         processor.save_pretrained(tmp)
 
     return write_bundle_dir(out, bundle, write)
+
+
+def save_hub_layout(bundle: ModelBundle, out_dir: str | Path) -> Path:
+    """:func:`save_bundle`, with the weights under the llava-hf hub names (``language_model.model.*``,
+    ``vision_tower.vision_model.*``, ``multi_modal_projector.*``; :func:`~.convert.native_to_hub_key`).
+
+    transformers 5 saves the vision tower as ``vision_tower.*`` (its in-memory layout); vLLM, SGLang
+    and transformers 4 read the names of the ``llava-hf/llava-1.5-*-hf`` repos, and transformers 5
+    reads those too. This is the layout the export stage ships.
+
+    Returns:
+        ``out_dir``.
+    """
+    from icmlab.models import write_safetensors
+
+    out = save_bundle(bundle, out_dir)
+    for old in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
+        old.unlink()
+    state = {native_to_hub_key(k): v.detach() for k, v in bundle.model.state_dict().items()}
+    write_safetensors(state, out)
+    return out
 
 
 # ----------------------------------------------------------------------------- trainable parts

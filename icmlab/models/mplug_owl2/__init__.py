@@ -39,6 +39,7 @@ from .adapter import (
     load_for_inference,
     load_for_training,
     save_bundle,
+    save_original,
 )
 from .configuration import MPLUGOwl2AbstractorConfig, MPLUGOwl2Config, MPLUGOwl2VisionConfig
 from .convert import expand_image_tokens, load_original, read_original_state_dict
@@ -67,6 +68,7 @@ __all__ = [
     "load_for_inference",
     "load_for_training",
     "save_bundle",
+    "save_original",
     "MPLUGOwl2AbstractorConfig",
     "MPLUGOwl2CausalLMOutputWithPast",
     "MPLUGOwl2Config",

@@ -224,6 +224,21 @@ def save_bundle(bundle: ModelBundle, out_dir: str | Path) -> Path:
     return write_bundle_dir(out, bundle, write)
 
 
+def save_original(bundle: ModelBundle, out_dir: str | Path) -> Path:
+    """Write the ORIGINAL X-PLUG layout (see :mod:`.original`): what ``load_original``, the original
+    ``mplug_owl2`` code, Q-Align and IQA-PyTorch read. A PEFT model is merged first.
+
+    Returns:
+        ``out_dir``.
+    """
+    from .original import save_original as write_original
+
+    model = bundle.model
+    if hasattr(model, "merge_and_unload"):  # peft.PeftModel
+        model = bundle.model = model.merge_and_unload()
+    return write_original(model, out_dir, tokenizer=bundle.tokenizer, image_processor=bundle.image_processor)
+
+
 # ----------------------------------------------------------------------------- trainable parts
 def apply_trainable(model: nn.Module, groups: dict[str, bool] | None = None) -> dict[str, int]:
     """Set ``requires_grad`` per module group (defaults: :data:`DEFAULT_TRAINABLE`); see
