@@ -22,7 +22,8 @@ from tiny_train_setup import build_llava_hf
 from icmlab import export, paths
 from icmlab.config import load_run_config
 from icmlab.evaluate.generation import pixel_values
-from icmlab.evaluate.stage import prepare_images, prompt_format
+from icmlab.evaluate.protocol import prepare_image, resolve_protocol
+from icmlab.evaluate.stage import prompt_format
 from icmlab.export.serving import serving_problems
 from icmlab.io import atomic_write_json
 from icmlab.models import get_family
@@ -87,8 +88,9 @@ def test_llava_export_reloads_with_plain_transformers_and_generates_icmlab_token
     img = Image.open(image(tmp_path)).convert("RGB")
     # icmlab's evaluation input: its prompt encoder and its square padding before the processor
     bundle = get_family("llava15").load_for_inference(paths.final_model_dir(cfg), dtype="float32")
-    ours_ids = prompt_format(cfg, bundle).encode(QUESTION)
-    (padded,) = prepare_images([image(tmp_path)], bundle, cfg.data.image_aspect_ratio)
+    protocol = resolve_protocol(cfg)
+    ours_ids = prompt_format(protocol, bundle).encode(QUESTION)
+    padded = prepare_image(protocol, img, bundle.image_processor)
     plain = processor(images=padded, text=prompt, return_tensors="pt")
     assert plain["input_ids"][0].tolist() == ours_ids  # the chat template renders the evaluation prompt
     ours_px = pixel_values(bundle.tokenizer, bundle.image_processor, padded)
