@@ -67,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="override a config key, e.g. --set train.lr=1e-5 (repeatable)",
         )
         sp.add_argument(
-            "-v", "--verbose", action="store_true", help="debug logging; a failure also prints its traceback"
+            "-v",
+            "--verbose",
+            action="store_true",
+            help="debug logging, a failure's traceback; for run also papermill's and the kernel's logs",
         )
         if name == "run":
             sp.add_argument("--only", nargs="+", metavar="STEP", help="run only these stages")
@@ -77,7 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="re-run stages even when up to date (a finished train is kept: `icmlab train --force` retrains)",
             )
-            sp.add_argument("-v", "--verbose", action="store_true", help="show papermill's and the kernel's logs")
         if name == "download":
             sp.add_argument("--dry-run", action="store_true", help="list what would be fetched and how big")
         if name == "slurm":

@@ -9,7 +9,10 @@
   "Writing model shards" bars of every model load and save (seconds each, up to six per notebook);
 - the progress tee for ``icmlab run`` (:func:`icmlab.progress.start_tee`) when the runner asks.
 
-Calling it again (a re-run config cell) changes nothing.
+Calling it again (a re-run config cell) changes nothing. Outside a Jupyter kernel (a test or a
+script calling ``load_notebook_config``) it does nothing: the process's logging is its owner's. The
+handlers write to whatever ``sys.stdout``/``sys.stderr`` are at the time of each line, so a kernel
+that swaps its streams (or a captured test) never meets a closed one.
 """
 
 from __future__ import annotations
@@ -46,6 +49,28 @@ class _Below(logging.Filter):
         return record.levelno < self.level
 
 
+class _CurrentStream(logging.StreamHandler):
+    """A stream handler bound to ``sys.<name>`` as it is when a line is written, not when created."""
+
+    def __init__(self, name: str) -> None:
+        self._std = name
+        super().__init__()
+
+    @property
+    def stream(self):  # noqa: D102
+        return getattr(sys, self._std)
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns one; the property ignores it
+        pass
+
+
+def in_kernel() -> bool:
+    """True inside an IPython kernel (a notebook, papermill), where :func:`prepare` applies."""
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return shell is not None and "ipykernel" in sys.modules
+
+
 def _quiet_bars(factory, args, kwargs):  # transformers' tqdm hook: (tqdm factory, args, kwargs) -> bar
     if kwargs.get("desc") in QUIET_BARS:
         kwargs = {**kwargs, "disable": True}
@@ -54,11 +79,13 @@ def _quiet_bars(factory, args, kwargs):  # transformers' tqdm hook: (tqdm factor
 
 def prepare() -> None:
     """Route the logs, drop the known-harmless messages, start the progress tee (see the module doc)."""
+    if not in_kernel():
+        return
     pkg = logging.getLogger("icmlab")
     if not any(getattr(h, _HANDLER_TAG, False) for h in pkg.handlers):
-        out = logging.StreamHandler(sys.stdout)
+        out = _CurrentStream("stdout")
         out.addFilter(_Below(logging.WARNING))
-        err = logging.StreamHandler(sys.stderr)
+        err = _CurrentStream("stderr")
         err.setLevel(logging.WARNING)
         for h in (out, err):
             h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
