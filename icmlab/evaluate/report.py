@@ -88,6 +88,8 @@ def _normalize(evaluations: Mapping[str, EvaluationResult | dict]) -> dict[str, 
         raise ValueError("build_report: no evaluations given; pass {label: EvaluationResult}")
     out = {}
     for label, res in evaluations.items():
+        if str(label).startswith("_"):  # "_context" of a saved report/scores.json
+            continue
         if isinstance(res, dict):
             res = EvaluationResult.from_dict(res)
         if not isinstance(res, EvaluationResult):
@@ -669,6 +671,8 @@ def build_report(
     """
     out_dir = Path(out_dir)
     evals = _normalize(evaluations)
+    if context is None:  # a saved report/scores.json carries its context
+        context = evaluations.get("_context") if isinstance(evaluations.get("_context"), dict) else None  # type: ignore[assignment]
     context = dict(context or {})
     q_refs, icm_refs, ref_src = context_references(context)
     has = {k: any(getattr(r, k) is not None for _, r, _ in _rows(evals)) for k in ("qbench", "moderation", "icm_test")}
