@@ -73,3 +73,10 @@ def test_notes_explain_empty_columns_and_an_untrained_baseline():
     notes = qbench_notes(evals)
     assert any("I-C Distortion, I-C Other column(s) are empty" in n for n in notes)
     assert any("100 % of its answers" in n and "honest comparison" in n for n in notes)
+
+
+def test_an_icm_record_without_image_is_named(tmp_path):
+    from icmlab.evaluate.stage import _icm_set
+
+    with pytest.raises(ValueError, match=r"mqa item #1 .*no image; every item needs 'image'"):
+        _icm_set("mqa", tmp_path, [{"image": "a.png", "question": "q"}, {"question": "q", "answer": "B."}], score_mqa)

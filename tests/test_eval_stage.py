@@ -12,6 +12,7 @@ from tiny_eval_setup import eval_run
 
 from icmlab import paths
 from icmlab.evaluate import stage
+from icmlab.evaluate.report import build_report
 from icmlab.io import read_json, read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -36,6 +37,9 @@ def test_all_benchmarks_with_a_judge_and_an_honest_report(tmp_path, monkeypatch)
         assert text in page
     saved = (paths.eval_dir(cfg) / "scores.json").read_text() + page
     assert "sk-never-written" not in saved and str(tmp_path) not in saved  # no key, no absolute path
+    saved_report = read_json(paths.report_dir(cfg) / "scores.json")  # carries its context: rebuildable
+    again = build_report(tmp_path / "again", saved_report).read_text(encoding="utf-8")
+    assert "icmlab commit" in again and "ICM-Test" in again
     explanations = read_jsonl(paths.eval_dir(cfg) / "meq_explanations.fine-tuned.jsonl")
     assert [e["reference"] for e in explanations] == [
         it["reference"]

@@ -1,9 +1,13 @@
-"""Evaluate stage: Q-Bench A1 and moderation, baseline vs fine-tuned, controls, report (``icmlab evaluate P``).
+"""Evaluate stage: Q-Bench A1 and the ICM benchmarks, baseline vs fine-tuned, controls, report (``icmlab evaluate P``).
 
-Modules: :mod:`~icmlab.evaluate.stage` (orchestration), :mod:`~icmlab.evaluate.generation` (greedy
-answers, prompt formats), :mod:`~icmlab.evaluate.scoring` (strict and substring scorers),
-:mod:`~icmlab.evaluate.report` (tables, figures, HTML report) and :mod:`~icmlab.evaluate.icm_val`
-(ICM-Val questions from folders).
+Modules: :mod:`~icmlab.evaluate.stage` (orchestration), :mod:`~icmlab.evaluate.protocol` (upstream /
+demo protocols: prompt, pixels, budget), :mod:`~icmlab.evaluate.generation` (greedy answers, prompt
+formats), :mod:`~icmlab.evaluate.scoring` (strict, substring and exact scorers; ICM MQA),
+:mod:`~icmlab.evaluate.judge` (MEQ with an OpenAI-compatible judge), :mod:`~icmlab.evaluate.references`
+(the papers' numbers), :mod:`~icmlab.evaluate.records` (Q-Bench test submission, provenance),
+:mod:`~icmlab.evaluate.parallel` (data-parallel answers under torchrun), :mod:`~icmlab.evaluate.report`
+(tables, figures, HTML report) and :mod:`~icmlab.evaluate.icm_val` (ICM-Val / ICM-Test / MEQ items from
+folders). See ``docs/evaluation.md``.
 
 Usage (notebook ``06_evaluate``)::
 

@@ -80,11 +80,7 @@ class EvalProtocol:
 
     def describe(self) -> str:
         """One line for captions and logs."""
-        origin = (
-            "Q-Instruct eval_scripts/" + ("llava_v1.5" if self.family == "llava15" else "mplug_owl_2")
-            if self.name == "upstream"
-            else "the embedded demo's own"
-        )
+        origin = family_spec(self.family).eval_script if self.name == "upstream" else "the embedded demo's own"
         text = (
             f"protocol {self.name} ({origin}): template {self.template}, Q-Bench layout {self.qbench_style}, "
             f"images {'resized + centre-cropped' if self.preprocess == 'resize_crop' else 'padded to square'}, "

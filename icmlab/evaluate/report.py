@@ -88,6 +88,8 @@ def _normalize(evaluations: Mapping[str, EvaluationResult | dict]) -> dict[str, 
         raise ValueError("build_report: no evaluations given; pass {label: EvaluationResult}")
     out = {}
     for label, res in evaluations.items():
+        if str(label).startswith("_"):  # "_context" of a saved report/scores.json
+            continue
         if isinstance(res, dict):
             res = EvaluationResult.from_dict(res)
         if not isinstance(res, EvaluationResult):
@@ -391,26 +393,35 @@ def qbench_bar_figure(evaluations: Mapping[str, EvaluationResult | dict], metric
 
 def controls_figure(evaluations: Mapping[str, EvaluationResult | dict]) -> Figure:
     """Per model: overall Q-Bench accuracy (strict and substring) and moderation accuracy with real
-    images beside the blank/shuffled controls."""
+    images beside the blank/shuffled controls, whiskers = 95 % Wilson intervals."""
     evals = _normalize(evaluations)
+    # (name, result -> (correct, n) or None): bars are accuracies, whiskers their 95 % Wilson intervals
     metrics = [
-        ("Q-Bench strict", lambda r: r.qbench and r.qbench.strict["overall"]),
-        ("Q-Bench substring", lambda r: r.qbench and r.qbench.substring["overall"]),
-        ("moderation", lambda r: r.moderation and r.moderation.accuracy),
+        ("Q-Bench strict", lambda r: r.qbench and (r.qbench.strict_correct["overall"], r.qbench.counts["overall"])),
+        (
+            "Q-Bench substring",
+            lambda r: r.qbench and (r.qbench.substring_correct["overall"], r.qbench.counts["overall"]),
+        ),
+        ("moderation", lambda r: r.moderation and (r.moderation.correct, r.moderation.n)),
     ]
-    metrics = [(name, get) for name, get in metrics if any(get(r) is not None for r in evals.values())]
+    metrics = [(name, get) for name, get in metrics if any(get(r) for r in evals.values())]
     fig = _new_figure(max(6.0, 3.2 * max(1, len(metrics))), 3.8)
     axes = fig.subplots(1, max(1, len(metrics)), squeeze=False)[0]
     for ax, (name, get) in zip(axes, metrics):
-        labels, vals, colors = [], [], []
+        labels, vals, colors, errs = [], [], [], ([], [])
         for idx, (label, res) in enumerate(evals.items()):
             for cond, r in [("images", res)] + list(res.controls.items()):
+                correct, n = get(r) or (0, 0)
+                v = 100 * correct / n if n else 0.0
+                lo, hi = wilson(correct, n) or (v / 100, v / 100)
                 labels.append(f"{label}\n{cond}")
-                vals.append(100 * (get(r) or 0.0))
+                vals.append(v)
+                errs[0].append(v - 100 * lo)
+                errs[1].append(100 * hi - v)
                 colors.append(_colors(len(evals))[idx] if cond == "images" else "lightgrey")
-        ax.bar(range(len(vals)), vals, color=colors, edgecolor="black", linewidth=0.5)
+        ax.bar(range(len(vals)), vals, color=colors, edgecolor="black", linewidth=0.5, yerr=errs, capsize=3)
         for i, v in enumerate(vals):
-            ax.text(i, v + 1, f"{v:.1f}", ha="center", fontsize=7)
+            ax.text(i + 0.25, v + 1, f"{v:.1f}", ha="left", fontsize=7)
         ax.set_xticks(range(len(vals)), labels, fontsize=7, rotation=30, ha="right")
         ax.set_ylim(0, 110)
         ax.set_title(name, fontsize=9)
@@ -669,6 +680,8 @@ def build_report(
     """
     out_dir = Path(out_dir)
     evals = _normalize(evaluations)
+    if context is None:  # a saved report/scores.json carries its context
+        context = evaluations.get("_context") if isinstance(evaluations.get("_context"), dict) else None  # type: ignore[assignment]
     context = dict(context or {})
     q_refs, icm_refs, ref_src = context_references(context)
     has = {k: any(getattr(r, k) is not None for _, r, _ in _rows(evals)) for k in ("qbench", "moderation", "icm_test")}

@@ -172,6 +172,18 @@ def load_eval_sets(cfg: RunConfig, protocol: EvalProtocol | None = None) -> list
 
 
 def _icm_set(name: str, root: Path, items: list[dict], score) -> EvalSet:
+    """An ICM set; every item needs ``image`` (relative to ``root``) and ``question``.
+
+    Raises:
+        ValueError: naming the set, the record and the missing key.
+    """
+    for i, it in enumerate(items):
+        missing = [k for k in ("image", "question") if not isinstance(it, dict) or not it.get(k)]
+        if missing:
+            raise ValueError(
+                f"{name} item #{i} ({str(it)[:80]}): no {' / '.join(missing)}; every item needs 'image' "
+                f"(a path relative to {root}) and 'question'"
+            )
     return EvalSet(name, items, [root / it["image"] for it in items], [str(it["question"]) for it in items], score)
 
 

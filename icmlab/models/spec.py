@@ -51,6 +51,7 @@ class FamilySpec:
             (LLaVA ``DEFAULT_IMAGE_TOKEN + "\\n"``, mPLUG-Owl2 the bare ``<|image|>``); used by the
             ``upstream`` eval protocol (:mod:`icmlab.evaluate.protocol`).
         eval_max_new_tokens: upstream's Q-Bench decoding budget (greedy in both scripts).
+        eval_script: the upstream Q-Bench evaluation script these eval facts come from.
         eval_preprocess: upstream's eval image path: ``resize_crop`` = the raw image straight into
             the CLIP processor (shortest edge resized, centre crop), not the training ``pad``.
         serving_architecture: the transformers class name vLLM and SGLang serve the exported ``hf``
@@ -78,6 +79,7 @@ class FamilySpec:
     eval_image_prefix: str = ""
     eval_max_new_tokens: int = 16
     eval_preprocess: str = "resize_crop"
+    eval_script: str = ""
     serving_architecture: str | None = None
     original_layout: bool = False
 
@@ -115,6 +117,7 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
         # eval_scripts/llava_v1.5/eval_qbench_mcq.py: qs = DEFAULT_IMAGE_TOKEN + "\n" + qs; max_new_tokens=1024
         eval_image_prefix="<image>\n",
         eval_max_new_tokens=1024,
+        eval_script="Q-Instruct eval_scripts/llava_v1.5/eval_qbench_mcq.py",
         serving_architecture="LlavaForConditionalGeneration",
     ),
     "mplug_owl2": FamilySpec(
@@ -135,6 +138,7 @@ FAMILY_SPECS: dict[str, FamilySpec] = {
         # eval_scripts/mplug_owl_2/eval_qbench_mcq.py: inp = DEFAULT_IMAGE_TOKEN + inp; --max-new-tokens 512
         eval_image_prefix="<|image|>",
         eval_max_new_tokens=512,
+        eval_script="Q-Instruct eval_scripts/mplug_owl_2/eval_qbench_mcq.py",
         original_layout=True,
     ),
 }
