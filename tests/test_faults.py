@@ -339,6 +339,62 @@ def case_users_file_at_target_not_overwritten(tmp_path, capsys):
     no_traceback(out)
 
 
+# --------------------------------------------------------------------------- 4. images that lie
+BOMB = ROOT / "tests" / "fixtures" / "faults" / "bomb-40000x40000.png"  # 65 bytes claiming 40000x40000
+
+
+def merged(tmp_path: Path, records: list) -> Path:
+    """A merged train.json for the demo run (as if merge had written it)."""
+    run_data(tmp_path).mkdir(parents=True, exist_ok=True)
+    (run_data(tmp_path) / "train.json").write_bytes(orjson.dumps(records))
+    return demo_params(tmp_path)
+
+
+def image_rec(rid: str, image: str) -> dict:
+    r = rec(rid)
+    r["image"], r["conversations"][0]["value"] = image, "<image>\n" + r["conversations"][0]["value"]
+    return r
+
+
+def case_decompression_bomb_in_validate(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "bomb.png").write_bytes(BOMB.read_bytes())
+    rc, out = cli(capsys, "validate", str(merged(tmp_path, [image_rec("b", "bomb.png")])))
+    assert rc == 1 and "image_too_large" in out, out
+    no_traceback(out)
+    report = orjson.loads((run_data(tmp_path) / "validation.json").read_bytes())
+    assert report["problems"]["image_too_large"]["count"] == 1
+
+
+def case_decompression_bomb_in_training_loader(tmp_path, capsys):
+    from icmlab.inputs.images import load_and_preprocess
+
+    with pytest.raises(ValueError, match="decompression bomb"):  # refused before the processor is needed
+        load_and_preprocess([BOMB], None, "pad")
+
+
+def case_image_paths_outside_data_root(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    (tmp_path / "data").mkdir()
+    p = merged(tmp_path, [image_rec("up", "../outside.png"), image_rec("abs", str(tmp_path / "outside.png"))])
+    rc, out = cli(capsys, "validate", str(p))
+    assert rc == 1 and "image_outside_root" in out, out
+    report = orjson.loads((run_data(tmp_path) / "validation.json").read_bytes())
+    assert report["problems"]["image_outside_root"]["count"] == 2
+
+
+def case_image_path_outside_root_in_training_dataset(tmp_path, capsys):
+    from icmlab.train.dataset import SupervisedDataset
+
+    ds = SupervisedDataset.__new__(SupervisedDataset)  # only the image side of a sample is exercised
+    ds.data_root, ds.image_processor, ds.aspect_ratio = tmp_path / "data", None, "pad"
+    ds.encode = lambda i: {"input_ids": [1], "labels": [1], "image_path": "../outside.png", "id": "x"}
+    with pytest.raises(ValueError, match="climbs out of data.root"):
+        ds[0]
+
+
 CASES = [
     case_empty_parameters_file,
     case_duplicate_yaml_key,
@@ -360,6 +416,10 @@ CASES = [
     case_endpoint_credentials_never_recorded,
     case_changed_source_location_keeps_verified_file,
     case_users_file_at_target_not_overwritten,
+    case_decompression_bomb_in_validate,
+    case_decompression_bomb_in_training_loader,
+    case_image_paths_outside_data_root,
+    case_image_path_outside_root_in_training_dataset,
 ]
 
 
