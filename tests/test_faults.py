@@ -395,6 +395,56 @@ def case_image_path_outside_root_in_training_dataset(tmp_path, capsys):
         ds[0]
 
 
+# --------------------------------------------------------------------------- 5. a corrupt newest checkpoint
+def checkpoint(folder: Path, step: int) -> Path:
+    """A complete checkpoint as the Trainer writes it (weights, optimizer, state last)."""
+    import torch
+    from safetensors.torch import save_file
+
+    d = folder / f"checkpoint-{step}"
+    d.mkdir(parents=True)
+    save_file({"w": torch.full((64, 64), float(step))}, d / "model.safetensors")
+    torch.save({"state": {0: {"exp_avg": torch.zeros(64, 64)}}}, d / "optimizer.pt")
+    (d / "config.json").write_text("{}")
+    (d / "trainer_state.json").write_text(orjson.dumps({"global_step": step, "log_history": []}).decode())
+    return d
+
+
+def resume_after_damage(tmp_path: Path, damaged_file: str) -> None:
+    from icmlab import paths
+    from icmlab.config import load_run_config
+    from icmlab.train import stage
+
+    cfg = load_run_config(demo_params(tmp_path))
+    older = checkpoint(paths.checkpoints_dir(cfg), 1)
+    newest = checkpoint(paths.checkpoints_dir(cfg), 2)
+    f = newest / damaged_file
+    cut = f.read_bytes()[: f.stat().st_size // 2]
+    f.write_bytes(cut)  # cut short (a full disk, an interrupted copy)
+    prepare = getattr(stage, "prepare_resume", None) or stage._prepare_resume
+    logs = Lines()
+    logging.getLogger().addHandler(logs)
+    try:
+        assert prepare(cfg) == older
+    finally:
+        logging.getLogger().removeHandler(logs)
+    aside = paths.checkpoints_dir(cfg) / "corrupt-checkpoint-2"
+    assert not newest.exists() and (aside / damaged_file).read_bytes() == cut  # set aside, not deleted
+    assert any(f"checkpoint-2 cannot be resumed from: {damaged_file}: " in line for line in logs.lines), logs.lines
+
+
+def case_truncated_checkpoint_weights(tmp_path, capsys):
+    resume_after_damage(tmp_path, "model.safetensors")
+
+
+def case_truncated_trainer_state(tmp_path, capsys):
+    resume_after_damage(tmp_path, "trainer_state.json")
+
+
+def case_truncated_optimizer_state(tmp_path, capsys):
+    resume_after_damage(tmp_path, "optimizer.pt")
+
+
 CASES = [
     case_empty_parameters_file,
     case_duplicate_yaml_key,
@@ -420,6 +470,9 @@ CASES = [
     case_decompression_bomb_in_training_loader,
     case_image_paths_outside_data_root,
     case_image_path_outside_root_in_training_dataset,
+    case_truncated_checkpoint_weights,
+    case_truncated_trainer_state,
+    case_truncated_optimizer_state,
 ]
 
 
