@@ -445,6 +445,59 @@ def case_truncated_optimizer_state(tmp_path, capsys):
     resume_after_damage(tmp_path, "optimizer.pt")
 
 
+# --------------------------------------------------------------------------- 7. compressed and expanding inputs
+def case_gzip_json_named_as_compressed(tmp_path, capsys):
+    import gzip
+
+    sources(tmp_path, gzip.compress(orjson.dumps([rec("a")])), [rec("b")])
+    rc, out = cli(capsys, "merge", str(demo_params(tmp_path)))
+    assert rc == 1 and "cleaned_labels.json: is a gzip-compressed file" in out and "gunzip" in out, out
+    merged(tmp_path, [])
+    (run_data(tmp_path) / "train.json").write_bytes(gzip.compress(b"[]"))
+    rc, out = cli(capsys, "validate", str(demo_params(tmp_path)))
+    assert rc == 1 and "file_compressed" in out, out
+
+
+def zip_bomb(path: Path, size: int) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("spaq_koniq/zeros.jpg", "w") as f:
+            for _ in range(size >> 20):
+                f.write(bytes(1 << 20))
+    return path
+
+
+def case_zip_expansion_guard(tmp_path, capsys):
+    from icmlab.download.extract import extract_archive
+
+    bomb = zip_bomb(tmp_path / "small.zip", 64 << 20)  # ~64 KB expanding to 64 MiB (the real case: 1 MB -> 1 GiB)
+    with pytest.raises(OSError, match=r"expands 1,0\d\dx .* download.max_extract_ratio"):
+        extract_archive(bomb, tmp_path / "out", max_ratio=100.0, progress=False)
+    with pytest.raises(OSError, match="download.max_extract_gb"):
+        extract_archive(bomb, tmp_path / "out", max_bytes=10 << 20, progress=False)
+    assert not any((tmp_path / "out").rglob("*.jpg"))
+
+
+def case_extraction_free_space_check(tmp_path, capsys):
+    import shutil
+    import tarfile
+
+    from icmlab.download.extract import extract_archive
+
+    member = tarfile.TarInfo("vg/VG_100K/huge.jpg")
+    member.size = shutil.disk_usage(tmp_path).free + (1 << 30)  # more than the disk holds
+    big = tmp_path / "big.tar"
+    with open(big, "wb") as f:  # a sparse, valid tar: header, the member's (unwritten) zeros, end blocks
+        f.write(member.tobuf())
+        f.truncate(512 + -(-member.size // 512) * 512 + 1024)
+    with pytest.raises(OSError) as ei:
+        extract_archive(big, tmp_path / "out", progress=False)
+    msg = str(ei.value)
+    assert f"{tmp_path / 'out'}: not enough disk space" in msg and f"{member.size:,} bytes needed" in msg, msg
+    assert not (tmp_path / "out" / "vg").exists()
+
+
 CASES = [
     case_empty_parameters_file,
     case_duplicate_yaml_key,
@@ -473,6 +526,9 @@ CASES = [
     case_truncated_checkpoint_weights,
     case_truncated_trainer_state,
     case_truncated_optimizer_state,
+    case_gzip_json_named_as_compressed,
+    case_zip_expansion_guard,
+    case_extraction_free_space_check,
 ]
 
 
