@@ -206,6 +206,23 @@ def case_train_refuses_merge_of_changed_sources(tmp_path, capsys):
     no_traceback(out)
 
 
+def case_inspect_ignores_problems_of_an_earlier_merge(tmp_path, capsys):
+    p = demo_params(tmp_path)
+    sources(tmp_path, [rec("a"), rec(None, 1)], [rec("b", 2)])
+    assert cli(capsys, "merge", str(p))[0] == 0
+    assert cli(capsys, "validate", str(p))[0] == 1  # record 1 has no id: validation.problems.jsonl lists it
+    sources(tmp_path, [rec("c", 3)], [rec("d", 4)])
+    assert cli(capsys, "merge", str(p))[0] == 0
+    logs = Lines()
+    logging.getLogger().addHandler(logs)
+    try:
+        rc, out = cli(capsys, "inspect", str(p))
+    finally:
+        logging.getLogger().removeHandler(logs)
+    assert rc == 0, out
+    assert any("validation.json is not shown" in line and "train.json changed" in line for line in logs.lines)
+
+
 # --------------------------------------------------------------------------- 9. concurrency and leftovers
 def case_second_merge_into_one_run_refused(tmp_path, capsys):
     import subprocess
@@ -513,6 +530,7 @@ CASES = [
     case_empty_list_refused_at_validate,
     case_train_refuses_stale_clean_file,
     case_train_refuses_merge_of_changed_sources,
+    case_inspect_ignores_problems_of_an_earlier_merge,
     case_second_merge_into_one_run_refused,
     case_leftover_tmp_files_removed,
     case_presigned_url_signature_never_recorded,
@@ -532,6 +550,16 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda f: f.__name__.removeprefix("case_"))
+#: Rows over a second (figures are drawn): run with the slow tests.
+SLOW = {case_inspect_ignores_problems_of_an_earlier_merge}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, id=c.__name__.removeprefix("case_"), marks=[pytest.mark.slow] if c in SLOW else [])
+        for c in CASES
+    ],
+)
 def test_fault(case, tmp_path, capsys):
     case(tmp_path, capsys)
