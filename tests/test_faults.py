@@ -11,6 +11,7 @@ To add a case: write ``case_<name>`` and append it to ``CASES``.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import orjson
@@ -306,14 +307,19 @@ def case_presigned_url_signature_never_recorded(tmp_path, capsys):
 def case_endpoint_credentials_never_recorded(tmp_path, capsys):
     from icmlab.config import load_notebook_config, load_run_config, save_resolved
     from icmlab.display import config_text
+    from icmlab.redact import SECRETS_ENV
 
     endpoint = "https://alice:hunter2-pass@mirror.example.org/hf"
     cfg = load_run_config(demo_params(tmp_path, **{"download.endpoint": endpoint}))
-    resolved = save_resolved(cfg)
-    assert "hunter2" not in resolved.read_text() and "https://***@mirror.example.org/hf" in resolved.read_text()
-    assert "hunter2" not in config_text(cfg)
-    # the notebooks and the training ranks load the masked file and still reach the mirror
-    assert load_notebook_config(str(resolved), {}, {}).download.endpoint == endpoint
+    before = os.environ.get(SECRETS_ENV)
+    try:
+        resolved = save_resolved(cfg)
+        assert "hunter2" not in resolved.read_text() and "https://***@mirror.example.org/hf" in resolved.read_text()
+        assert "hunter2" not in config_text(cfg)
+        # the notebooks and the training ranks load the masked file and still reach the mirror
+        assert load_notebook_config(str(resolved), {}, {}).download.endpoint == endpoint
+    finally:
+        os.environ.pop(SECRETS_ENV, None) if before is None else os.environ.update({SECRETS_ENV: before})
 
 
 # --------------------------------------------------------------------------- 3. download and the user's data
