@@ -36,6 +36,8 @@ from typing import IO, Callable
 
 from tqdm.auto import tqdm
 
+from icmlab.config import DownloadConfig
+
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
@@ -213,8 +215,8 @@ def extract_archive(
     progress: bool = True,
     desc: str | None = None,
     cancel: threading.Event | None = None,
-    max_bytes: int | None = None,
-    max_ratio: float | None = None,
+    max_bytes: int | None = int(DownloadConfig.max_extract_gb * 1e9),
+    max_ratio: float | None = DownloadConfig.max_extract_ratio,
 ) -> ExtractResult:
     """Extract a zip/tar archive into ``target`` safely and resumably.
 
@@ -227,8 +229,9 @@ def extract_archive(
         progress: show a tqdm bar (bytes).
         desc: bar label.
         cancel: when set, stop after the current file (a rerun resumes).
-        max_bytes: refuse archives whose members add up to more (``download.max_extract_gb``).
-        max_ratio: refuse archives expanding more than this many times their size (``download.max_extract_ratio``).
+        max_bytes: refuse archives whose members add up to more (default: ``download.max_extract_gb``'s; None: no limit).
+        max_ratio: refuse archives expanding more than this many times their size (default:
+            ``download.max_extract_ratio``'s; None: no limit).
 
     Returns:
         An :class:`ExtractResult`.
