@@ -18,6 +18,7 @@ Every command loads the config the same way as the notebooks (``load_run_config`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -25,6 +26,7 @@ import sys
 
 from icmlab.config import ConfigError, load_run_config
 from icmlab.redact import install_log_redaction, redact_text
+from icmlab.rundir import run_dir_lock
 
 # Subcommand -> module whose run(cfg) implements it (litgpt-style table; no branching on names).
 STAGE_MODULES = {
@@ -165,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "download" and args.dry_run:
             print(redact_text(module.format_plan(module.plan(cfg))))
             return 0
-        result = module.run(cfg)
+        # evaluate writes eval/ and report/ into the run directory: one writer at a time (merge,
+        # validate, inspect and train take the lock themselves, notebooks included)
+        with run_dir_lock(cfg, args.command) if args.command == "evaluate" else contextlib.nullcontext():
+            result = module.run(cfg)
     except (OSError, RuntimeError, ValueError) as e:  # user-facing failures: message, no traceback
         logging.getLogger("icmlab").debug("stage failed", exc_info=True)
         print(redact_text(f"error: {args.command}: {e}"), file=sys.stderr)

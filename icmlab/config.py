@@ -260,6 +260,11 @@ class DownloadConfig:
     """Disk space kept free after everything is downloaded and extracted."""
     endpoint: str | None = None
     """Hugging Face endpoint (mirror); None = ``HF_ENDPOINT`` or huggingface.co."""
+    max_extract_gb: float = 500.0
+    """Refuse to extract an archive whose files add up to more (the largest, COCO train2017, is ~19 GB)."""
+    max_extract_ratio: float = 100.0
+    """Refuse to extract an archive that expands more than this many times its size (a zip bomb;
+    image archives expand ~1x, JSON archives ~10x)."""
 
 
 @dataclass
@@ -544,6 +549,8 @@ def validate(cfg: RunConfig) -> list[str]:
             "hardware.hostfile: required for multi-node runs (hardware.num_nodes > 1) with the deepspeed "
             "launcher; on SLURM use `icmlab slurm` (torchrun per node, rendezvous from SLURM_*)"
         )
+    if cfg.download.max_extract_gb <= 0 or cfg.download.max_extract_ratio < 1:
+        e.append("download.max_extract_gb / download.max_extract_ratio: must be > 0 and >= 1")
     if cfg.download.concurrency < 1:
         e.append("download.concurrency: must be >= 1")
     if not _SAFE_NAME.fullmatch(cfg.run_name) or cfg.run_name in (".", ".."):

@@ -70,6 +70,12 @@ def read_json(path: str | os.PathLike) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as e:
+        packed = compression_of(data[:8])
+        if packed:
+            raise ValueError(
+                f"{path}: is a {packed}-compressed file, not JSON text; decompress it first "
+                f"({_UNPACK[packed]} {path.name}) and point the config at the result"
+            ) from None
         head = data[:200].lstrip().lower()
         if head.startswith((b"<!doctype html", b"<html")):
             raise ValueError(
@@ -77,6 +83,16 @@ def read_json(path: str | os.PathLike) -> Any:
                 "download the file through a '/resolve/' URL)"
             ) from None
         raise ValueError(f"{path}: not valid JSON at byte {e.pos}: {e.msg}") from None
+
+
+#: Leading bytes of compressed formats, and the command that undoes each.
+_MAGIC = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+_UNPACK = {"gzip": "gunzip", "zip": "unzip", "bzip2": "bunzip2", "xz": "unxz", "zstd": "unzstd"}
+
+
+def compression_of(head: bytes) -> str | None:
+    """The compression format whose magic bytes start ``head`` (gzip, zip, bzip2, xz, zstd), or None."""
+    return next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:

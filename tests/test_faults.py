@@ -11,6 +11,7 @@ To add a case: write ``case_<name>`` and append it to ``CASES``.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import orjson
@@ -206,6 +207,23 @@ def case_train_refuses_merge_of_changed_sources(tmp_path, capsys):
     no_traceback(out)
 
 
+def case_inspect_ignores_problems_of_an_earlier_merge(tmp_path, capsys):
+    p = demo_params(tmp_path)
+    sources(tmp_path, [rec("a"), rec(None, 1)], [rec("b", 2)])
+    assert cli(capsys, "merge", str(p))[0] == 0
+    assert cli(capsys, "validate", str(p))[0] == 1  # record 1 has no id: validation.problems.jsonl lists it
+    sources(tmp_path, [rec("c", 3)], [rec("d", 4)])
+    assert cli(capsys, "merge", str(p))[0] == 0
+    logs = Lines()
+    logging.getLogger().addHandler(logs)
+    try:
+        rc, out = cli(capsys, "inspect", str(p))
+    finally:
+        logging.getLogger().removeHandler(logs)
+    assert rc == 0, out
+    assert any("validation.json is not shown" in line and "train.json changed" in line for line in logs.lines)
+
+
 # --------------------------------------------------------------------------- 9. concurrency and leftovers
 def case_second_merge_into_one_run_refused(tmp_path, capsys):
     import subprocess
@@ -289,14 +307,19 @@ def case_presigned_url_signature_never_recorded(tmp_path, capsys):
 def case_endpoint_credentials_never_recorded(tmp_path, capsys):
     from icmlab.config import load_notebook_config, load_run_config, save_resolved
     from icmlab.display import config_text
+    from icmlab.redact import SECRETS_ENV
 
     endpoint = "https://alice:hunter2-pass@mirror.example.org/hf"
     cfg = load_run_config(demo_params(tmp_path, **{"download.endpoint": endpoint}))
-    resolved = save_resolved(cfg)
-    assert "hunter2" not in resolved.read_text() and "https://***@mirror.example.org/hf" in resolved.read_text()
-    assert "hunter2" not in config_text(cfg)
-    # the notebooks and the training ranks load the masked file and still reach the mirror
-    assert load_notebook_config(str(resolved), {}, {}).download.endpoint == endpoint
+    before = os.environ.get(SECRETS_ENV)
+    try:
+        resolved = save_resolved(cfg)
+        assert "hunter2" not in resolved.read_text() and "https://***@mirror.example.org/hf" in resolved.read_text()
+        assert "hunter2" not in config_text(cfg)
+        # the notebooks and the training ranks load the masked file and still reach the mirror
+        assert load_notebook_config(str(resolved), {}, {}).download.endpoint == endpoint
+    finally:
+        os.environ.pop(SECRETS_ENV, None) if before is None else os.environ.update({SECRETS_ENV: before})
 
 
 # --------------------------------------------------------------------------- 3. download and the user's data
@@ -339,6 +362,165 @@ def case_users_file_at_target_not_overwritten(tmp_path, capsys):
     no_traceback(out)
 
 
+# --------------------------------------------------------------------------- 4. images that lie
+BOMB = ROOT / "tests" / "fixtures" / "faults" / "bomb-40000x40000.png"  # 65 bytes claiming 40000x40000
+
+
+def merged(tmp_path: Path, records: list) -> Path:
+    """A merged train.json for the demo run (as if merge had written it)."""
+    run_data(tmp_path).mkdir(parents=True, exist_ok=True)
+    (run_data(tmp_path) / "train.json").write_bytes(orjson.dumps(records))
+    return demo_params(tmp_path)
+
+
+def image_rec(rid: str, image: str) -> dict:
+    r = rec(rid)
+    r["image"], r["conversations"][0]["value"] = image, "<image>\n" + r["conversations"][0]["value"]
+    return r
+
+
+def case_decompression_bomb_in_validate(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "bomb.png").write_bytes(BOMB.read_bytes())
+    rc, out = cli(capsys, "validate", str(merged(tmp_path, [image_rec("b", "bomb.png")])))
+    assert rc == 1 and "image_too_large" in out, out
+    no_traceback(out)
+    report = orjson.loads((run_data(tmp_path) / "validation.json").read_bytes())
+    assert report["problems"]["image_too_large"]["count"] == 1
+
+
+def case_decompression_bomb_in_training_loader(tmp_path, capsys):
+    from icmlab.inputs.images import load_and_preprocess
+
+    with pytest.raises(ValueError, match="decompression bomb"):  # refused before the processor is needed
+        load_and_preprocess([BOMB], None, "pad")
+
+
+def case_image_paths_outside_data_root(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    (tmp_path / "data").mkdir()
+    p = merged(tmp_path, [image_rec("up", "../outside.png"), image_rec("abs", str(tmp_path / "outside.png"))])
+    rc, out = cli(capsys, "validate", str(p))
+    assert rc == 1 and "image_outside_root" in out, out
+    report = orjson.loads((run_data(tmp_path) / "validation.json").read_bytes())
+    assert report["problems"]["image_outside_root"]["count"] == 2
+
+
+def case_image_path_outside_root_in_training_dataset(tmp_path, capsys):
+    from icmlab.train.dataset import SupervisedDataset
+
+    ds = SupervisedDataset.__new__(SupervisedDataset)  # only the image side of a sample is exercised
+    ds.data_root, ds.image_processor, ds.aspect_ratio = tmp_path / "data", None, "pad"
+    ds.encode = lambda i: {"input_ids": [1], "labels": [1], "image_path": "../outside.png", "id": "x"}
+    with pytest.raises(ValueError, match="climbs out of data.root"):
+        ds[0]
+
+
+# --------------------------------------------------------------------------- 5. a corrupt newest checkpoint
+def checkpoint(folder: Path, step: int) -> Path:
+    """A complete checkpoint as the Trainer writes it (weights, optimizer, state last)."""
+    import torch
+    from safetensors.torch import save_file
+
+    d = folder / f"checkpoint-{step}"
+    d.mkdir(parents=True)
+    save_file({"w": torch.full((64, 64), float(step))}, d / "model.safetensors")
+    torch.save({"state": {0: {"exp_avg": torch.zeros(64, 64)}}}, d / "optimizer.pt")
+    (d / "config.json").write_text("{}")
+    (d / "trainer_state.json").write_text(orjson.dumps({"global_step": step, "log_history": []}).decode())
+    return d
+
+
+def resume_after_damage(tmp_path: Path, damaged_file: str) -> None:
+    from icmlab import paths
+    from icmlab.config import load_run_config
+    from icmlab.train import stage
+
+    cfg = load_run_config(demo_params(tmp_path))
+    older = checkpoint(paths.checkpoints_dir(cfg), 1)
+    newest = checkpoint(paths.checkpoints_dir(cfg), 2)
+    f = newest / damaged_file
+    cut = f.read_bytes()[: f.stat().st_size // 2]
+    f.write_bytes(cut)  # cut short (a full disk, an interrupted copy)
+    prepare = getattr(stage, "prepare_resume", None) or stage._prepare_resume
+    logs = Lines()
+    logging.getLogger().addHandler(logs)
+    try:
+        assert prepare(cfg) == older
+    finally:
+        logging.getLogger().removeHandler(logs)
+    aside = paths.checkpoints_dir(cfg) / "corrupt-checkpoint-2"
+    assert not newest.exists() and (aside / damaged_file).read_bytes() == cut  # set aside, not deleted
+    assert any(f"checkpoint-2 cannot be resumed from: {damaged_file}: " in line for line in logs.lines), logs.lines
+
+
+def case_truncated_checkpoint_weights(tmp_path, capsys):
+    resume_after_damage(tmp_path, "model.safetensors")
+
+
+def case_truncated_trainer_state(tmp_path, capsys):
+    resume_after_damage(tmp_path, "trainer_state.json")
+
+
+def case_truncated_optimizer_state(tmp_path, capsys):
+    resume_after_damage(tmp_path, "optimizer.pt")
+
+
+# --------------------------------------------------------------------------- 7. compressed and expanding inputs
+def case_gzip_json_named_as_compressed(tmp_path, capsys):
+    import gzip
+
+    sources(tmp_path, gzip.compress(orjson.dumps([rec("a")])), [rec("b")])
+    rc, out = cli(capsys, "merge", str(demo_params(tmp_path)))
+    assert rc == 1 and "cleaned_labels.json: is a gzip-compressed file" in out and "gunzip" in out, out
+    merged(tmp_path, [])
+    (run_data(tmp_path) / "train.json").write_bytes(gzip.compress(b"[]"))
+    rc, out = cli(capsys, "validate", str(demo_params(tmp_path)))
+    assert rc == 1 and "file_compressed" in out, out
+
+
+def zip_bomb(path: Path, size: int) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("spaq_koniq/zeros.jpg", "w") as f:
+            for _ in range(size >> 20):
+                f.write(bytes(1 << 20))
+    return path
+
+
+def case_zip_expansion_guard(tmp_path, capsys):
+    from icmlab.download.extract import extract_archive
+
+    bomb = zip_bomb(tmp_path / "small.zip", 64 << 20)  # ~64 KB expanding to 64 MiB (the real case: 1 MB -> 1 GiB)
+    with pytest.raises(OSError, match=r"expands 1,0\d\dx .* download.max_extract_ratio"):
+        extract_archive(bomb, tmp_path / "out", progress=False)  # the default limits
+    with pytest.raises(OSError, match="download.max_extract_gb"):
+        extract_archive(bomb, tmp_path / "out", max_bytes=10 << 20, progress=False)
+    assert not any((tmp_path / "out").rglob("*.jpg"))
+
+
+def case_extraction_free_space_check(tmp_path, capsys):
+    import shutil
+    import tarfile
+
+    from icmlab.download.extract import extract_archive
+
+    member = tarfile.TarInfo("vg/VG_100K/huge.jpg")
+    member.size = shutil.disk_usage(tmp_path).free + (1 << 30)  # more than the disk holds
+    big = tmp_path / "big.tar"
+    with open(big, "wb") as f:  # a sparse, valid tar: header, the member's (unwritten) zeros, end blocks
+        f.write(member.tobuf())
+        f.truncate(512 + -(-member.size // 512) * 512 + 1024)
+    with pytest.raises(OSError) as ei:
+        extract_archive(big, tmp_path / "out", progress=False)
+    msg = str(ei.value)
+    assert f"{tmp_path / 'out'}: not enough disk space" in msg and f"{member.size:,} bytes needed" in msg, msg
+    assert not (tmp_path / "out" / "vg").exists()
+
+
 CASES = [
     case_empty_parameters_file,
     case_duplicate_yaml_key,
@@ -354,15 +536,36 @@ CASES = [
     case_empty_list_refused_at_validate,
     case_train_refuses_stale_clean_file,
     case_train_refuses_merge_of_changed_sources,
+    case_inspect_ignores_problems_of_an_earlier_merge,
     case_second_merge_into_one_run_refused,
     case_leftover_tmp_files_removed,
     case_presigned_url_signature_never_recorded,
     case_endpoint_credentials_never_recorded,
     case_changed_source_location_keeps_verified_file,
     case_users_file_at_target_not_overwritten,
+    case_decompression_bomb_in_validate,
+    case_decompression_bomb_in_training_loader,
+    case_image_paths_outside_data_root,
+    case_image_path_outside_root_in_training_dataset,
+    case_truncated_checkpoint_weights,
+    case_truncated_trainer_state,
+    case_truncated_optimizer_state,
+    case_gzip_json_named_as_compressed,
+    case_zip_expansion_guard,
+    case_extraction_free_space_check,
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda f: f.__name__.removeprefix("case_"))
+#: Rows over a second (figures are drawn): run with the slow tests.
+SLOW = {case_inspect_ignores_problems_of_an_earlier_merge}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, id=c.__name__.removeprefix("case_"), marks=[pytest.mark.slow] if c in SLOW else [])
+        for c in CASES
+    ],
+)
 def test_fault(case, tmp_path, capsys):
     case(tmp_path, capsys)

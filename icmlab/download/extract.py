@@ -19,6 +19,7 @@ LLaVA JSON names that are not on disk.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -35,6 +36,8 @@ from typing import IO, Callable
 
 from tqdm.auto import tqdm
 
+from icmlab.config import DownloadConfig
+
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
@@ -43,6 +46,11 @@ _SKIP_TOP = {"__MACOSX"}  # resource forks that macOS zip tools add
 
 class ArchiveError(ValueError):
     """The archive is corrupt, truncated or of an unknown type."""
+
+
+class ExtractionRefused(OSError):
+    """Not extracted: the archive expands beyond the configured size or ratio, or the disk has no
+    room for it. The (verified) archive is kept: nothing is wrong with the download itself."""
 
 
 class UnsafeArchiveError(ArchiveError):
@@ -207,6 +215,8 @@ def extract_archive(
     progress: bool = True,
     desc: str | None = None,
     cancel: threading.Event | None = None,
+    max_bytes: int | None = int(DownloadConfig.max_extract_gb * 1e9),
+    max_ratio: float | None = DownloadConfig.max_extract_ratio,
 ) -> ExtractResult:
     """Extract a zip/tar archive into ``target`` safely and resumably.
 
@@ -219,12 +229,17 @@ def extract_archive(
         progress: show a tqdm bar (bytes).
         desc: bar label.
         cancel: when set, stop after the current file (a rerun resumes).
+        max_bytes: refuse archives whose members add up to more (default: ``download.max_extract_gb``'s; None: no limit).
+        max_ratio: refuse archives expanding more than this many times their size (default:
+            ``download.max_extract_ratio``'s; None: no limit).
 
     Returns:
         An :class:`ExtractResult`.
 
     Raises:
         UnsafeArchiveError: see :func:`list_members` (nothing written).
+        ExtractionRefused: over ``max_bytes`` / ``max_ratio``, or not enough free space in ``target``
+            for what is left to write (nothing written; the message names the folder and the bytes).
         ArchiveError: corrupt or truncated archive (files completed before the error stay; they are whole).
     """
     members = list_members(path, strip_components)
@@ -232,6 +247,7 @@ def extract_archive(
     target.mkdir(parents=True, exist_ok=True)
     res = ExtractResult(target, [m.name for m in members if m.kind in ("file", "hardlink")])
     total = sum(m.size for m in members)
+    _check_expansion(path, target, members, total, max_bytes, max_ratio, overwrite)
     fmt = archive_format(path)
     opener = zipfile.ZipFile(path) if fmt == "zip" else tarfile.open(path, "r:*")
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=(desc or path.name)[:40], disable=not progress, leave=False)
@@ -261,6 +277,14 @@ def extract_archive(
                         open_member = lambda m=m: arc.extractfile(m.raw)  # noqa: E731
                     try:
                         _write(dest, open_member, m.size, overwrite, res)
+                    except OSError as e:
+                        if e.errno != errno.ENOSPC:
+                            raise
+                        raise ExtractionRefused(
+                            f"{target}: the disk filled up while extracting {path.name} at {m.name!r} "
+                            f"({total - res.bytes:,} bytes were still to write); free space there and run again "
+                            "(the files written so far are whole and are kept)"
+                        ) from None
                     except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError) as e:
                         raise ArchiveError(
                             f"{path}: corrupt or truncated at {m.name!r} "
@@ -270,6 +294,41 @@ def extract_archive(
     finally:
         bar.close()
     return res
+
+
+def _check_expansion(
+    path: Path,
+    target: Path,
+    members: list[Member],
+    total: int,
+    max_bytes: int | None,
+    max_ratio: float | None,
+    overwrite: bool,
+) -> None:
+    """Refuse a zip bomb (size or ratio) and an extraction the disk cannot hold, before writing anything."""
+    packed = max(path.stat().st_size, 1)
+    if max_bytes is not None and total > max_bytes:
+        raise ExtractionRefused(
+            f"{path}: expands to {total:,} bytes, over download.max_extract_gb ({max_bytes / 1e9:g} GB); "
+            "raise it if you trust this archive"
+        )
+    if max_ratio is not None and total > max_ratio * packed:
+        raise ExtractionRefused(
+            f"{path}: expands {total / packed:,.0f}x ({packed:,} → {total:,} bytes), over "
+            f"download.max_extract_ratio ({max_ratio:g}); a zip bomb or a corrupt archive; raise it if you trust it"
+        )
+    todo = sum(
+        m.size
+        for m in members
+        if m.kind == "file"
+        and (overwrite or not ((target / m.name).is_file() and (target / m.name).stat().st_size == m.size))
+    )
+    free = shutil.disk_usage(target).free
+    if todo > free:
+        raise ExtractionRefused(
+            f"{target}: not enough disk space to extract {path.name}: {todo:,} bytes needed, {free:,} free; "
+            "free space there or set data.root on a larger disk"
+        )
 
 
 def _write(dest: Path, open_src: Callable[[], IO[bytes]], size: int, overwrite: bool, res: ExtractResult) -> None:

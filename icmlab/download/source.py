@@ -350,6 +350,11 @@ def _get_archive(ctx: SourceContext, src: Source, loc: Path | None) -> tuple[Pat
     return path, moved, False
 
 
+def _extract_limits(ctx: SourceContext) -> dict:
+    d = ctx.cfg.download
+    return {"max_bytes": int(d.max_extract_gb * 1e9), "max_ratio": d.max_extract_ratio}
+
+
 def _canonical_url(src: Source) -> str:
     if src.url:
         return src.url
@@ -363,7 +368,13 @@ def _unpack(ctx: SourceContext, src: Source, archive: Path, overwrite: bool) -> 
     if src.convert == "ocr_vqa_jpg":
         staging = paths.download_staging(ctx.root, src.name)
         extract_archive(
-            archive, staging, strip_components=src.strip, progress=ctx.progress, desc=src.name, cancel=ctx.cancel
+            archive,
+            staging,
+            strip_components=src.strip,
+            progress=ctx.progress,
+            desc=src.name,
+            cancel=ctx.cancel,
+            **_extract_limits(ctx),
         )
         rep = convert_images_to_jpg(staging, target, move=True, overwrite=overwrite, progress=ctx.progress)
         atomic_write_json(ocr_report_path(ctx.cfg), rep.summary() | {"archive": str(archive)})
@@ -379,6 +390,7 @@ def _unpack(ctx: SourceContext, src: Source, archive: Path, overwrite: bool) -> 
         progress=ctx.progress,
         desc=src.name,
         cancel=ctx.cancel,
+        **_extract_limits(ctx),
     )
     if not res.files:
         raise ArchiveError(f"{archive}: the archive holds no files (an empty or zeroed download?)")

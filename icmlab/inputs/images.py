@@ -22,6 +22,7 @@ from typing import Any, Literal, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from icmlab.inputs.image_guard import ImageRefused, open_image
 from icmlab.models.spec import FAMILY_SPECS
 
 #: CLIP's normalisation constants (openai/clip-vit-large-patch14(-336) preprocessor_config.json).
@@ -51,8 +52,10 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path} (check data.root / the record's 'image' path)")
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:  # refuses decompression bombs from the header
             return img.convert("RGB")
+    except ImageRefused:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e} (file corrupt or not an image; remove or replace it)") from e
 

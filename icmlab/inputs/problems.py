@@ -38,6 +38,15 @@ KINDS: dict[str, Kind] = {
     "file_compressed": Kind(
         "file", "error", "a compressed (gzip/zip/...) file, not JSON text", "decompress it (gunzip/unzip) first"
     ),
+    "image_outside_root": Kind(
+        "image",
+        "error",
+        "the image path is absolute or climbs out of data.root with '..'",
+        "use a path below data.root",
+    ),
+    "image_too_large": Kind(
+        "image", "error", "the header claims too many pixels (decompression bomb or corrupt)", "replace or drop it"
+    ),
     "not_object": Kind("record", "error", "a list element is not a JSON object", "remove it"),
     "missing_id": Kind("record", "error", "no 'id' or an empty one", "give every record a unique id"),
     "missing_conversations": Kind(

@@ -52,8 +52,9 @@ from icmlab.inspection.figures import (
     token_length_figure,
     turns_figure,
 )
-from icmlab.io import atomic_write_bytes, atomic_write_json, read_jsonl
+from icmlab.io import atomic_write_bytes, atomic_write_json, read_jsonl, stale_reason
 from icmlab.merge.provenance import read_provenance
+from icmlab.rundir import run_dir_lock
 
 log = logging.getLogger("icmlab.inspection.stage")
 
@@ -223,10 +224,19 @@ def run(cfg: RunConfig, *, per_dataset: int = 2000, seed: int | None = None, sav
     Raises:
         FileNotFoundError: the merged file does not exist (run the merge stage).
     """
+    with run_dir_lock(cfg, "inspect"):
+        return _run(cfg, per_dataset, seed, save)
+
+
+def _run(cfg: RunConfig, per_dataset: int, seed: int | None, save: bool) -> InspectResult:
     path = paths.merged_json(cfg)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run the merge stage first (`icmlab merge`)")
-    problems_file = paths.validation_report(cfg).with_name("validation.problems.jsonl")
+    report = paths.validation_report(cfg)
+    problems_file: Path | None = report.with_name("validation.problems.jsonl")
+    if report.is_file() and (why := stale_reason(report)):
+        log.warning("%s is not shown: %s; run the validate stage again to see this merge's problems", report, why)
+        problems_file = None
     samples, datasets, n = load_samples(
         path,
         paths.provenance_jsonl(cfg),

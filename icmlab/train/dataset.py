@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 from icmlab.inputs.collate import collate_for_training
 from icmlab.inputs.conversation import image_token_for
 from icmlab.inputs.encode import PieceEncoder, encode_conversation
+from icmlab.inputs.image_guard import image_path
 from icmlab.inputs.images import load_and_preprocess, processor_size
 from icmlab.inputs.recordstore import RecordStore, modality_length
 from icmlab.models.spec import family_spec
@@ -156,7 +157,9 @@ class SupervisedDataset(Dataset):
         sample = self.encode(index)
         image = sample.pop("image_path")
         sample["pixel_values"] = (
-            load_and_preprocess([self.data_root / image], self.image_processor, self.aspect_ratio)[0] if image else None
+            load_and_preprocess([image_path(self.data_root, image)], self.image_processor, self.aspect_ratio)[0]
+            if image
+            else None
         )
         return sample
 

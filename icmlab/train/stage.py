@@ -55,6 +55,7 @@ from icmlab.train.args import (  # noqa: F401  (re-exported: the stage's configu
     resolve_device,
 )
 from icmlab.train.build import build_trainer, single_process_group
+from icmlab.train.checkpoints import newest_loadable_checkpoint, set_aside
 from icmlab.train.launch import (
     STOPPED_BY_SIGTERM,
     build_launch_command,
@@ -325,7 +326,7 @@ def _train(cfg: RunConfig, callbacks: Sequence[Any], save_config: bool) -> Train
     stop = GracefulStopCallback(cfg.train.save_every_minutes)
     trainer = build_trainer(cfg, bundle, dataset, args, callbacks=[stop, *callbacks])
 
-    resume = _prepare_resume(cfg) if cfg.train.resume else None
+    resume = prepare_resume(cfg) if cfg.train.resume else None
     if resume:
         log.info("resuming from %s", resume)
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -393,13 +394,17 @@ def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _prepare_resume(cfg: RunConfig) -> Path | None:
-    """The checkpoint to resume from; incomplete ones (killed mid-save) are removed first."""
-    from icmlab.train.trainer import find_resume_checkpoint
+def prepare_resume(cfg: RunConfig) -> Path | None:
+    """The checkpoint to resume from: the newest whose files are whole (:mod:`icmlab.train.checkpoints`).
 
+    Incomplete ones (killed mid-save, no ``trainer_state.json``) are removed; newer damaged ones are
+    reported and set aside as ``corrupt-checkpoint-N`` (by rank 0; every rank makes the same choice).
+    """
     ckdir = paths.checkpoints_dir(cfg)
-    resume = find_resume_checkpoint(ckdir)
+    resume, damaged = newest_loadable_checkpoint(ckdir)
     if _is_main_process() and ckdir.is_dir():
+        for d, why in damaged:
+            set_aside(d, why)
         for d in ckdir.glob("checkpoint-*"):
             if d.is_dir() and d != resume and not (d / "trainer_state.json").exists():
                 log.warning("removing incomplete checkpoint %s (the process was killed while saving it)", d)

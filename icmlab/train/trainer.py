@@ -374,20 +374,3 @@ def load_checkpoint_weights(model: nn.Module, checkpoint_dir: Path) -> None:
         )
     log.info("restored %d weight tensors from %s", len(state), checkpoint_dir)
     del loaded, state
-
-
-def find_resume_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest *complete* ``checkpoint-N`` (its ``trainer_state.json``, written last, exists), or None."""
-    if not checkpoints.is_dir():
-        return None
-    done = []
-    for d in checkpoints.glob("checkpoint-*"):
-        suffix = d.name.split("-", 1)[1]
-        if (
-            d.is_dir()
-            and suffix.isdigit()
-            and (d / "trainer_state.json").exists()
-            and not (d / "checkpoint-is-incomplete.txt").exists()
-        ):
-            done.append((int(suffix), d))
-    return max(done)[1] if done else None

@@ -24,7 +24,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
+
+from icmlab.inputs.image_guard import ImageRefused, escapes_root, open_image
 
 IMAGE_FORMATS = {
     ".jpg": "JPEG",
@@ -99,8 +101,10 @@ def _inspect_image(path: Path, decode: bool, min_side: int, max_aspect: float) -
     try:
         if path.stat().st_size == 0:
             return [("image_unreadable", "empty file (0 bytes)")], {}
-        with Image.open(path) as im:
+        with open_image(path) as im:
             fmt, (w, h) = im.format, im.size
+    except ImageRefused as e:
+        return [(e.kind, str(e))], {}
     except UnidentifiedImageError:
         return [("image_unreadable", "PIL cannot identify the content")], {}
     except (OSError, SyntaxError, ValueError) as e:
@@ -110,6 +114,8 @@ def _inspect_image(path: Path, decode: bool, min_side: int, max_aspect: float) -
     if decode:
         try:
             load_rgb(path)
+        except ImageRefused as e:
+            return [(e.kind, str(e))], info
         except (ValueError, OSError) as e:
             return [("image_corrupt", str(e.__cause__ or e))], info
     want = IMAGE_FORMATS.get(path.suffix.lower())
@@ -149,6 +155,10 @@ def check_images(
     out: dict[str, tuple[list[tuple[str, str]], dict]] = {}
     by_folder: dict[str, set[str]] = {}
     for rel in rels:
+        why = escapes_root(rel)  # never looked at: outside the data root
+        if why:
+            out[rel] = ([("image_outside_root", why)], {})
+            continue
         folder, _, name = rel.rpartition("/")
         by_folder.setdefault(folder, set()).add(name)
     suspects = []

@@ -34,6 +34,7 @@ import orjson
 from icmlab.inputs.jsonscan import DuplicateIds, iter_blocks
 from icmlab.inputs.lengths import LengthSetup, length_bound, record_length
 from icmlab.inputs.problems import KINDS, Kind  # noqa: F401  (re-exported: the stage's problem kinds)
+from icmlab.io import compression_of
 from icmlab.models.spec import DIALECTS
 
 
@@ -48,6 +49,9 @@ def check_file(path: Path) -> list[tuple[str, str]]:
         return [("file_missing", f"{path} not found")]
     with open(path, "rb") as f:
         head = f.read(512)
+    packed = compression_of(head)
+    if packed:
+        return [("file_compressed", f"{path} is {packed}-compressed, not JSON text; decompress it first")]
     if head.startswith(codecs.BOM_UTF8):
         return [("file_encoding", "byte 0: UTF-8 byte-order mark (json.load of the original repos fails on it)")]
     if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):

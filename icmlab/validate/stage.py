@@ -457,6 +457,8 @@ def _finish(res: ValidationResult, t0: float, seconds: dict) -> ValidationResult
         },
     }
     atomic_write_json(res.report, report)
+    if Path(res.input).is_file():  # readers of the report (inspect) can tell it belongs to this train.json
+        write_inputs_stamp(res.report, [Path(res.input)])
     return res
 
 
