@@ -35,7 +35,7 @@ from icmlab.io import atomic_write_json, read_json
 
 log = logging.getLogger("icmlab.run")
 
-STAGES: tuple[str, ...] = ("setup", "download", "merge", "validate", "inspect", "train", "evaluate")
+STAGES: tuple[str, ...] = ("setup", "download", "merge", "validate", "inspect", "train", "evaluate", "playground")
 
 
 class StageFailed(RuntimeError):
@@ -148,7 +148,7 @@ def stage_inputs(cfg: RunConfig, stage: str) -> list[Path]:
         return [paths.merged_json(cfg)]
     if stage == "train":
         return [paths.training_json(cfg)]
-    if stage == "evaluate":
+    if stage in ("evaluate", "playground"):
         return [paths.final_model_dir(cfg) / "config.json", paths.metrics_jsonl(cfg)]
     return []
 
