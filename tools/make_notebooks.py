@@ -223,7 +223,7 @@ spec(
 
 result = playground.run(cfg)
 print(result.table())""",
-        "show_html(playground.stage.answers_html(result))",
+        "show_html(playground.answers_html(result))",
         "#md ## Ask your own question (run the notebook in Jupyter for the widgets)",
         "playground.playground(cfg)",
         "#md ## Ship it: export, model card, serving handoff, hub push",

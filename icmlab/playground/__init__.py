@@ -9,6 +9,15 @@ Usage::
     print(result.table())
 """
 
-from icmlab.playground.stage import TEMPLATES, PlaygroundResult, ask, load_model, model_choices, playground, run
+from icmlab.playground.stage import (
+    TEMPLATES,
+    PlaygroundResult,
+    answers_html,
+    ask,
+    load_model,
+    model_choices,
+    playground,
+    run,
+)
 
-__all__ = ["TEMPLATES", "PlaygroundResult", "ask", "load_model", "model_choices", "playground", "run"]
+__all__ = ["TEMPLATES", "PlaygroundResult", "answers_html", "ask", "load_model", "model_choices", "playground", "run"]
