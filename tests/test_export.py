@@ -89,10 +89,10 @@ def test_llava_export_reloads_with_plain_transformers_and_generates_icmlab_token
     bundle = get_family("llava15").load_for_inference(paths.final_model_dir(cfg), dtype="float32")
     ours_ids = prompt_format(cfg, bundle).encode(QUESTION)
     (padded,) = prepare_images([image(tmp_path)], bundle, cfg.data.image_aspect_ratio)
-    plain = processor(images=padded, text=prompt, return_tensors="pt")
+    plain = processor(images=img, text=prompt, return_tensors="pt")  # the unpadded image
     assert plain["input_ids"][0].tolist() == ours_ids  # the chat template renders the evaluation prompt
     ours_px = pixel_values(bundle.tokenizer, bundle.image_processor, padded)
-    assert torch.equal(plain["pixel_values"][0], ours_px)
+    assert torch.equal(plain["pixel_values"][0], ours_px)  # the exported processor pads as training did
     with torch.no_grad():
         theirs = model.generate(**plain, max_new_tokens=8, min_new_tokens=8, do_sample=False)
         ids = torch.tensor([ours_ids])
@@ -101,7 +101,6 @@ def test_llava_export_reloads_with_plain_transformers_and_generates_icmlab_token
             min_new_tokens=8, do_sample=False,
         )  # fmt: skip
     assert theirs[0, ids.shape[1] :].tolist() == ours[0, ids.shape[1] :].tolist()
-    assert img.size == (36, 20)
 
 
 @pytest.mark.slow
@@ -121,6 +120,8 @@ def test_llava_export_is_what_serving_engines_read(tmp_path, llava_base, capsys)
     hub = {_pattern(line.split("\t")[0]) for line in LLAVA_HUB_MANIFEST.read_text().splitlines()[1:]}
     ours = {_pattern(k) for k in load_file(str(hf / "model.safetensors"))}
     assert ours == hub
+    pre = json.loads((hf / "preprocessor_config.json").read_text())  # what transformers-4 engines read
+    assert pre["image_processor_type"] == "LlavaImageProcessor" and pre["do_pad"] is True
     gen = json.loads((hf / "generation_config.json").read_text())
     assert gen["do_sample"] is False and gen["eos_token_id"] is not None
     assert gen["max_new_tokens"] == cfg.playground.max_new_tokens
