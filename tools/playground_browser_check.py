@@ -79,7 +79,10 @@ class Page:
             if value:
                 return value
             time.sleep(1)
-        raise TimeoutError(f"{what}: not seen in {seconds} s")
+        seen = self.js(
+            "document.title + ' | app: ' + (typeof window.jupyterapp) + ' | ' + document.body.innerText.slice(0, 300)"
+        )
+        raise TimeoutError(f"{what}: not seen in {seconds} s (page: {seen!r})")
 
 
 def main() -> int:
@@ -115,9 +118,15 @@ def main() -> int:
         page = Page(next(t for t in tabs if t.get("type") == "page")["webSocketDebuggerUrl"])
         page.call("Page.enable")
         rel = notebook.relative_to(ROOT).as_posix()
-        page.call("Page.navigate", url=f"http://127.0.0.1:{lab_port}/lab/tree/{rel}")
-        kernel = "window.jupyterapp?.shell?.currentWidget?.sessionContext?.session?.kernel?.status"
-        page.wait(f"{kernel} === 'idle'", 180, "the notebook's kernel")
+        page.call("Page.navigate", url=f"http://127.0.0.1:{lab_port}/lab")
+        page.wait("window.jupyterapp?.started !== undefined", 90, "JupyterLab")
+        page.js("window.jupyterapp.started")
+        page.js(
+            f"window.jupyterapp.commands.execute('docmanager:open', {{path: {json.dumps(rel)}}})"
+            ".then(w => {{ window.__nb = w; window.jupyterapp.shell.activateById(w.id); return true; }})"
+        )
+        kernel = "window.__nb?.sessionContext?.session?.kernel?.status"
+        page.wait(f"{kernel} === 'idle'", 120, "the notebook's kernel")
         t0 = time.time()
         page.js("window.jupyterapp.commands.execute('notebook:run-all-cells')")
         page.wait(
@@ -130,7 +139,7 @@ def main() -> int:
         page.js(
             "(() => { const d = [...document.querySelectorAll('.widget-dropdown')]"
             ".find(e => e.innerText.trim().startsWith('dataset')); const s = d.querySelector('select');"
-            " s.selectedIndex = 2; s.dispatchEvent(new Event('change')); })()"
+            " s.selectedIndex = 2; s.dispatchEvent(new Event('change', {bubbles: true})); })()"
         )
         page.wait("document.body.innerText.includes('ground truth:')", 60, "the record's image and ground truth")
         t1 = time.time()

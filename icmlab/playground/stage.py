@@ -283,9 +283,11 @@ def answers_html(result: PlaygroundResult) -> str:
         img = f'<img src="{thumbnail_data_uri(r["image"], 128)}" alt="{esc(Path(r["image"]).name)}">'
         cells = "".join(f"<td>{esc(r['answers'][m])}</td>" for m in result.models)
         q = esc(r["question"]).replace("\n", "<br>")
-        rows.append(f"<tr><td>{img}</td><td>{q}</td><td>{esc(r.get('truth') or '')}</td>{cells}</tr>")
+        row = f"<tr><td>{img}</td><td>{q}</td><td>{esc(r.get('truth') or '')}</td>{cells}</tr>"
+        rows.append(row.replace("<td>", '<td style="text-align:left">'))
     return (
-        '<table class="icmlab-playground"><tr><th>image</th><th>question</th><th>ground truth</th>'
+        '<table class="icmlab-playground" style="text-align:left"><tr><th>image</th><th>question</th>'
+        "<th>ground truth</th>"
         f"{head}</tr>{''.join(rows)}</table>"
     )
 
