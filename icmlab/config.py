@@ -281,6 +281,9 @@ class DemoConfig:
 
 @dataclass
 class ExportConfig:
+    enabled: bool = True
+    """Notebook ``07_playground`` (and so ``icmlab run``) ends with the export; ``icmlab export``
+    always exports."""
     source: str = "final"
     """What to export: ``final`` (``runs/<run>/model``, plus ``runs/<run>/adapter`` of a LoRA run),
     ``checkpoint-N`` (one of the run's checkpoints) or a folder (a saved model or a PEFT adapter)."""

@@ -41,7 +41,7 @@ from icmlab.progress import PROGRESS_FILE_ENV, TerminalProgress
 
 log = logging.getLogger("icmlab.run")
 
-STAGES: tuple[str, ...] = ("setup", "download", "merge", "validate", "inspect", "train", "evaluate")
+STAGES: tuple[str, ...] = ("setup", "download", "merge", "validate", "inspect", "train", "evaluate", "playground")
 
 
 class StageFailed(RuntimeError):
@@ -154,7 +154,7 @@ def stage_inputs(cfg: RunConfig, stage: str) -> list[Path]:
         return [paths.merged_json(cfg)]
     if stage == "train":
         return [paths.training_json(cfg)]
-    if stage == "evaluate":
+    if stage in ("evaluate", "playground"):
         return [paths.final_model_dir(cfg) / "config.json", paths.metrics_jsonl(cfg)]
     return []
 

@@ -91,10 +91,10 @@ def test_llava_export_reloads_with_plain_transformers_and_generates_icmlab_token
     protocol = resolve_protocol(cfg)
     ours_ids = prompt_format(protocol, bundle).encode(QUESTION)
     padded = prepare_image(protocol, img, bundle.image_processor)
-    plain = processor(images=padded, text=prompt, return_tensors="pt")
+    plain = processor(images=img, text=prompt, return_tensors="pt")  # the unpadded image
     assert plain["input_ids"][0].tolist() == ours_ids  # the chat template renders the evaluation prompt
     ours_px = pixel_values(bundle.tokenizer, bundle.image_processor, padded)
-    assert torch.equal(plain["pixel_values"][0], ours_px)
+    assert torch.equal(plain["pixel_values"][0], ours_px)  # the exported processor pads as training did
     with torch.no_grad():
         theirs = model.generate(**plain, max_new_tokens=8, min_new_tokens=8, do_sample=False)
         ids = torch.tensor([ours_ids])
@@ -103,11 +103,15 @@ def test_llava_export_reloads_with_plain_transformers_and_generates_icmlab_token
             min_new_tokens=8, do_sample=False,
         )  # fmt: skip
     assert theirs[0, ids.shape[1] :].tolist() == ours[0, ids.shape[1] :].tolist()
-    assert img.size == (36, 20)
 
 
 @pytest.mark.slow
-def test_llava_export_is_what_serving_engines_read(tmp_path, llava_base):
+def test_llava_export_is_what_serving_engines_read(tmp_path, llava_base, capsys):
+    from transformers import AutoProcessor
+
+    from icmlab.__main__ import main
+    from icmlab.config import save_resolved
+
     cfg = trained_run(tmp_path, llava_base)
     res = export.run(cfg)
     hf = res.layouts["hf"]
@@ -118,6 +122,8 @@ def test_llava_export_is_what_serving_engines_read(tmp_path, llava_base):
     hub = {_pattern(line.split("\t")[0]) for line in LLAVA_HUB_MANIFEST.read_text().splitlines()[1:]}
     ours = {_pattern(k) for k in load_file(str(hf / "model.safetensors"))}
     assert ours == hub
+    pre = json.loads((hf / "preprocessor_config.json").read_text())  # what transformers-4 engines read
+    assert pre["image_processor_type"] == "LlavaImageProcessor" and pre["do_pad"] is True
     gen = json.loads((hf / "generation_config.json").read_text())
     assert gen["do_sample"] is False and gen["eos_token_id"] is not None
     assert gen["max_new_tokens"] == cfg.playground.max_new_tokens
@@ -127,6 +133,20 @@ def test_llava_export_is_what_serving_engines_read(tmp_path, llava_base):
     assert any(line.startswith("vllm serve ") for line in res.serving.splitlines())
     assert any("sglang.launch_server" in line for line in res.serving.splitlines())
     assert "vllm serve" in res.summary()
+    # the chat endpoint's messages (OpenAI parts, image after text, a system turn) render the trained prompt
+    processor = AutoProcessor.from_pretrained(hf)
+    user = {"type": "text", "text": QUESTION}
+    first = [{"role": "user", "content": [{"type": "image"}, user]}]
+    later = [{"role": "user", "content": [user, {"type": "image"}]}]
+    assert processor.apply_chat_template(first, add_generation_prompt=True) == processor.apply_chat_template(
+        later, add_generation_prompt=True
+    )
+    system = [{"role": "system", "content": "Be brief."}, *first]
+    assert processor.apply_chat_template(system, add_generation_prompt=True).startswith("Be brief. USER: <image>\n")
+    # `icmlab export P` prints the same handoff
+    params = save_resolved(cfg, tmp_path / "params.yaml")
+    assert main(["export", str(params)]) == 0
+    assert "vllm serve" in capsys.readouterr().out
     # a broken folder is named, not served
     (hf / "generation_config.json").unlink()
     assert serving_problems(hf, "llava15") == [f"{hf / 'generation_config.json'}: missing"]
@@ -198,6 +218,13 @@ def test_lora_adapter_alone_and_merged_both_reload(tmp_path, llava_base):
     assert torch.allclose(merged, expected, atol=1e-5)
     assert not torch.allclose(expected, before, atol=1e-3)  # the adapter changes the model
     assert "lora" in (res.layouts["adapter"] / "README.md").read_text()
+    # the playground loads the LoRA checkpoint as its adapter on the base
+    from icmlab import playground
+
+    with torch.no_grad():
+        assert torch.allclose(
+            playground.load_model(cfg, "checkpoint-5").model(input_ids=ids).logits, expected, atol=1e-6
+        )
 
 
 # --------------------------------------------------------------------------- mPLUG-Owl2 original layout

@@ -14,11 +14,22 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "icmlab"
-STAGES = ("download", "merge", "validate", "inspection", "train", "evaluate")
+STAGES = ("download", "merge", "validate", "inspection", "train", "evaluate", "export", "playground")
 # Lower layers: a stage may import them, they never import a stage.
 LOWER = ("inputs", "models", "demo", "config", "typed_yaml", "paths", "io", "display", "notebook", "progress")
 # The one public cross-stage read: validate and inspect read merge's provenance sidecar.
 ALLOWED_CROSS = {("validate", "icmlab.merge.provenance"), ("inspection", "icmlab.merge.provenance")}
+# The playground asks exactly as evaluation does (its prompt encoder, padding, decoding, templates);
+# the model card reads evaluation's scores.
+ALLOWED_CROSS |= {
+    ("playground", f"icmlab.evaluate.{m}")
+    for m in ("generation", "generation.generate_answers", "generation.pixel_values", "icm_val",
+              "icm_val.UPSTREAM_QUESTION", "report", "report.thumbnail_data_uri", "scoring",
+              "scoring.qbench_prompt", "stage", "stage.prompt_format")
+} | {("export", m) for m in ("icmlab.evaluate.scoring", "icmlab.evaluate.scoring.EvaluationResult",
+                              "icmlab.evaluate.stage", "icmlab.evaluate.stage.EvaluateResult")}  # fmt: skip
+# train.push_to_hub pushes through the export's one hub upload.
+ALLOWED_CROSS |= {("train", "icmlab.export.hub"), ("train", "icmlab.export.hub.push_folder")}
 
 
 def _module_name(path: Path) -> str:

@@ -44,7 +44,7 @@ def mini_project(tmp_path):
 
 
 def test_select_stages():
-    assert select_stages(None, "train") == ["train", "evaluate"]
+    assert select_stages(None, "train") == ["train", "evaluate", "playground"]
     assert select_stages(["merge", "setup"], None) == ["setup", "merge"]
     with pytest.raises(ValueError, match="unknown stage 'trian'"):
         select_stages(["trian"], None)

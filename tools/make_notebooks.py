@@ -309,6 +309,37 @@ print("report:", result.report)""",
     ],
 )
 
+spec(
+    "playground",
+    "07 · Playground: try the model, then ship it",
+    "Ask the baseline, the fine-tuned model, any checkpoint of the run or another run's model about one "
+    "image: a record of the validated dataset (its ground truth is shown), an image path, or an upload. "
+    "Type a question or pick a Q-Bench-style / moderation template; the answers stream in side by side "
+    "under the image. The prompt template, the square padding and greedy decoding are evaluation's, and "
+    "the exact model input is shown. Headless (papermill, `icmlab run`), the `playground.pairs` of the "
+    "parameters (or the first `playground.samples` validated records) are answered by every model of "
+    "`playground.models` and written to `runs/<run>/playground/answers.html`. The last section exports "
+    "the model (llava-hf / PEFT adapter / original mPLUG-Owl2 layout, model card, serve commands, "
+    "hub push with `export.repo_id`); `icmlab export` does the same from the command line.",
+    [
+        """from icmlab import playground
+
+result = playground.run(cfg)
+print(result.table())""",
+        "show_html(playground.answers_html(result))",
+        "#md ## Ask your own question (run the notebook in Jupyter for the widgets)",
+        "playground.playground(cfg)",
+        "#md ## Ship it: export, model card, serving handoff, hub push",
+        """from icmlab import export
+
+if cfg.export.enabled:
+    shipped = export.run(cfg)
+    print(shipped.summary())
+else:
+    print("export.enabled is false: run `icmlab export` to export")""",
+    ],
+)
+
 
 def build(stage: str) -> nbformat.NotebookNode:
     """Build one notebook from its spec."""

@@ -171,7 +171,13 @@ def model_card(cfg: RunConfig, *, commit: str | None, layouts: dict[str, str], s
         "## Prompt",
         "",
         f"Inference prompt: `{spec.inference_prompt}`; training template `{spec.train_template}` "
-        "(the processor's chat template renders it).",
+        "(the processor's chat template renders it). Images: "
+        + (
+            "padded to square on the CLIP mean colour before resizing, as in training"
+            + (" (the exported processor does it: `do_pad`)." if spec.serving_architecture else ".")
+            if cfg.data.image_aspect_ratio == "pad"
+            else f"`{cfg.data.image_aspect_ratio}` as in training."
+        ),
     ]
     if serving:
         lines += ["", "## Serve it", "", "```bash", serving, "```"]

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoImageProcessor
+
 from icmlab import paths
 from icmlab.config import RunConfig
 from icmlab.envinfo import git_commit
@@ -209,8 +211,12 @@ def run(cfg: RunConfig) -> ExportResult:
     if adapter is not None:
         result.layouts["adapter"] = write_adapter(adapter, out / "adapter", cfg.model.base, cfg.model.revision)
     hf = out / "hf"
-    # merges a PEFT model into its base; LLaVA writes the llava-hf hub key names
-    getattr(family, "save_hub_layout", family.save_bundle)(bundle, hf)
+    # merges a PEFT model into its base; LLaVA writes the llava-hf hub key names and a processor that
+    # pads to square as training did
+    if hasattr(family, "save_hub_layout"):
+        family.save_hub_layout(bundle, hf, pad_images=cfg.data.image_aspect_ratio == "pad")
+    else:
+        family.save_bundle(bundle, hf)
     write_generation_config(bundle, hf, cfg.playground.max_new_tokens)
     result.layouts["hf"] = hf
     if spec.original_layout and cfg.export.original_layout:
@@ -221,7 +227,7 @@ def run(cfg: RunConfig) -> ExportResult:
     if result.serving:
         # transformers 5 keeps the image processor inside processor_config.json; engines on
         # transformers 4 read preprocessor_config.json, as the llava-hf repos ship it
-        bundle.image_processor.save_pretrained(hf)
+        AutoImageProcessor.from_pretrained(hf, backend="pil").save_pretrained(hf)
         problems = serving_problems(hf, cfg.model.family)
         if problems:
             raise ValueError(f"{hf}: not servable as {spec.serving_architecture}: " + "; ".join(problems))

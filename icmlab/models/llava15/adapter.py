@@ -21,6 +21,7 @@ legacy key names that the Trainer's raw resume load does not rename (environment
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -455,19 +456,36 @@ def save_bundle(bundle: ModelBundle, out_dir: str | Path) -> Path:
     return write_bundle_dir(out, bundle, write)
 
 
-def save_hub_layout(bundle: ModelBundle, out_dir: str | Path) -> Path:
+def padding_image_processor(image_processor: Any) -> Any:
+    """The llava-hf image processor that pads to square itself (``do_pad``: centred on the mean colour
+    ``int(x * 255)``, then resize and crop), the same pixels as ``expand2square`` + ``image_processor``
+    (``image_aspect_ratio: pad``). Shipped in the export, it gives plain transformers, vLLM and SGLang
+    the preprocessing of training and evaluation from an unpadded image."""
+    from transformers import LlavaImageProcessorPil
+
+    p = image_processor
+    return LlavaImageProcessorPil(
+        do_pad=True, size=dict(p.size), crop_size=dict(p.crop_size), resample=p.resample,
+        image_mean=list(p.image_mean), image_std=list(p.image_std), do_center_crop=p.do_center_crop,
+    )  # fmt: skip
+
+
+def save_hub_layout(bundle: ModelBundle, out_dir: str | Path, *, pad_images: bool = False) -> Path:
     """:func:`save_bundle`, with the weights under the llava-hf hub names (``language_model.model.*``,
     ``vision_tower.vision_model.*``, ``multi_modal_projector.*``; :func:`~.convert.native_to_hub_key`).
 
     transformers 5 saves the vision tower as ``vision_tower.*`` (its in-memory layout); vLLM, SGLang
     and transformers 4 read the names of the ``llava-hf/llava-1.5-*-hf`` repos, and transformers 5
-    reads those too. This is the layout the export stage ships.
+    reads those too. This is the layout the export stage ships; ``pad_images`` (``data.image_aspect_ratio:
+    pad``) ships :func:`padding_image_processor`.
 
     Returns:
         ``out_dir``.
     """
     from icmlab.models import write_safetensors
 
+    if pad_images:
+        bundle = dataclasses.replace(bundle, image_processor=padding_image_processor(bundle.image_processor))
     out = save_bundle(bundle, out_dir)
     for old in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
         old.unlink()
