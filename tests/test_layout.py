@@ -25,7 +25,8 @@ ALLOWED_CROSS |= {
     ("playground", f"icmlab.evaluate.{m}")
     for m in ("generation", "generation.generate_answers", "generation.pixel_values", "icm_val",
               "icm_val.UPSTREAM_QUESTION", "report", "report.thumbnail_data_uri", "scoring",
-              "scoring.qbench_prompt", "stage", "stage.prompt_format")
+              "scoring.qbench_prompt", "stage", "stage.prompt_format", "protocol",
+              "protocol.prepare_image", "protocol.resolve_protocol")
 } | {("export", m) for m in ("icmlab.evaluate.scoring", "icmlab.evaluate.scoring.EvaluationResult",
                               "icmlab.evaluate.stage", "icmlab.evaluate.stage.EvaluateResult")}  # fmt: skip
 # train.push_to_hub pushes through the export's one hub upload.

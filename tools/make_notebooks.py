@@ -312,15 +312,26 @@ print("report:", result.report)""",
 spec(
     "playground",
     "07 · Playground: try the model, then ship it",
-    "Ask the baseline, the fine-tuned model, any checkpoint of the run or another run's model about one "
-    "image: a record of the validated dataset (its ground truth is shown), an image path, or an upload. "
-    "Type a question or pick a Q-Bench-style / moderation template; the answers stream in side by side "
-    "under the image. The prompt template, the square padding and greedy decoding are evaluation's, and "
-    "the exact model input is shown. Headless (papermill, `icmlab run`), the `playground.pairs` of the "
-    "parameters (or the first `playground.samples` validated records) are answered by every model of "
-    "`playground.models` and written to `runs/<run>/playground/answers.html`. The last section exports "
-    "the model (llava-hf / PEFT adapter / original mPLUG-Owl2 layout, model card, serve commands, "
-    "hub push with `export.repo_id`); `icmlab export` does the same from the command line.",
+    intro(
+        "Ask the models of the run about one image and read their answers side by side, then export the "
+        "fine-tuned model so other tools can load and serve it.",
+        "demo: about a minute (headless: a few answers per model, then the export). Real recipe: a few "
+        "minutes to load a 7B model, seconds per answer on a GPU; the export writes about 14 GB.",
+        "the answers table (baseline against fine-tuned on the same images) and, at the end, the export "
+        "folder with its model card and the printed `vllm serve` / SGLang commands.",
+        "the fine-tuned model answers in the benchmark's format (a letter, Yes/No) and mostly agrees with "
+        "the ground truth shown; the demo's untrained baseline answers gibberish.",
+        "share the export (`export.repo_id` pushes it to the Hub) or serve it with the printed command.",
+        "Ask the baseline, the fine-tuned model, any checkpoint of the run or another run's model about one "
+        "image: a record of the validated dataset (its ground truth is shown), an image path, or an upload. "
+        "Type a question or pick a Q-Bench-style / moderation template; the answers stream in side by side "
+        "under the image. The prompt, the image preprocessing and greedy decoding are the eval protocol's, and "
+        "the exact model input is shown. Headless (papermill, `icmlab run`), the `playground.pairs` of the "
+        "parameters (or the first `playground.samples` validated records) are answered by every model of "
+        "`playground.models` and written to `runs/<run>/playground/answers.html`. The last section exports "
+        "the model (llava-hf / PEFT adapter / original mPLUG-Owl2 layout, model card, serve commands, "
+        "hub push with `export.repo_id`); `icmlab export` does the same from the command line.",
+    ),
     [
         """from icmlab import playground
 
