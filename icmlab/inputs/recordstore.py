@@ -43,7 +43,7 @@ from icmlab.inputs.jsonscan_parallel import BlockParts
 from icmlab.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
-CHECKED_RECORDS = 4096  # records whose bytes are checked when offsets are loaded: first, last and a stride
+CHECKED_RECORDS = 256  # records whose bytes are checked when offsets are loaded: first, last and a stride
 
 _WS_CODES = np.frombuffer(b" \t\r\n", np.uint8)
 _IS_WS = np.isin(np.arange(256), _WS_CODES)
@@ -152,9 +152,10 @@ class RecordStore(Sequence):
     def _mapped(cls, path: Path, starts: np.ndarray, ends: np.ndarray, lengths: np.ndarray) -> "RecordStore":
         if not len(starts):
             return cls(b"", starts, ends, lengths, path)
-        with open(path, "rb") as f:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return cls(buf, starts, ends, lengths, path)
+        store = cls(_map(path), starts, ends, lengths, path)
+        # The check faulted pages in: drop them from this process (they stay in the page cache).
+        store.buf.madvise(mmap.MADV_DONTNEED)
+        return store
 
     @classmethod
     def _scan(cls, path: Path, workers: int | None) -> "RecordStore":
@@ -225,8 +226,16 @@ class RecordStore(Sequence):
         if self.buf is None:
             if _stat(self.path) != self._stat:
                 raise ValueError(f"{self.path} changed since the training dataset was built; restart the train stage")
-            with open(self.path, "rb") as f:
-                self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self.buf = _map(self.path)
+
+
+def _map(path: Path) -> mmap.mmap:
+    """Read-only map of the file, advised for random access: a record read faults in its own pages,
+    not a read-ahead window (samples are read in sampler order)."""
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    buf.madvise(mmap.MADV_RANDOM)
+    return buf
 
 
 def _stat(path: Path) -> tuple[int, int]:
