@@ -4,6 +4,11 @@ Measures, on demo-like images (the demo's distorted scenes rendered at ``--size`
 demo's Q-Instruct/ICM-Instruct records tokenized with the real LLaMA-2 vocabulary
 (``tests/fixtures/llama2-tokenizer`` + ``<image>``/``<pad>`` as in llava-hf):
 
+- upstream: a re-implementation of LLaVA's ``LazySupervisedDataset.__getitem__`` (``upstream_sample.py``:
+  the transformers 4.37 CLIP processor steps, ``tokenizer_image_token`` per chunk and round) against
+  one :class:`icmlab.train.dataset.SupervisedDataset` sample, in alternating pairs of passes over the
+  same records (one process = one data-loader worker's work); the ratio is per pair, and the pixels
+  of both are compared (max abs difference);
 - baseline: bare PIL decode (``Image.open(...).convert("RGB")``), samples/s;
 - image path: decode + ``pad`` (expand2square) + CLIP preprocessing to 336 px, samples/s;
 - one sample of :class:`icmlab.train.dataset.SupervisedDataset` (tokenize + mask + image), samples/s in
@@ -17,7 +22,7 @@ are shared; absolute numbers move, ratios less so).
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_input_pipeline.py [--images 200] [--size 448x336] [--workers 1 2]
+    .venv/bin/python benchmarks/bench_input_pipeline.py [--images 400] [--size 640x480] [--pairs 3] [--workers 1 2]
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ from icmlab.demo.images import render_bytes  # noqa: E402
 from icmlab.inputs.conversation import conversation_segments, get_template, turns_from_record  # noqa: E402
 from icmlab.inputs.images import build_image_processor, load_and_preprocess  # noqa: E402
 from icmlab.train.dataset import SupervisedDataset, TrainingCollator  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from upstream_sample import max_pixel_difference, upstream_sample  # noqa: E402
 
 TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "llama2-tokenizer"
 
@@ -107,8 +115,9 @@ def loader_rate(ds, workers: int, batch: int, n_batches: int, collate) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=200, help="images rendered (and samples per pass)")
-    p.add_argument("--size", default="448x336", help="rendered image size WxH (non-square exercises pad)")
+    p.add_argument("--images", type=int, default=400, help="images rendered (and samples per pass)")
+    p.add_argument("--size", default="640x480", help="rendered image size WxH (COCO-sized; non-square exercises pad)")
+    p.add_argument("--pairs", type=int, default=3, help="alternating upstream/icmlab pass pairs")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts to time")
     p.add_argument("--batch", type=int, default=16, help="micro-batch of the DataLoader runs")
     args = p.parse_args()
@@ -134,6 +143,22 @@ def main() -> None:
             aspect_ratio="pad",
         )
         paths = [root / r["image"] for r in records]
+
+        diff = max(
+            max_pixel_difference(upstream_sample(r, root, tok, proc)["image"], ds[i]["pixel_values"])
+            for i, r in enumerate(records)
+        )
+        print(f"pixels, icmlab vs upstream re-implementation, max abs difference over {len(records)} images: {diff:g}")
+        print(f"\n{'pair':<6} {'upstream samples/s':>19} {'icmlab samples/s':>17} {'ratio':>7}")
+        ratios = []
+        for k in range(args.pairs):
+            up = rate(lambda r: upstream_sample(r, root, tok, proc), records)
+            ours = rate(lambda i: ds[i], range(len(ds)))
+            ratios.append(ours / up)
+            print(f"{k + 1:<6} {up:>19.1f} {ours:>17.1f} {ours / up:>6.2f}×")
+        print(
+            f"icmlab / upstream per worker: {min(ratios):.2f}–{max(ratios):.2f}× (median {sorted(ratios)[len(ratios) // 2]:.2f}×)"
+        )
 
         base = rate(lambda q: Image.open(q).convert("RGB"), paths, repeat=2)
         image = rate(lambda q: load_and_preprocess([q], proc, "pad"), paths)

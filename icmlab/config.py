@@ -84,6 +84,9 @@ class DataConfig:
     """Sequences (image tokens included) are cut at this length, as upstream."""
     invalid_records: Literal["stop", "drop"] = "stop"
     """Validation policy: ``stop`` with the report, or ``drop`` into a rejects file with reasons."""
+    image_check: Literal["full", "header", "exists"] = "full"
+    """Validate's image check: ``full`` decodes every image (on all cores; finds truncated files),
+    ``header`` reads format and size only (much faster, truncated files pass), ``exists`` checks paths only."""
     sources: dict[str, str] = field(default_factory=dict)
     """Per-source location override for download: local path, ``file://`` or URL (e.g. gated data)."""
 

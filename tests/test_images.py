@@ -13,6 +13,7 @@ import hashlib
 import numpy as np
 import oracles as O
 import pytest
+import torch
 from PIL import Image
 
 from icmlab.inputs.images import (
@@ -154,3 +155,48 @@ def test_load_rgb_converts_modes():
         assert Image.open(FIX / im["source_file"]).mode == im["source_mode"]
         img = load_rgb(FIX / im["source_file"])
         assert img.mode == im["padded_mode"] == "RGB"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("res", list(RESOLUTIONS))
+def test_lean_path_is_bit_identical_to_the_processor_call(processors, res):
+    """LeanClip (what training uses) equals the generic processor call exactly, for every aspect mode,
+    on the oracle's sources and on odd sizes (wide, tall, square, smaller than the output)."""
+    from icmlab.inputs.images import LeanClip
+
+    proc = processors[res]
+    rng = np.random.default_rng(0)
+    odd = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for w, h in ((37, 301), (301, 37), (64, 64), (500, 333))
+    ]
+    sources = [load_rgb(FIX / im["source_file"]) for im in IMAGES[:2]] + odd
+    for aspect in ("pad", "square", "crop", "resize"):
+        lean = LeanClip.for_processor(proc, aspect)
+        assert lean is not None
+        for img in sources:
+            generic = proc(
+                images=[expand2square(img, mean_background(proc)) if aspect == "pad" else img], return_tensors="pt"
+            )
+            if aspect == "resize":
+                h, w = RESOLUTIONS[res], RESOLUTIONS[res]
+                generic = proc(
+                    images=[img.resize((w, h), resample=proc.resample)],
+                    do_resize=False,
+                    do_center_crop=False,
+                    return_tensors="pt",
+                )
+            assert torch.equal(lean(img), generic["pixel_values"][0].float()), (aspect, img.size)
+    # Against the original pipeline's tensors: test_pad_pipeline_equals_upstream (preprocess_images runs LeanClip).
+
+
+def test_lean_path_declines_what_it_does_not_cover():
+    from icmlab.inputs.images import LeanClip
+
+    proc = build_image_processor(64)
+    assert LeanClip.for_processor(proc, "pad") is not None
+    proc.do_center_crop = False
+    assert LeanClip.for_processor(proc, "pad") is None  # the processor call handles it
+    proc = build_image_processor(64)
+    proc.crop_size = {"height": 80, "width": 80}  # a crop larger than the resize
+    assert LeanClip.for_processor(proc, "pad") is None

@@ -147,3 +147,21 @@ def test_pickles_by_path_and_notices_a_changed_file(tmp_path):
     assert pickle.loads(pickle.dumps(mem))[0]["id"] == "m" and mem.modality_lengths.tolist() == [2]
     with pytest.raises(ValueError, match="list of records"):
         RecordStore.from_records([1, 2])
+
+
+def test_offsets_are_kept_beside_the_file_and_redone_when_it_changes(tmp_path, caplog):
+    records = _tricky_records(200, seed=2)
+    path = atomic_write_json(tmp_path / "t.json", records)
+    first = RecordStore.open(path)
+    sidecar = tmp_path / "t.json.offsets.npz"
+    assert sidecar.is_file()
+    again = RecordStore.open(path)  # from the sidecar
+    assert np.array_equal(again.starts, first.starts) and np.array_equal(again.modality_lengths, first.modality_lengths)
+    assert [again[i] for i in range(len(again))] == records
+    changed = records[::-1]
+    atomic_write_json(path, changed)  # another file now: the sidecar's stamp no longer matches
+    assert [r for r in RecordStore.open(path)] == changed
+    sidecar.write_bytes(b"not an npz")
+    assert [r for r in RecordStore.open(path)] == changed and "scanning t.json again" in caplog.text
+    RecordStore.open(atomic_write_json(tmp_path / "u.json", records), cache=False)
+    assert not (tmp_path / "u.json.offsets.npz").exists()

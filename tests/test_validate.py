@@ -430,3 +430,36 @@ def test_demo_and_its_broken_copies(tmp_path):
         tmp_path / "html.json", data_root=root, family="llava15", outputs=ValidationOutputs.in_dir(tmp_path / "h")
     )
     assert page.file_problems[0][0] == "file_html"
+
+
+@pytest.mark.parametrize("image_workers", [1, 2])
+def test_every_image_is_decoded_and_a_truncated_jpeg_names_its_records(tmp_path, image_workers):
+    """The default check decodes every image (in worker processes), with no cap on their number;
+    a truncated JPEG is reported on each record that uses it. ``header`` is the explicit fast option."""
+    root = tmp_path / "data"
+    (root / "imgs").mkdir(parents=True)
+    for i in range(40):
+        (root / "imgs" / f"{i}.png").write_bytes(image_bytes("PNG", (20 + i, 20)))
+    noise = Image.frombytes("RGB", (96, 96), bytes(range(256)) * 108)
+    buf = io.BytesIO()
+    noise.save(buf, format="JPEG", quality=90)
+    (root / "imgs" / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    records = [rec(f"r{i}", image=f"imgs/{i}.png") for i in range(40)]
+    records[7:7] = [rec("uses-cut", image="imgs/cut.jpg")]
+    records.append(rec("uses-cut-again", image="imgs/cut.jpg"))
+    path = tmp_path / "train.json"
+    path.write_bytes(orjson.dumps(records))
+    out = ValidationOutputs.in_dir(tmp_path / "out")
+    res = validate_file(path, data_root=root, family="llava15", outputs=out, image_workers=image_workers)
+    assert res.images["mode"] == "decode" and res.images["unique"] == 41 and res.images["per_second"] > 0
+    assert res.counts == {"image_corrupt": 2}
+    rows = [json.loads(line) for line in res.problems_file.read_text().splitlines()]
+    assert [(r["index"], [k for k, _ in r["problems"]]) for r in rows] == [
+        (7, ["image_corrupt"]),
+        (41, ["image_corrupt"]),
+    ]
+    assert all("truncated" in d for r in rows for _, d in r["problems"])
+    header = validate_file(path, data_root=root, family="llava15", outputs=out, images="header")
+    assert header.images["mode"] == "header" and "image_corrupt" not in header.counts
+    with pytest.raises(ValueError, match="image check"):
+        validate_file(path, data_root=root, family="llava15", outputs=out, images="auto")

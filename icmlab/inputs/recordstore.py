@@ -13,6 +13,10 @@ over the block's bytes; only records the byte rules cannot settle exactly (``\\\
 escapes, non-string values, a ``conversations`` that is not an array, duplicate keys) are
 decoded, so the values equal those of the Python function on every record.
 
+The scan costs seconds per GB (most of it the word count); its result is kept beside the file
+(``<file>.offsets.npz``: offsets and lengths, keyed by the file's size and mtime), so every later
+open (the other runs, resumes, a rank that comes second) loads ~20 MB instead.
+
 Usage::
 
     from icmlab.inputs.recordstore import RecordStore
@@ -23,6 +27,8 @@ Usage::
 
 from __future__ import annotations
 
+import io
+import logging
 import mmap
 import os
 from collections.abc import Sequence
@@ -34,6 +40,10 @@ import orjson
 
 from icmlab.inputs.jsonscan import iter_blocks
 from icmlab.inputs.jsonscan_parallel import BlockParts
+from icmlab.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+CHECKED_RECORDS = 256  # records whose bytes are checked when offsets are loaded: first, last and a stride
 
 _WS_CODES = np.frombuffer(b" \t\r\n", np.uint8)
 _IS_WS = np.isin(np.arange(256), _WS_CODES)
@@ -93,7 +103,10 @@ class RecordStore(Sequence):
         bad = (self.starts < 0) | (self.ends > len(a)) | (self.ends <= self.starts)
         bad[1:] |= self.starts[1:] < self.ends[:-1]
         if not bad.any():
-            bad = (a[self.starts] != ord("{")) | (a[self.ends - 1] != ord("}"))
+            # The bytes of a sample of records (all of them would fault the whole mapped file in).
+            pick = np.unique(np.r_[np.linspace(0, n - 1, min(n, CHECKED_RECORDS)).astype(np.int64), n - 1])
+            wrong = (a[self.starts[pick]] != ord("{")) | (a[self.ends[pick] - 1] != ord("}"))
+            bad[pick[wrong]] = True
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise ValueError(
@@ -102,29 +115,59 @@ class RecordStore(Sequence):
             )
 
     @classmethod
-    def open(cls, path: str | os.PathLike, workers: int | None = None) -> "RecordStore":
+    def open(cls, path: str | os.PathLike, workers: int | None = None, cache: bool = True) -> "RecordStore":
         """Scan a top-level JSON array of records and map it (nothing is parsed but odd records).
 
         Args:
             path: the merged training JSON.
             workers: scan threads (see :func:`icmlab.inputs.jsonscan.iter_blocks`).
+            cache: reuse ``<file>.offsets.npz`` when it belongs to this exact file (size, mtime),
+                and write it after a scan (skipped silently where the folder is read-only).
 
         Raises:
             FileNotFoundError: no such file.
             ValueError: not JSON / not a list (as :func:`icmlab.inputs.jsonscan.iter_blocks`).
         """
         path = Path(path)
+        sidecar = path.with_name(path.name + ".offsets.npz")
+        stamp = np.array(_stat(path), np.int64)
+        if cache and sidecar.is_file():
+            try:
+                with np.load(sidecar) as z:
+                    if np.array_equal(z["stamp"], stamp):
+                        return cls._mapped(path, z["starts"], z["ends"], z["lengths"])
+            except (OSError, ValueError, KeyError) as e:
+                log.warning("%s: unreadable (%s); scanning %s again", sidecar, e, path.name)
+        store = cls._scan(path, workers)
+        if cache and store.path is not None:
+            out = io.BytesIO()
+            np.savez(out, stamp=stamp, starts=store.starts, ends=store.ends, lengths=store.modality_lengths)
+            try:
+                atomic_write_bytes(sidecar, out.getvalue())
+            except OSError as e:
+                log.debug("cannot keep the record offsets beside %s: %s", path, e)
+        return store
+
+    @classmethod
+    def _mapped(cls, path: Path, starts: np.ndarray, ends: np.ndarray, lengths: np.ndarray) -> "RecordStore":
+        if not len(starts):
+            return cls(b"", starts, ends, lengths, path)
+        store = cls(_map(path), starts, ends, lengths, path)
+        # The check faulted pages in: drop them from this process (they stay in the page cache).
+        store.buf.madvise(mmap.MADV_DONTNEED)
+        return store
+
+    @classmethod
+    def _scan(cls, path: Path, workers: int | None) -> "RecordStore":
         blocks = list(iter_blocks(path, workers=workers, extra=scan_modality_lengths))
         if any(b.offset is None for b in blocks):
             # A layout the byte scan does not handle (rare): the whole-file parse re-serialised the
             # records from where the scan stopped; keep every record's text in memory.
             return cls._from_blocks(blocks)
-        starts, ends, lengths = [b.starts for b in blocks], [b.ends for b in blocks], [b.extra for b in blocks]
-        if not starts:
-            return cls(b"", np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
-        with open(path, "rb") as f:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return cls(buf, np.concatenate(starts), np.concatenate(ends), np.concatenate(lengths), path)
+        if not blocks:
+            return cls._mapped(path, *(np.zeros(0, np.int64),) * 3)
+        cat = [np.concatenate([getattr(b, k) for b in blocks]) for k in ("starts", "ends", "extra")]
+        return cls._mapped(path, *cat)
 
     @classmethod
     def from_records(cls, records: Sequence[Mapping[str, Any]]) -> "RecordStore":
@@ -183,8 +226,16 @@ class RecordStore(Sequence):
         if self.buf is None:
             if _stat(self.path) != self._stat:
                 raise ValueError(f"{self.path} changed since the training dataset was built; restart the train stage")
-            with open(self.path, "rb") as f:
-                self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self.buf = _map(self.path)
+
+
+def _map(path: Path) -> mmap.mmap:
+    """Read-only map of the file, advised for random access: a record read faults in its own pages,
+    not a read-ahead window (samples are read in sampler order)."""
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    buf.madvise(mmap.MADV_RANDOM)
+    return buf
 
 
 def _stat(path: Path) -> tuple[int, int]:
@@ -207,10 +258,66 @@ def _next_non_ws(a: np.ndarray, pos: np.ndarray, steps: int = 16) -> np.ndarray:
 
 def _named(a: np.ndarray, op: np.ndarray, cl: np.ndarray, name: bytes) -> np.ndarray:
     """Which strings ``a[op+1:cl]`` spell exactly ``name`` (ASCII, no escapes)."""
-    hit = (cl - op - 1) == len(name)
-    for j, c in enumerate(name):
-        hit[hit] = a[op[hit] + 1 + j] == c
+    idx = np.flatnonzero((cl - op - 1) == len(name))
+    for j, c in enumerate(name):  # each byte narrows the candidates: few are left after the first
+        idx = idx[a[op[idx] + 1 + j] == c]
+    hit = np.zeros(len(op), bool)
+    hit[idx] = True
     return hit
+
+
+def _count_words(b: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``len(text.split())`` of the JSON string bodies ``b[lo[i]:hi[i]]`` (sorted, disjoint), and which of
+    them hold a ``\\\\`` or ``\\u`` escape (not counted here: the caller decodes those records).
+
+    Dense passes over the bytes find spaces; escapes and non-ASCII bytes are few and handled at their
+    positions: ``\\n \\t \\r \\f`` and the UTF-8 encodings of Unicode whitespace are whitespace,
+    an escape's second byte and UTF-8 continuation bytes belong to the character before them.
+    """
+    size = len(b)
+    ws = b == 32
+    bs = np.flatnonzero(b == 92)
+    nxt = b[np.minimum(bs + 1, size - 1)]
+    bad_at = bs[(nxt == 92) | (nxt == ord("u"))]
+    follows = [np.minimum(bs + 1, size - 1)]  # positions that continue the character before them
+    esc = bs[_ESC_WS[nxt]]
+    ws[esc] = True
+    ws[np.minimum(esc + 1, size - 1)] = True
+    high = np.flatnonzero(b >= 0x80)
+    if len(high):
+        hb = b[high]
+        follows.append(high[(hb & 0xC0) == 0x80])
+        n1 = b[np.minimum(high + 1, size - 1)]
+        n2 = b[np.minimum(high + 2, size - 1)]
+        two = high[(hb == 0xC2) & ((n1 == 0x85) | (n1 == 0xA0))]
+        three = high[
+            ((hb == 0xE1) & (n1 == 0x9A) & (n2 == 0x80))
+            | ((hb == 0xE2) & (n1 == 0x80) & _E280_WS[n2])
+            | ((hb == 0xE2) & (n1 == 0x81) & (n2 == 0x9F))
+            | ((hb == 0xE3) & (n1 == 0x80) & (n2 == 0x80))
+        ]
+        for k, starts in ((2, two), (3, three)):
+            for d in range(k):
+                ws[np.minimum(starts + d, size - 1)] = True
+    begin = np.zeros(size, bool)
+    np.greater(ws[:-1], ws[1:], out=begin[1:])  # whitespace, then not
+    begin[np.concatenate(follows)] = False
+    # A word at a string's first byte follows the opening quote (not whitespace): counted apart. (The
+    # first byte never continues a character: the quote before it is no escape, and UTF-8 is valid.)
+    first = lo < hi
+    first[first] = ~ws[lo[first]]
+    at = np.flatnonzero(begin)
+    inner = np.searchsorted(at, hi) - np.searchsorted(at, lo)
+    inner[first] -= begin[lo[first]]  # the first byte was counted with the global rule (never a start)
+    words = inner + first
+    if len(bad_at):
+        j = np.searchsorted(lo, bad_at, side="right") - 1
+        inside = (j >= 0) & (bad_at < hi[np.maximum(j, 0)])
+        bad = np.zeros(len(lo), bool)
+        bad[j[inside]] = True
+    else:
+        bad = np.zeros(len(lo), bool)
+    return words, bad
 
 
 def scan_modality_lengths(parts: BlockParts) -> np.ndarray:
@@ -225,15 +332,16 @@ def scan_modality_lengths(parts: BlockParts) -> np.ndarray:
     """
     a, q, br, depth, starts = parts.a, parts.q, parts.braces, parts.depth, parts.starts
     n = len(starts)
-    op, cl = q[0::2], q[1::2]
+    op_all, cl_all = q[0::2], q[1::2]
+    colon = _next_non_ws(a, cl_all + 1)
+    keys = np.flatnonzero(a[colon] == ord(":"))  # strings followed by a colon: the keys
+    op, cl, colon = op_all[keys], cl_all[keys], colon[keys]
     bi = np.searchsorted(br, op)
-    sdepth = np.where(bi > 0, depth[np.maximum(bi - 1, 0)], 0)  # brace depth around each string
-    colon = _next_non_ws(a, cl + 1)
-    is_key = a[colon] == ord(":")
+    sdepth = np.where(bi > 0, depth[np.maximum(bi - 1, 0)], 0)  # brace depth around each key
     rec = np.searchsorted(starts, op, side="right") - 1
     slow = np.zeros(n, bool)
 
-    top = is_key & (sdepth == 1)
+    top = sdepth == 1
     has_image = np.zeros(n, bool)
     has_image[rec[top & _named(a, op, cl, b"image")]] = True
     conv = np.flatnonzero(top & _named(a, op, cl, b"conversations"))
@@ -241,7 +349,7 @@ def scan_modality_lengths(parts: BlockParts) -> np.ndarray:
     slow |= conv_counts > 1  # duplicate key: the parser keeps the last one
     slow[rec[conv[a[_next_non_ws(a, colon[conv] + 1)] != ord("[")]]] = True  # not an array
 
-    vk = np.flatnonzero(is_key & (sdepth == 2) & _named(a, op, cl, b"value"))
+    vk = np.flatnonzero((sdepth == 2) & _named(a, op, cl, b"value"))
     tops = np.flatnonzero(top)
     if len(tops):  # a turn's value: the last top-level key before it is the record's "conversations"
         owner = tops[np.maximum(np.searchsorted(tops, vk) - 1, 0)]
@@ -249,10 +357,11 @@ def scan_modality_lengths(parts: BlockParts) -> np.ndarray:
     else:
         vk = vk[:0]
     # The value must be a string: the next string opens right after the colon.
-    simple = vk + 1 < len(op)
-    simple[simple] = _next_non_ws(a, colon[vk[simple]] + 1) == op[vk[simple] + 1]
+    val = keys[vk] + 1  # the string after each key
+    simple = val < len(op_all)
+    simple[simple] = _next_non_ws(a, colon[vk[simple]] + 1) == op_all[val[simple]]
     slow[rec[vk[~simple]]] = True
-    vk = vk[simple]
+    vk, val = vk[simple], val[simple]
     # Duplicate "value" keys in one turn: the parser keeps the last one.
     opens = br[(a[br] == ord("{")) & (depth == 2)]
     turn = np.searchsorted(opens, op[vk]) - 1
@@ -261,37 +370,11 @@ def scan_modality_lengths(parts: BlockParts) -> np.ndarray:
 
     words = np.zeros(n, np.int64)
     if len(vk):
-        lo, hi = op[vk + 1], cl[vk + 1]  # from the opening quote (a separator) to the closing one
-        lens = hi - lo
-        idx = np.repeat(lo - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()), dtype=np.int64)
-        flat = np.concatenate((a.take(idx), np.zeros(2, np.uint8)))  # two bytes of look-ahead
-        n1, n2 = flat[1:-1], flat[2:]
-        b = flat[:-2]
-        seg = np.cumsum(lens) - lens
-        quote = np.zeros(len(b), bool)
-        quote[seg] = True
-        bs = b == 92
-        bad = bs & ((n1 == 92) | (n1 == ord("u")))  # \\ and \uXXXX: decoded instead
-        esc_ws = bs & _ESC_WS[n1]
-        two = (b == 0xC2) & ((n1 == 0x85) | (n1 == 0xA0))
-        three = (
-            ((b == 0xE1) & (n1 == 0x9A) & (n2 == 0x80))
-            | ((b == 0xE2) & (n1 == 0x80) & _E280_WS[n2])
-            | ((b == 0xE2) & (n1 == 0x81) & (n2 == 0x9F))
-            | ((b == 0xE3) & (n1 == 0x80) & (n2 == 0x80))
-        )
-        ws = quote | (b == 32) | esc_ws | two | three
-        ws[1:] |= esc_ws[:-1] | two[:-1] | three[:-1]
-        ws[2:] |= three[:-2]
-        follows = np.zeros(len(b), bool)  # the escape's second byte and UTF-8 continuation bytes
-        follows[1:] = bs[:-1]
-        follows |= (b & 0xC0) == 0x80
-        begin = ~ws & ~follows
-        begin[1:] &= ws[:-1]
-        per_value = np.add.reduceat(begin, seg)
+        lo0 = int(parts.lead_lo)
+        lo, hi = op_all[val] + 1 - lo0, cl_all[val] - lo0  # each value's text, relative to the block
+        per_value, bad = _count_words(a[lo0 : int(parts.ends[-1])], lo, hi)
         words = np.bincount(rec[vk], weights=per_value, minlength=n).astype(np.int64)
-        bad_values = np.add.reduceat(bad, seg) > 0
-        slow[rec[vk[bad_values]]] = True
+        slow[rec[vk[bad]]] = True
 
     out = np.where(has_image, 1, -1) * np.maximum(words, 1)
     for i in np.flatnonzero(slow).tolist():

@@ -40,7 +40,7 @@ from icmlab.inputs.collate import collate_for_training
 from icmlab.inputs.conversation import image_token_for
 from icmlab.inputs.encode import PieceEncoder, encode_conversation
 from icmlab.inputs.image_guard import image_path
-from icmlab.inputs.images import load_and_preprocess, processor_size
+from icmlab.inputs.images import LeanClip, load_and_preprocess, load_rgb, processor_size
 from icmlab.inputs.recordstore import RecordStore, modality_length
 from icmlab.models.spec import family_spec
 from icmlab.train.packing import pack_samples
@@ -98,6 +98,7 @@ class SupervisedDataset(Dataset):
         # One encoder for all records: building it compiles the special-token regex.
         self.encoder = PieceEncoder(tokenizer, dialect=family, literal=(image_token_for(family),))
         self.modality_lengths = self.records.modality_lengths
+        self.lean = LeanClip.for_processor(image_processor, aspect_ratio)  # None: the processor call
 
     @classmethod
     def from_bundle(
@@ -156,11 +157,14 @@ class SupervisedDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.encode(index)
         image = sample.pop("image_path")
-        sample["pixel_values"] = (
-            load_and_preprocess([image_path(self.data_root, image)], self.image_processor, self.aspect_ratio)[0]
-            if image
-            else None
-        )
+        if image is None:
+            sample["pixel_values"] = None
+        elif self.lean is not None:
+            sample["pixel_values"] = self.lean(load_rgb(image_path(self.data_root, image)))
+        else:
+            sample["pixel_values"] = load_and_preprocess(
+                [image_path(self.data_root, image)], self.image_processor, self.aspect_ratio
+            )[0]
         return sample
 
     def dummy_pixel_values(self) -> torch.Tensor:

@@ -8,8 +8,12 @@ paths at once:
   instead of one ``stat`` per file), with a hint of the on-disk spelling when only the case differs;
 - with ``header``: PIL can open it, its content format matches the extension, its size is not
   degenerate (tiny side, extreme aspect ratio);
-- with ``decode``: a full decode with the trainer's loader (:func:`icmlab.inputs.images.load_rgb`), which
-  finds truncated and corrupt files.
+- with ``decode``: a full decode of every image with the trainer's loader
+  (:func:`icmlab.inputs.images.load_rgb`), which finds truncated and corrupt files, in worker
+  processes across the cores (decoding holds the GIL for part of its time), with a progress bar.
+
+Files are opened only through :func:`icmlab.inputs.images.open_image` (header) and ``load_rgb``
+(decode), so checks on a file added there apply here too.
 
 Usage (called by :func:`icmlab.validate.stage.validate_file`)::
 
@@ -20,13 +24,17 @@ Usage (called by :func:`icmlab.validate.stage.validate_file`)::
 
 from __future__ import annotations
 
+import multiprocessing
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import UnidentifiedImageError
 
 from icmlab.inputs.image_guard import ImageRefused, escapes_root, open_image
+from icmlab.inputs.images import load_rgb
+
+BATCH = 32  # images per task: small enough for a smooth progress bar, large enough to amortise the hand-off
 
 IMAGE_FORMATS = {
     ".jpg": "JPEG",
@@ -96,8 +104,6 @@ class _Listings:
 
 def _inspect_image(path: Path, decode: bool, min_side: int, max_aspect: float) -> tuple[list[tuple[str, str]], dict]:
     """Header (and optionally full-decode) checks of one existing file: ``(problems, info)``."""
-    from icmlab.inputs.images import load_rgb  # the trainer's loader: decode exactly as training will
-
     try:
         if path.stat().st_size == 0:
             return [("image_unreadable", "empty file (0 bytes)")], {}
@@ -113,7 +119,7 @@ def _inspect_image(path: Path, decode: bool, min_side: int, max_aspect: float) -
     out = []
     if decode:
         try:
-            load_rgb(path)
+            load_rgb(path)  # the trainer's loader: decode exactly as training will
         except ImageRefused as e:
             return [(e.kind, str(e))], info
         except (ValueError, OSError) as e:
@@ -126,6 +132,16 @@ def _inspect_image(path: Path, decode: bool, min_side: int, max_aspect: float) -
     return out, info
 
 
+def _inspect_batch(root: str, rels: list[str], decode: bool, min_side: int, max_aspect: float) -> list:
+    """:func:`_inspect_image` of a batch of files (the task of a worker thread or process)."""
+    return [_inspect_image(Path(root) / r, decode, min_side, max_aspect) for r in rels]
+
+
+def default_image_workers() -> int:
+    """The usable CPUs (decoding is CPU-bound)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def check_images(
     root: Path,
     rels: list[str],
@@ -135,21 +151,25 @@ def check_images(
     workers: int | None = None,
     min_side: int = 4,
     max_aspect: float = 20.0,
+    progress: bool = True,
 ) -> dict[str, tuple[list[tuple[str, str]], dict]]:
-    """Check image files (paths relative to ``root``): existence first, then headers/decodes in threads.
+    """Check image files (paths relative to ``root``): existence first, then every header or full decode.
 
     Args:
         root: the data root (upstream ``--image_folder``).
         rels: unique relative paths.
-        decode: fully decode every image with the trainer's loader (finds truncated files).
-        header: read each header (format, size); False = existence only.
-        workers: threads for the header/decode pass (default: 2 x CPUs, at most 16).
+        decode: fully decode every image with the trainer's loader (finds truncated files), in
+            ``workers`` processes.
+        header: read each header (format, size), in threads; False = existence only.
+        workers: processes for decoding (default: the usable CPUs); threads for headers (default
+            2 x CPUs, at most 16); 0 or 1 checks in this process.
         min_side: smaller sides are ``image_degenerate``.
         max_aspect: larger aspect ratios are ``image_degenerate``.
+        progress: show a progress bar (terminal or notebook) over the header/decode pass.
 
     Returns:
-        ``{rel: (problems, info)}``: every missing path, and with ``header`` every path (``info``
-        holds format/width/height when readable).
+        ``{rel: (problems, info)}``: every missing path, and with ``header`` or ``decode`` every path
+        (``info`` holds format/width/height when readable).
     """
     listings = _Listings(Path(root))
     out: dict[str, tuple[list[tuple[str, str]], dict]] = {}
@@ -170,16 +190,42 @@ def check_images(
         why = listings.missing(rel)
         if why is not None:
             out[rel] = ([("image_missing", why)], {})
-    present = [r for r in rels if r not in out] if header else []
-
-    def batch(items: list[str]) -> list:
-        return [_inspect_image(Path(root) / r, decode, min_side, max_aspect) for r in items]
-
-    step = 64
+    present = [r for r in rels if r not in out] if header or decode else []
     if not present:
         return out
-    with ThreadPoolExecutor(workers or min(16, 2 * (os.cpu_count() or 1))) as pool:
-        batches = [present[i : i + step] for i in range(0, len(present), step)]
-        for items, results in zip(batches, pool.map(batch, batches)):
-            out.update(zip(items, results))
+    batches = [present[i : i + BATCH] for i in range(0, len(present), BATCH)]
+    pool = _pool(decode, workers, len(batches))
+    bar = _bar(len(present), "decode images" if decode else "image headers") if progress else None
+    try:
+        if pool is None:
+            results = (_inspect_batch(str(root), b, decode, min_side, max_aspect) for b in batches)
+        else:
+            args = [(str(root), b, decode, min_side, max_aspect) for b in batches]
+            results = pool.map(_inspect_batch, *zip(*args))
+        for items, found in zip(batches, results):
+            out.update(zip(items, found))
+            if bar is not None:
+                bar.update(len(items))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        if bar is not None:
+            bar.close()
     return out
+
+
+def _pool(decode: bool, workers: int | None, tasks: int) -> Executor | None:
+    if decode:
+        n = min(default_image_workers() if workers is None else workers, tasks)
+        if n <= 1:
+            return None
+        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        return ProcessPoolExecutor(n, mp_context=ctx)
+    n = workers if workers is not None else min(16, 2 * (os.cpu_count() or 1))
+    return ThreadPoolExecutor(n) if n > 1 else None
+
+
+def _bar(total: int, what: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=what, unit="img", dynamic_ncols=True, mininterval=0.5)

@@ -8,9 +8,10 @@ a count and examples:
 - file: missing, an HTML page, not UTF-8 / not JSON (with the byte offset), not a list;
 - records (:func:`icmlab.validate.records.check_record`, pure): id, conversations, roles, empty values,
   image-token count, wrong dialect, duplicate ids (merge's intentional repeats excepted);
-- images (:func:`icmlab.validate.images.check_images`, threads): missing with exact case (cached
-  directory listings), unreadable, truncated/corrupt (full decode, optional), content format
-  different from the extension, degenerate sizes;
+- images (:func:`icmlab.validate.images.check_images`): missing with exact case (cached
+  directory listings), unreadable, truncated/corrupt (every image decoded, in worker processes;
+  ``data.image_check: header`` reads headers only), content format different from the extension,
+  degenerate sizes;
 - lengths (:func:`icmlab.inputs.lengths.record_length`): the model's tokenizer and template through
   :func:`icmlab.inputs.encode.encode_conversation`, the function the trainer uses, image tokens
   counted: samples cut at ``model_max_length`` and samples whose answer tokens are all cut.
@@ -60,6 +61,8 @@ from icmlab.validate.records import KINDS, check_file, record_pass, utf8_error
 log = logging.getLogger("icmlab.validate.stage")
 
 MAX_EXAMPLES = 10
+#: Image check depth: ``data.image_check`` (and the ``images`` argument) -> what is done.
+IMAGE_CHECKS = {"full": "decode", "decode": "decode", "header": "header", "exists": "exists"}
 
 
 class DataValidationError(ValueError):
@@ -204,10 +207,11 @@ def validate_file(
     policy: str = "stop",
     setup: LengthSetup | None = None,
     length_skip_reason: str = "",
-    images: str = "auto",
+    images: str = "decode",
     workers: int | None = None,
     length_sample: int = 2000,
     provenance: Path | None = None,
+    image_workers: int | None = None,
 ) -> ValidationResult:
     """Validate a LLaVA training JSON and write the report (and the cleaned file under ``drop``).
 
@@ -219,9 +223,10 @@ def validate_file(
         policy: ``stop`` (report only) or ``drop`` (cleaned file + rejects).
         setup: tokenizer setup for the length check, or None (then ``length_skip_reason`` is reported).
         length_skip_reason: why there is no setup.
-        images: ``exists`` (fast pass only), ``header`` (+ format/size), ``decode`` (+ full decode),
-            ``auto`` (decode up to 20,000 unique images, else header).
+        images: ``decode`` (every image fully decoded, across the cores), ``header`` (format and
+            size only, the fast explicit option: truncated files pass) or ``exists``.
         workers: processes for the record pass (default: CPU count, at most 8).
+        image_workers: processes decoding images (default: the usable CPUs).
         length_sample: records per file measured for length statistics (every record that could
             reach ``model_max_length`` is measured anyway).
         provenance: merge's sidecar, for per-source statistics and to exempt intentional repeats.
@@ -276,31 +281,29 @@ def validate_file(
         problems[loc].append(("duplicate_id", f"the id of record #{first}"))
     unique = set(image_of)
     unique.discard(None)
-    mode = images if images != "auto" else ("decode" if len(unique) <= 20_000 else "header")
-    checked = _check_images_with_progress(data_root, sorted(unique), mode)
+    if images not in IMAGE_CHECKS:
+        raise ValueError(f"unknown image check {images!r}; choose one of {sorted(IMAGE_CHECKS)}")
+    mode = IMAGE_CHECKS[images]
+    checked = check_images(
+        data_root, sorted(unique), decode=mode == "decode", header=mode != "exists", workers=image_workers
+    )
     bad = {rel: found for rel, (found, _info) in checked.items() if found}
     for i in [i for i, img in enumerate(image_of) if img in bad] if bad else ():
         problems[i] += bad[image_of[i]]
-    res.images = {"mode": mode, "unique": len(unique), "with_problems": len(bad), "root": str(data_root)}
     t_images = time.perf_counter()
+    res.images = {
+        "mode": mode,
+        "unique": len(unique),
+        "with_problems": len(bad),
+        "root": str(data_root),
+        "per_second": round(len(unique) / max(t_images - t_records, 1e-9), 1),
+    }
     if prov and len(prov[0]) != res.num_records:
         log.warning("%s has %d lines for %d records: ignored", provenance, len(prov[0]), res.num_records)
         prov = None
     _summarise(res, problems, np.array(turns), lengths, prov, setup, length_skip_reason, stride)
     _write_records(res, path, outputs, problems, prov, policy, id_blocks)
     return _finish(res, t0, {"records": t_records - t0, "images": t_images - t_records})
-
-
-def _check_images_with_progress(data_root: Path, rels: list[str], mode: str) -> dict:
-    """:func:`check_images` in chunks of a few thousand, so that a bar can count the images checked."""
-    checked: dict = {}
-    step = max(2000, len(rels) // 100)
-    with tqdm(total=len(rels), desc=f"validate images ({mode})", unit="img", leave=False) as bar:
-        for a in range(0, len(rels), step):
-            part = rels[a : a + step]
-            checked.update(check_images(data_root, part, decode=mode == "decode", header=mode != "exists"))
-            bar.update(len(part))
-    return checked
 
 
 def _summarise(
@@ -463,13 +466,13 @@ def _finish(res: ValidationResult, t0: float, seconds: dict) -> ValidationResult
 
 
 def run(
-    cfg: RunConfig, *, images: str = "auto", workers: int | None = None, length_sample: int = 2000
+    cfg: RunConfig, *, images: str | None = None, workers: int | None = None, length_sample: int = 2000
 ) -> ValidationResult:
     """Validate stage entry point: check ``paths.merged_json(cfg)`` and apply ``cfg.data.invalid_records``.
 
     Args:
         cfg: the run config.
-        images: image check depth (see :func:`validate_file`).
+        images: image check depth (see :func:`validate_file`); default ``cfg.data.image_check``.
         workers: processes for the record pass.
         length_sample: records measured for the length statistics.
 
@@ -496,7 +499,7 @@ def _run(cfg: RunConfig, images: str, workers: int | None, length_sample: int) -
         policy=cfg.data.invalid_records,
         setup=setup,
         length_skip_reason=reason,
-        images=images,
+        images=images or cfg.data.image_check,
         workers=workers,
         length_sample=length_sample,
         provenance=paths.provenance_jsonl(cfg),
