@@ -412,7 +412,7 @@ def case_image_path_outside_root_in_training_dataset(tmp_path, capsys):
     from icmlab.train.dataset import SupervisedDataset
 
     ds = SupervisedDataset.__new__(SupervisedDataset)  # only the image side of a sample is exercised
-    ds.data_root, ds.image_processor, ds.aspect_ratio = tmp_path / "data", None, "pad"
+    ds.data_root, ds.image_processor, ds.aspect_ratio, ds.lean = tmp_path / "data", None, "pad", None
     ds.encode = lambda i: {"input_ids": [1], "labels": [1], "image_path": "../outside.png", "id": "x"}
     with pytest.raises(ValueError, match="climbs out of data.root"):
         ds[0]

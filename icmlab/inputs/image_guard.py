@@ -13,9 +13,7 @@ Both raise :class:`ImageRefused` (a ``ValueError``) with a message for the recor
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from PIL import Image
 
@@ -56,9 +54,9 @@ def image_path(root: str | os.PathLike, rel: str) -> Path:
     return Path(root) / rel
 
 
-@contextmanager
-def open_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Iterator[Image.Image]:
-    """``PIL.Image.open`` that refuses, from the header alone, an image over ``max_pixels``.
+def open_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """``PIL.Image.open`` (header read, pixels not decoded) that refuses, from the header alone, an
+    image over ``max_pixels``. The caller closes the image (``with open_image(p) as im:``).
 
     Raises:
         ImageRefused: too many pixels (a decompression bomb, or a corrupt header).
@@ -68,15 +66,12 @@ def open_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Iterato
         img = Image.open(path)
     except Image.DecompressionBombError as e:  # PIL's own limit, hit while reading the header
         raise ImageRefused("image_too_large", f"{path}: {e}") from None
-    with img:
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ImageRefused(
-                "image_too_large",
-                f"{path}: claims {w}x{h} = {w * h:,} pixels, over the {max_pixels:,} limit (a decompression "
-                "bomb or a corrupt header); replace or drop the image",
-            )
-        try:
-            yield img
-        except Image.DecompressionBombError as e:  # a plugin's own check while decoding
-            raise ImageRefused("image_too_large", f"{path}: {e}") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        img.close()
+        raise ImageRefused(
+            "image_too_large",
+            f"{path}: claims {w}x{h} = {w * h:,} pixels, over the {max_pixels:,} limit (a decompression "
+            "bomb or a corrupt header); replace or drop the image",
+        )
+    return img

@@ -76,6 +76,8 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
             return img.convert("RGB")
     except ImageRefused:
         raise
+    except Image.DecompressionBombError as e:  # a plugin's own check while decoding
+        raise ImageRefused("image_too_large", f"{path}: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e} (file corrupt or not an image; remove or replace it)") from e
 
