@@ -87,7 +87,8 @@ def start_lab(port: int, settings_dir: Path, log: Path) -> subprocess.Popen:
 
 
 # JavaScript run in the page: the state of every code cell and what its outputs show.
-READ_CELLS = """() => [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell.jp-CodeCell')].map(c => ({
+VISIBLE = ".jp-NotebookPanel:not(.lm-mod-hidden)"  # the notebook in front (earlier tabs stay open)
+READ_CELLS = """() => [...document.querySelectorAll('VISIBLE .jp-Cell.jp-CodeCell')].map(c => ({
   prompt: (c.querySelector('.jp-InputArea-prompt') || {}).textContent || '',
   source: ((c.querySelector('.jp-InputArea-editor') || {}).textContent || '').slice(0, 60),
   errors: [...c.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')]
@@ -98,14 +99,14 @@ READ_CELLS = """() => [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-m
   images: c.querySelectorAll('.jp-OutputArea-output img').length,
   details: c.querySelectorAll('.jp-OutputArea-output details').length,
   text: [...c.querySelectorAll('.jp-OutputArea-output')].map(o => o.textContent).join(' ').slice(0, 400),
-}))"""
+}))""".replace("VISIBLE", VISIBLE)
 
 
 def run_notebook(page, base: str, name: str, timeout_s: float, shots: Path) -> dict:
     """Open one notebook, Run All, wait for the kernel to finish, read what it shows, save it."""
     t0 = time.monotonic()
     page.goto(f"{base}/lab/tree/notebooks/{name}")
-    page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=120_000)
+    page.wait_for_selector(f"{VISIBLE} .jp-CodeCell", timeout=120_000)
     dialogs: list[str] = []
 
     def accept_dialog() -> None:  # a newcomer would see it: recorded, then its default accepted
@@ -115,7 +116,7 @@ def run_notebook(page, base: str, name: str, timeout_s: float, shots: Path) -> d
             page.locator(".jp-Dialog .jp-mod-accept").first.click()
 
     deadline = time.monotonic() + 180
-    while not page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count():
+    while not page.locator(f"{VISIBLE} .jp-Notebook-ExecutionIndicator[data-status='idle']").count():
         accept_dialog()
         if time.monotonic() > deadline:
             raise RuntimeError(f"{name}: the kernel did not become idle within 180 s")
@@ -144,8 +145,6 @@ def run_notebook(page, base: str, name: str, timeout_s: float, shots: Path) -> d
     page.keyboard.press("Control+s")  # through the pre-save hook
     time.sleep(2)
     page.screenshot(path=str(shots / f"{Path(name).stem}.png"), full_page=True)
-    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^File$")).first.click()
-    page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Close All Tabs$")).first.click()
     ran = sum(bool(re.search(r"\[\d+\]", c["prompt"])) for c in cells)
     return {
         "notebook": name,
