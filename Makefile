@@ -46,7 +46,7 @@ FLASH_ATTN_SPEC ?= flash-attn==2.8.3.post2
 
 LINT_PATHS := icmlab tests benchmarks tools
 
-.PHONY: install install-gpu flash-attn lock demo test test-fast lint format lab clean-runs
+.PHONY: install install-gpu flash-attn lock demo test test-fast lint format lab lab-check clean-runs
 
 define bootstrap_uv
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -117,6 +117,16 @@ format: $(INSTALLED)  ## apply ruff's fixes and formatting
 # browser starts in notebooks/), strips outputs when a committed notebook is saved, and allows root.
 lab: $(INSTALLED)  ## JupyterLab on the repository, opened at notebooks/
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/jupyter-lab --config=$(CURDIR)/jupyter_server_config.py $(LAB_ARGS)
+
+# Neither chromium nor playwright is in the lock (a browser check, not the workbench): installed here
+# when missing (chromium with apt as root; playwright drives it, it downloads no browser of its own).
+lab-check: $(INSTALLED)  ## Run All of every notebook in a real JupyterLab in headless Chromium (tools/lab_check.py)
+	@command -v chromium >/dev/null || { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "lab-check: installing chromium (apt)"; apt-get install -y -qq chromium >/dev/null; \
+	  else echo "lab-check: needs chromium (e.g. sudo apt-get install chromium); skipped"; exit 0; fi; }
+	@$(PY) -c 'import playwright' 2>/dev/null || { echo "lab-check: installing playwright (not in the lock)"; \
+	  $(UV) pip install --quiet --python $(PY) playwright; }
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) tools/lab_check.py $(LAB_CHECK_ARGS)
 
 clean-runs:
 	rm -rf runs/

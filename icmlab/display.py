@@ -66,9 +66,11 @@ def config_summary(cfg: RunConfig) -> list[tuple[str, str]]:
 
 
 def _relative(path: str | Path) -> str:
-    """``path`` relative to the working directory (the project root in notebooks) when inside it."""
+    """``path`` relative to the project root when inside it (a Lab kernel's cwd is ``notebooks/``)."""
+    from icmlab.config import find_project_root
+
     try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+        return str(Path(path).resolve().relative_to(find_project_root()))
     except ValueError:
         return str(path)
 

@@ -359,7 +359,8 @@ def build(stage: str) -> nbformat.NotebookNode:
     head, cells = SPECS[stage]
     name = f"{STAGES.index(stage):02d}_{stage}.ipynb"
     nb = new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    # ipykernel's own display name: Lab writes it into the notebook on save otherwise (a dirty git)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     nb.cells.append(new_markdown_cell(head + HOW.format(params="parameters/demo.yaml", stage=stage, name=name)))
     nb.cells.append(new_code_cell(PARAMETERS, metadata={"tags": ["parameters"]}))
