@@ -168,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             print(redact_text(module.format_plan(module.plan(cfg))))
             return 0
         # evaluate writes eval/ and report/ into the run directory: one writer at a time (merge,
-        # validate, inspect and train take the lock themselves, notebooks included)
-        with run_dir_lock(cfg, args.command) if args.command == "evaluate" else contextlib.nullcontext():
+        # validate, inspect and train take the lock themselves, notebooks included). Under torchrun
+        # only global rank 0 writes, so only it holds the lock; its sibling ranks must not wait on it.
+        writer = args.command == "evaluate" and os.environ.get("RANK", "0") == "0"
+        with run_dir_lock(cfg, args.command) if writer else contextlib.nullcontext():
             result = module.run(cfg)
     except (OSError, RuntimeError, ValueError) as e:  # user-facing failures: message, no traceback
         logging.getLogger("icmlab").debug("stage failed", exc_info=True)
