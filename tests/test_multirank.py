@@ -48,9 +48,13 @@ pytest.importorskip("deepspeed")
 #: One epoch of 16 samples (10 with an image, 6 text-only) in global batches of 4: 4 steps, the
 #: last of which is the sampler's mixed megabatch (2 image samples on rank 0, 2 text-only on rank 1).
 N_IMAGE, N_TEXT, STEPS = 10, 6, 4
-#: The pre-emption runs (and the ZeRO-2 comparison): 4 epochs, a checkpoint every 4 steps, cosine.
+#: The pre-emption runs (and the ZeRO-2 comparison): 10 epochs, a checkpoint every 3 steps, cosine.
 #: (Every 3 steps: the kill -9 resume then starts mid-epoch, where the sampler's epoch must be restored.)
-LONG = dict(max_steps=4 * STEPS, save_steps=3, save_total_limit=1, lr_scheduler="cosine", warmup_steps=2)
+#: 10 epochs so that a SIGTERM sent at step 5 stops the job well before its end: the signal reaches the
+#: ranks through two launcher processes (deepspeed's runner, then launch.py), and on a loaded 2-core
+#: machine a tiny job has run 7-8 more steps by then.
+LONG_STEPS = 10 * STEPS
+LONG = dict(max_steps=LONG_STEPS, save_steps=3, save_total_limit=1, lr_scheduler="cosine", warmup_steps=2)
 LR = 1e-3
 #: Same loss normalisation on both sides: the sum over the global batch's answer tokens / their count
 #: (per-micro-batch means would weigh a 2-sample micro-batch's tokens differently from a 4-sample one's).
@@ -262,7 +266,7 @@ def _finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str]
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny) -> dict:
-    """The 2-rank ZeRO-2 run of the pre-emption test, never interrupted (4 epochs, 16 steps).
+    """The 2-rank ZeRO-2 run of the pre-emption test, never interrupted (10 epochs, 40 steps).
 
     It also carries the notebook's live plot: the stage polls it while the launched job runs, and
     it must have drawn the curves mid-run (not only at the end) from rank 0's metrics.jsonl.
@@ -278,12 +282,12 @@ def uninterrupted(tiny) -> dict:
 
 
 def test_zero2_two_ranks_match_one_rank_and_the_live_plot_follows(tiny, reference, uninterrupted):
-    """LLaVA, ZeRO-2, 4 epochs (each ending in the mixed-modality step) against 1 rank × 4; the
+    """LLaVA, ZeRO-2, 10 epochs (each ending in the mixed-modality step) against 1 rank × 4; the
     notebook's live plot drew mid-run pictures from the launched job's metrics.jsonl."""
     _mixed_last_step(tiny["records"]["llava15"])
-    _assert_equivalent(uninterrupted, reference["long"], _initial(tiny, "llava15"), steps=4 * STEPS)
+    _assert_equivalent(uninterrupted, reference["long"], _initial(tiny, "llava15"), steps=LONG_STEPS)
     drawn = uninterrupted["drawn"]
-    assert drawn[-1] == 4 * STEPS and any(0 < n < 4 * STEPS for n in drawn), drawn
+    assert drawn[-1] == LONG_STEPS and any(0 < n < LONG_STEPS for n in drawn), drawn
 
 
 def test_sigterm_to_the_launcher_then_kill9_of_a_worker_resume_the_same_run(tiny, uninterrupted):
@@ -307,7 +311,7 @@ def test_sigterm_to_the_launcher_then_kill9_of_a_worker_resume_the_same_run(tiny
     saved = sorted(int(p.name.split("-")[1]) for p in ckdir.glob("checkpoint-*"))
     assert (
         stopped in saved
-        and 5 <= stopped < 4 * STEPS - 4
+        and 5 <= stopped < LONG_STEPS - 4
         and (ckdir / f"checkpoint-{stopped}" / "trainer_state.json").exists()
     )
     assert not paths.final_model_dir(cfg).exists()
@@ -332,7 +336,7 @@ def test_sigterm_to_the_launcher_then_kill9_of_a_worker_resume_the_same_run(tiny
     assert "resuming from" in out and f"checkpoint-{target}" in out
     got = _outcome(cfg)
     steps = [r["step"] for r in read_jsonl(paths.metrics_jsonl(cfg))]
-    assert steps == list(range(1, 4 * STEPS + 1))
+    assert steps == list(range(1, LONG_STEPS + 1))
     assert got["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-6, abs=1e-7)
     max_diff = 0.0
     for key, value in uninterrupted["weights"].items():
