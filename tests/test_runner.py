@@ -50,6 +50,7 @@ def test_select_stages():
         select_stages(["trian"], None)
 
 
+@pytest.mark.slow  # starts a kernel per stage (15 s): kept out of make test-fast
 def test_runs_in_order_skips_when_unchanged_and_names_failures(mini_project):
     cfg = load_run_config(mini_project / "parameters" / "p.yaml")
     run_dir = cfg.run_dir
