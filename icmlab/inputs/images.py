@@ -7,11 +7,12 @@ centre-crops, rescales by 1/255 and normalises. transformers 5's PIL backend of 
 processor reproduces the original tensors bit for bit (fixture ``image_pad``), so it is used
 explicitly (torchvision is not a dependency).
 
-The training loader goes through :class:`LeanClip` instead of the generic processor call: the same
-PIL bicubic resize, a numpy centre crop and one lookup table per channel for rescale + normalise
-(a pixel's float value depends on its byte only), and for a wide image of ``pad`` the horizontal
-resize pass only over the image's rows (the padding rows all give the same row). The tensors are
-bit-identical to the processor's (tests/test_images.py), at about half the time.
+The training loader goes through :class:`LeanClip` instead of the generic processor call: Pillow's
+bicubic resize computed by compiled passes that never resize the padding
+(:mod:`icmlab.inputs.bicubic`, checked against the installed Pillow per geometry), the centre crop
+as a window of that, and one lookup table per channel for rescale + normalise (a pixel's float
+value depends on its byte only). The tensors are bit-identical to the processor's
+(tests/test_images.py, tests/test_bicubic.py), at about a sixth of the time.
 
 Every file is opened by :func:`icmlab.inputs.image_guard.open_image`, the one place for checks on
 image files (decompression bombs; validate's header and decode checks call it too).
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from icmlab.inputs import bicubic
 from icmlab.inputs.image_guard import ImageRefused, open_image
 from icmlab.models.spec import FAMILY_SPECS
 
@@ -206,13 +208,15 @@ def load_and_preprocess(
 class LeanClip:
     """The CLIP preprocessing of one RGB image without the generic processor call, same values.
 
-    Resize: PIL bicubic (the processor's resample) to the shortest-edge size; centre crop at
+    Resize: bicubic (the processor's resample) to the shortest-edge size; centre crop at
     ``(h - crop) // 2``; then ``lut[c][byte]`` with ``lut = (float32(byte * rescale_factor) - mean) / std``
     in float32, the processor's rescale-then-normalise of every possible byte.
 
-    For ``pad`` the square canvas is not built for a wide image: PIL resizes horizontally first
-    (every row on its own) and then vertically, so the canvas's horizontal pass is the image's rows
-    resized plus one resized padding row repeated; only the vertical pass sees the whole square.
+    The bicubic resize is :mod:`icmlab.inputs.bicubic` (Pillow's bytes, compiled, the ``pad`` canvas
+    never built); where that does not apply, Pillow itself, and for ``pad`` of a wide image without
+    the canvas either: PIL resizes horizontally first (every row on its own) and then vertically,
+    so the canvas's horizontal pass is the image's rows resized plus one resized padding row
+    repeated; only the vertical pass sees the whole square.
 
     Build it with :meth:`for_processor`.
     """
@@ -247,6 +251,10 @@ class LeanClip:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """``[3, H, W]`` float32 pixels of an RGB image."""
+        if self.resample == Image.Resampling.BICUBIC and img.mode == "RGB":
+            arr = self._compiled(img)
+            if arr is not None:
+                return torch.from_numpy(bicubic.planar_lut(arr, self.lut))
         if self.aspect == "resize":
             h, w = self.crop
             return self._normalise(np.asarray(img.resize((w, h), resample=self.resample)))
@@ -257,6 +265,23 @@ class LeanClip:
         h, w = self.crop
         top, left = (arr.shape[0] - h) // 2, (arr.shape[1] - w) // 2
         return self._normalise(arr[top : top + h, left : left + w])
+
+    def _compiled(self, img: Image.Image) -> np.ndarray | None:
+        """The resized, cropped bytes through :mod:`icmlab.inputs.bicubic` (padding never resized), or None
+        where it does not apply (then Pillow resizes below)."""
+        w, h = img.size
+        ch, cw = self.crop
+        if self.aspect == "resize":
+            canvas, size = bicubic.Canvas(w, h, 0, 0, self.bg), (cw, ch)
+        else:
+            side = max(w, h)
+            if self.aspect == "pad" and w != h:
+                canvas = bicubic.Canvas(side, side, (side - w) // 2, (side - h) // 2, self.bg)
+            else:
+                canvas = bicubic.Canvas(w, h, 0, 0, self.bg)
+            size = self._size(canvas.width, canvas.height)
+        window = ((size[1] - ch) // 2, (size[0] - cw) // 2, ch, cw)
+        return bicubic.resize_crop(np.asarray(img), canvas, size, window)
 
     def _size(self, w: int, h: int) -> tuple[int, int]:
         """``(width, height)`` of the shortest-edge resize (the processor's ``int(edge * long / short)``)."""
@@ -282,7 +307,4 @@ class LeanClip:
         return np.asarray(Image.fromarray(half).resize((out_w, out_h), resample=self.resample))  # vertical only
 
     def _normalise(self, arr: np.ndarray) -> torch.Tensor:
-        out = np.empty((3, *arr.shape[:2]), np.float32)
-        for c in range(3):
-            np.take(self.lut[c], arr[:, :, c], out=out[c])
-        return torch.from_numpy(out)
+        return torch.from_numpy(bicubic.planar_lut(np.ascontiguousarray(arr), self.lut))

@@ -1,0 +1,304 @@
+"""Pillow's bicubic resize of 8-bit RGB images, bit for bit, as compiled (numba) passes.
+
+The training loader's image path is decode, pad, resize, crop, normalise; the resize was most of it.
+This module computes exactly what ``PIL.Image.resize(size, Image.Resampling.BICUBIC)`` computes and
+checks it against the installed Pillow before it is used for a geometry. Pillow's algorithm
+(``libImaging/Resample.c``):
+
+- per axis, coefficients from the bicubic kernel (``a = -0.5``, support 2 times the scale when
+  shrinking) in double precision, normalised to sum 1, then converted to 22-bit fixed point
+  (``int(w * 2**22 +- 0.5)``);
+- two passes, each output byte ``clip(floor((2**21 + sum(byte * coef)) / 2**22), 0, 255)`` in 32-bit
+  integers, so the intermediate image is rounded to bytes between the passes; the horizontal pass
+  runs first unless the height shrinks by more than twice as many pixels as the width (Pillow >= 11;
+  older releases always go horizontal first; which rule the installed Pillow follows is probed once).
+
+What is faster here is the order of the work, not the arithmetic: the horizontal pass runs on the
+image transposed, so that every tap is one multiply-add over a whole contiguous column of pixels
+(vectorised), and the padding of LLaVA's ``pad`` never goes through the passes: a padded canvas
+is the image plus copies of one resized background row or column. Only the crop window's rows
+are computed in the vertical pass.
+
+:func:`resize_crop` returns None where it does not apply (vertical pass first, a pass not needed,
+numba missing, or a geometry whose check against Pillow failed); callers then use Pillow.
+
+Usage::
+
+    out = resize_crop(arr, Canvas(640, 640, 0, 80, bg), (336, 336), (0, 0, 336, 336))   # uint8 [336, 336, 3]
+    planar_lut(out, lut)                                                                # float32 [3, 336, 336]
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: Pillow's fixed-point precision of the 8-bit resample passes (``32 - 8 - 2``).
+PRECISION_BITS = 22
+_HALF = 1 << (PRECISION_BITS - 1)
+
+try:  # numba is a locked dependency; without it (a hand-made environment) the callers use Pillow
+    import numba
+
+    _njit = functools.partial(numba.njit, cache=True, nogil=True)
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - exercised only in environments without numba
+    numba = None
+    AVAILABLE = False
+
+    def _njit(f):
+        return f
+
+
+class Canvas(NamedTuple):
+    """A ``width`` x ``height`` canvas of ``background`` with the image's top-left pixel at ``(left, top)``."""
+
+    width: int
+    height: int
+    left: int
+    top: int
+    background: tuple[int, int, int]
+
+
+def _bicubic(x: float) -> float:
+    """Pillow's ``bicubic_filter`` (``a = -0.5``), the same double operations in the same order."""
+    a = -0.5
+    if x < 0.0:
+        x = -x
+    if x < 1.0:
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    if x < 2.0:
+        return (((x - 5) * x + 8) * x - 4) * a
+    return 0.0
+
+
+@functools.lru_cache(maxsize=4096)
+def coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` for the bicubic filter.
+
+    Returns:
+        ``bounds`` (``[out_size, 2]`` int64: first input index, number of taps) and ``kk``
+        (``[out_size, ksize]`` int32 fixed-point coefficients, zero past each row's taps).
+    """
+    scale = float(in_size) / out_size
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    bounds = np.zeros((out_size, 2), np.int64)
+    kk = np.zeros((out_size, ksize), np.int32)
+    ss = 1.0 / filterscale
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), in_size) - xmin
+        w = [_bicubic((x + xmin - center + 0.5) * ss) for x in range(xmax)]
+        ww = 0.0
+        for v in w:
+            ww += v
+        for x, v in enumerate(w):
+            v = v / ww if ww != 0.0 else v
+            kk[xx, x] = int(-0.5 + v * (1 << PRECISION_BITS)) if v < 0 else int(0.5 + v * (1 << PRECISION_BITS))
+        bounds[xx] = xmin, xmax
+    bounds.flags.writeable = kk.flags.writeable = False
+    return bounds, kk
+
+
+def _size_rule(in_w: int, in_h: int, out_w: int, out_h: int) -> bool:
+    """Pillow >= 11: horizontal first unless the height shrinks by more than twice the width's pixels."""
+    return not (in_h - out_h > 0 and in_h - out_h > (in_w - out_w) * 2)
+
+
+@functools.cache
+def _pillow_orders_by_size() -> bool:
+    """Whether the installed Pillow picks the pass order by :func:`_size_rule` (probed on one image whose
+    two orders give different bytes); False: horizontal first always (Pillow <= 10)."""
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 256, (200, 40, 3), dtype=np.uint8)
+    ref = np.asarray(Image.fromarray(noise).resize((36, 20), Image.Resampling.BICUBIC))
+    return bool(np.array_equal(ref, _resize_vertical_first(noise, 36, 20)))
+
+
+def horizontal_first(in_w: int, in_h: int, out_w: int, out_h: int) -> bool:
+    """Whether the installed Pillow runs the horizontal pass first for this geometry."""
+    return _size_rule(in_w, in_h, out_w, out_h) if _pillow_orders_by_size() else True
+
+
+@_njit
+def _transpose_band(src, left, bg, dst):  # pragma: no cover - compiled
+    """``dst[x, 3*y + c]``: canvas column ``x`` of the image's rows (``bg`` outside the image)."""
+    h, w = src.shape[0], src.shape[1]
+    cw = dst.shape[0]
+    for x in range(cw):
+        if x < left or x >= left + w:
+            for y in range(h):
+                dst[x, 3 * y] = bg[0]
+                dst[x, 3 * y + 1] = bg[1]
+                dst[x, 3 * y + 2] = bg[2]
+    block = 32
+    for y0 in range(0, h, block):
+        for x0 in range(0, w, block):
+            for x in range(x0, min(x0 + block, w)):
+                row = dst[left + x]
+                for y in range(y0, min(y0 + block, h)):
+                    row[3 * y] = src[y, x, 0]
+                    row[3 * y + 1] = src[y, x, 1]
+                    row[3 * y + 2] = src[y, x, 2]
+
+
+@_njit
+def _row_pass(src, bounds, kk, dst):  # pragma: no cover - compiled
+    """``dst[i] = clip8(sum_t kk[i, t] * src[bounds[i, 0] + t])`` over whole rows (one pass of Pillow's)."""
+    m = src.shape[1]
+    acc = np.empty(m, np.int32)
+    for i in range(dst.shape[0]):
+        first, taps = bounds[i, 0], bounds[i, 1]
+        acc[:] = _HALF
+        for t in range(taps):
+            k = kk[i, t]
+            row = src[first + t]
+            for j in range(m):
+                acc[j] += np.int32(row[j]) * k
+        out = dst[i]
+        for j in range(m):
+            v = acc[j] >> PRECISION_BITS
+            out[j] = 0 if v < 0 else (255 if v > 255 else v)
+
+
+@_njit
+def _untranspose(src, dst):  # pragma: no cover - compiled
+    """``dst[y, x, c] = src[x, 3*y + c]``."""
+    w, h = src.shape[0], dst.shape[0]
+    block = 32
+    for x0 in range(0, w, block):
+        for y0 in range(0, h, block):
+            for y in range(y0, min(y0 + block, h)):
+                for x in range(x0, min(x0 + block, w)):
+                    dst[y, x, 0] = src[x, 3 * y]
+                    dst[y, x, 1] = src[x, 3 * y + 1]
+                    dst[y, x, 2] = src[x, 3 * y + 2]
+
+
+@_njit
+def _planar_lut(src, lut, dst):  # pragma: no cover - compiled
+    """``dst[c, y, x] = lut[c, src[y, x, c]]``."""
+    h, w = src.shape[0], src.shape[1]
+    for c in range(3):
+        table = lut[c]
+        plane = dst[c]
+        for y in range(h):
+            for x in range(w):
+                plane[y, x] = table[src[y, x, c]]
+
+
+def planar_lut(arr: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """``[3, H, W]`` float32 ``lut[c][arr[..., c]]`` of an ``[H, W, 3]`` uint8 array (numpy without numba)."""
+    out = np.empty((3, *arr.shape[:2]), np.float32)
+    if AVAILABLE:
+        _planar_lut(arr, lut, out)
+    else:  # pragma: no cover
+        for c in range(3):
+            np.take(lut[c], arr[:, :, c], out=out[c])
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _pad_row(width: int, out_w: int, bg: tuple[int, int, int]) -> np.ndarray:
+    """The horizontal pass of one background row of ``width`` pixels: ``[3 * out_w]`` uint8 (read-only)."""
+    col = np.empty((width, 3), np.uint8)
+    col[:] = bg
+    out = np.empty((out_w, 3), np.uint8)
+    bounds, kk = coefficients(width, out_w)
+    _row_pass(col, bounds, kk, out)
+    out = out.reshape(-1)
+    out.flags.writeable = False
+    return out
+
+
+def _resize_vertical_first(arr: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
+    """Vertical pass, then horizontal (the order Pillow >= 11 takes for tall shrinks); used by the probe."""
+    h, w = arr.shape[:2]
+    bounds, kk = coefficients(h, out_h)
+    mid = np.empty((out_h, w * 3), np.uint8)
+    _row_pass(np.ascontiguousarray(arr).reshape(h, w * 3), bounds, kk, mid)
+    band_t = np.empty((w, out_h * 3), np.uint8)
+    _transpose_band(mid.reshape(out_h, w, 3), 0, np.zeros(3, np.uint8), band_t)
+    bounds, kk = coefficients(w, out_w)
+    out_t = np.empty((out_w, out_h * 3), np.uint8)
+    _row_pass(band_t, bounds, kk, out_t)
+    out = np.empty((out_h, out_w, 3), np.uint8)
+    _untranspose(out_t, out)
+    return out
+
+
+def _resize_crop(arr, canvas: Canvas, size: tuple[int, int], crop: tuple[int, int, int, int]) -> np.ndarray:
+    h = arr.shape[0]
+    out_w, out_h = size
+    bg = np.asarray(canvas.background, np.uint8)
+    band_t = np.empty((canvas.width, 3 * h), np.uint8)
+    _transpose_band(arr, canvas.left, bg, band_t)
+    bounds, kk = coefficients(canvas.width, out_w)
+    resized_t = np.empty((out_w, 3 * h), np.uint8)
+    _row_pass(band_t, bounds, kk, resized_t)
+    rows = np.empty((canvas.height, 3 * out_w), np.uint8)  # the canvas after the horizontal pass
+    top = canvas.top
+    if top or canvas.height > top + h:
+        pad = _pad_row(canvas.width, out_w, tuple(canvas.background))
+        rows[:top], rows[top + h :] = pad, pad
+    _untranspose(resized_t, rows[top : top + h].reshape(h, out_w, 3))
+    row0, col0, height, width = crop
+    bounds, kk = coefficients(canvas.height, out_h)
+    out = np.empty((height, 3 * out_w), np.uint8)
+    _row_pass(rows, bounds[row0 : row0 + height], kk[row0 : row0 + height], out)
+    return out.reshape(height, out_w, 3)[:, col0 : col0 + width]
+
+
+_checked: dict[tuple[int, int, int, int], bool] = {}
+
+
+def _agrees_with_pillow(in_w: int, in_h: int, out_w: int, out_h: int) -> bool:
+    """Resize a noise image of this geometry both ways once per process; False (and a warning) if the bytes differ."""
+    key = (in_w, in_h, out_w, out_h)
+    ok = _checked.get(key)
+    if ok is None:
+        from PIL import Image
+
+        noise = np.random.default_rng(in_w * 7919 + in_h).integers(0, 256, (in_h, in_w, 3), dtype=np.uint8)
+        ref = np.asarray(Image.fromarray(noise).resize((out_w, out_h), Image.Resampling.BICUBIC))
+        got = _resize_crop(noise, Canvas(in_w, in_h, 0, 0, (0, 0, 0)), (out_w, out_h), (0, 0, out_h, out_w))
+        ok = _checked[key] = bool(np.array_equal(ref, got))
+        if not ok:
+            log.warning("compiled bicubic resize differs from Pillow's for %dx%d -> %dx%d; using Pillow", *key)
+    return ok
+
+
+def resize_crop(
+    arr: np.ndarray, canvas: Canvas, size: tuple[int, int], crop: tuple[int, int, int, int]
+) -> np.ndarray | None:
+    """Pillow's bicubic resize of ``arr`` placed on ``canvas`` to ``size``, then the crop window.
+
+    Args:
+        arr: the image, ``[h, w, 3]`` uint8 (C-contiguous), inside the canvas.
+        canvas: the canvas it sits on (:class:`Canvas`; the image itself: ``Canvas(w, h, 0, 0, any)``).
+        size: ``(width, height)`` of the resized canvas.
+        crop: ``(top, left, height, width)`` of the window to return, inside ``size``.
+
+    Returns:
+        ``[height, width, 3]`` uint8 (a view when the window is narrower than ``size``), the bytes of
+        ``canvas_image.resize(size, BICUBIC).crop((left, top, left + width, top + height))``; None where
+        this path does not apply (see the module docstring): the caller uses Pillow.
+    """
+    out_w, out_h = size
+    if not AVAILABLE or canvas.width == out_w or canvas.height == out_h:
+        return None
+    if not horizontal_first(canvas.width, canvas.height, out_w, out_h):
+        return None
+    if not _agrees_with_pillow(canvas.width, canvas.height, out_w, out_h):
+        return None
+    return _resize_crop(np.ascontiguousarray(arr), canvas, size, crop)
