@@ -31,8 +31,10 @@ Usage::
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import math
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -41,19 +43,17 @@ log = logging.getLogger(__name__)
 
 #: Pillow's fixed-point precision of the 8-bit resample passes (``32 - 8 - 2``).
 PRECISION_BITS = 22
-_HALF = 1 << (PRECISION_BITS - 1)
 
-try:  # numba is a locked dependency; without it (a hand-made environment) the callers use Pillow
-    import numba
+#: Whether numba is installed (a locked dependency; without it, in a hand-made environment, the callers
+#: use Pillow). The kernels (:mod:`icmlab.inputs.bicubic_kernels`) are imported on first use: numba's
+#: import takes ~0.8 s, which stages that never resize an image should not pay.
+AVAILABLE = importlib.util.find_spec("numba") is not None
 
-    _njit = functools.partial(numba.njit, cache=True, nogil=True)
-    AVAILABLE = True
-except ImportError:  # pragma: no cover - exercised only in environments without numba
-    numba = None
-    AVAILABLE = False
 
-    def _njit(f):
-        return f
+def _kernels():
+    from icmlab.inputs import bicubic_kernels
+
+    return bicubic_kernels
 
 
 class Canvas(NamedTuple):
@@ -130,78 +130,11 @@ def horizontal_first(in_w: int, in_h: int, out_w: int, out_h: int) -> bool:
     return _size_rule(in_w, in_h, out_w, out_h) if _pillow_orders_by_size() else True
 
 
-@_njit
-def _transpose_band(src, left, bg, dst):  # pragma: no cover - compiled
-    """``dst[x, 3*y + c]``: canvas column ``x`` of the image's rows (``bg`` outside the image)."""
-    h, w = src.shape[0], src.shape[1]
-    cw = dst.shape[0]
-    for x in range(cw):
-        if x < left or x >= left + w:
-            for y in range(h):
-                dst[x, 3 * y] = bg[0]
-                dst[x, 3 * y + 1] = bg[1]
-                dst[x, 3 * y + 2] = bg[2]
-    block = 32
-    for y0 in range(0, h, block):
-        for x0 in range(0, w, block):
-            for x in range(x0, min(x0 + block, w)):
-                row = dst[left + x]
-                for y in range(y0, min(y0 + block, h)):
-                    row[3 * y] = src[y, x, 0]
-                    row[3 * y + 1] = src[y, x, 1]
-                    row[3 * y + 2] = src[y, x, 2]
-
-
-@_njit
-def _row_pass(src, bounds, kk, dst):  # pragma: no cover - compiled
-    """``dst[i] = clip8(sum_t kk[i, t] * src[bounds[i, 0] + t])`` over whole rows (one pass of Pillow's)."""
-    m = src.shape[1]
-    acc = np.empty(m, np.int32)
-    for i in range(dst.shape[0]):
-        first, taps = bounds[i, 0], bounds[i, 1]
-        acc[:] = _HALF
-        for t in range(taps):
-            k = kk[i, t]
-            row = src[first + t]
-            for j in range(m):
-                acc[j] += np.int32(row[j]) * k
-        out = dst[i]
-        for j in range(m):
-            v = acc[j] >> PRECISION_BITS
-            out[j] = 0 if v < 0 else (255 if v > 255 else v)
-
-
-@_njit
-def _untranspose(src, dst):  # pragma: no cover - compiled
-    """``dst[y, x, c] = src[x, 3*y + c]``."""
-    w, h = src.shape[0], dst.shape[0]
-    block = 32
-    for x0 in range(0, w, block):
-        for y0 in range(0, h, block):
-            for y in range(y0, min(y0 + block, h)):
-                for x in range(x0, min(x0 + block, w)):
-                    dst[y, x, 0] = src[x, 3 * y]
-                    dst[y, x, 1] = src[x, 3 * y + 1]
-                    dst[y, x, 2] = src[x, 3 * y + 2]
-
-
-@_njit
-def _planar_lut(src, lut, dst):  # pragma: no cover - compiled
-    """``dst[c, y, x] = lut[c, src[y, x, c]]``."""
-    h, w = src.shape[0], src.shape[1]
-    for c in range(3):
-        table = lut[c]
-        plane = dst[c]
-        for y in range(h):
-            for x in range(w):
-                plane[y, x] = table[src[y, x, c]]
-
-
 def planar_lut(arr: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """``[3, H, W]`` float32 ``lut[c][arr[..., c]]`` of an ``[H, W, 3]`` uint8 array (numpy without numba)."""
     out = np.empty((3, *arr.shape[:2]), np.float32)
     if AVAILABLE:
-        _planar_lut(arr, lut, out)
+        _kernels().planar_lut(arr, lut, out)
     else:  # pragma: no cover
         for c in range(3):
             np.take(lut[c], arr[:, :, c], out=out[c])
@@ -215,7 +148,7 @@ def _pad_row(width: int, out_w: int, bg: tuple[int, int, int]) -> np.ndarray:
     col[:] = bg
     out = np.empty((out_w, 3), np.uint8)
     bounds, kk = coefficients(width, out_w)
-    _row_pass(col, bounds, kk, out)
+    _kernels().row_pass(col, bounds, kk, out)
     out = out.reshape(-1)
     out.flags.writeable = False
     return out
@@ -223,39 +156,57 @@ def _pad_row(width: int, out_w: int, bg: tuple[int, int, int]) -> np.ndarray:
 
 def _resize_vertical_first(arr: np.ndarray, out_w: int, out_h: int) -> np.ndarray:
     """Vertical pass, then horizontal (the order Pillow >= 11 takes for tall shrinks); used by the probe."""
+    k = _kernels()
     h, w = arr.shape[:2]
     bounds, kk = coefficients(h, out_h)
     mid = np.empty((out_h, w * 3), np.uint8)
-    _row_pass(np.ascontiguousarray(arr).reshape(h, w * 3), bounds, kk, mid)
+    k.row_pass(np.ascontiguousarray(arr).reshape(h, w * 3), bounds, kk, mid)
     band_t = np.empty((w, out_h * 3), np.uint8)
-    _transpose_band(mid.reshape(out_h, w, 3), 0, np.zeros(3, np.uint8), band_t)
+    k.transpose_band(mid.reshape(out_h, w, 3), 0, np.zeros(3, np.uint8), band_t)
     bounds, kk = coefficients(w, out_w)
     out_t = np.empty((out_w, out_h * 3), np.uint8)
-    _row_pass(band_t, bounds, kk, out_t)
+    k.row_pass(band_t, bounds, kk, out_t)
     out = np.empty((out_h, out_w, 3), np.uint8)
-    _untranspose(out_t, out)
+    k.untranspose(out_t, out)
     return out
 
 
+_scratch = threading.local()
+
+
+def _buffer(slot: int, shape: tuple[int, int]) -> np.ndarray:
+    """A per-thread uint8 scratch array of ``shape``, reused between calls (instead of ~2.4 MB of fresh
+    arrays per 640x480 image)."""
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    n = shape[0] * shape[1]
+    buf = bufs.get(slot)
+    if buf is None or buf.size < n:
+        buf = bufs[slot] = np.empty(max(n, 1 << 20), np.uint8)
+    return buf[:n].reshape(shape)
+
+
 def _resize_crop(arr, canvas: Canvas, size: tuple[int, int], crop: tuple[int, int, int, int]) -> np.ndarray:
+    k = _kernels()
     h = arr.shape[0]
     out_w, out_h = size
     bg = np.asarray(canvas.background, np.uint8)
-    band_t = np.empty((canvas.width, 3 * h), np.uint8)
-    _transpose_band(arr, canvas.left, bg, band_t)
+    band_t = _buffer(0, (canvas.width, 3 * h))
+    k.transpose_band(arr, canvas.left, bg, band_t)
     bounds, kk = coefficients(canvas.width, out_w)
-    resized_t = np.empty((out_w, 3 * h), np.uint8)
-    _row_pass(band_t, bounds, kk, resized_t)
-    rows = np.empty((canvas.height, 3 * out_w), np.uint8)  # the canvas after the horizontal pass
+    resized_t = _buffer(1, (out_w, 3 * h))
+    k.row_pass(band_t, bounds, kk, resized_t)
+    rows = _buffer(2, (canvas.height, 3 * out_w))  # the canvas after the horizontal pass
     top = canvas.top
     if top or canvas.height > top + h:
         pad = _pad_row(canvas.width, out_w, tuple(canvas.background))
         rows[:top], rows[top + h :] = pad, pad
-    _untranspose(resized_t, rows[top : top + h].reshape(h, out_w, 3))
+    k.untranspose(resized_t, rows[top : top + h].reshape(h, out_w, 3))
     row0, col0, height, width = crop
     bounds, kk = coefficients(canvas.height, out_h)
-    out = np.empty((height, 3 * out_w), np.uint8)
-    _row_pass(rows, bounds[row0 : row0 + height], kk[row0 : row0 + height], out)
+    out = _buffer(3, (height, 3 * out_w))
+    k.row_pass(rows, bounds[row0 : row0 + height], kk[row0 : row0 + height], out)
     return out.reshape(height, out_w, 3)[:, col0 : col0 + width]
 
 
@@ -290,9 +241,10 @@ def resize_crop(
         crop: ``(top, left, height, width)`` of the window to return, inside ``size``.
 
     Returns:
-        ``[height, width, 3]`` uint8 (a view when the window is narrower than ``size``), the bytes of
+        ``[height, width, 3]`` uint8, the bytes of
         ``canvas_image.resize(size, BICUBIC).crop((left, top, left + width, top + height))``; None where
-        this path does not apply (see the module docstring): the caller uses Pillow.
+        this path does not apply (see the module docstring): the caller uses Pillow. The array is a
+        per-thread scratch buffer, overwritten by the next call: copy it (or normalise it) first.
     """
     out_w, out_h = size
     if not AVAILABLE or canvas.width == out_w or canvas.height == out_h:
