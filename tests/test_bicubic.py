@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not bicubic.AVAILABLE, reason="numba not install
 RNG_GEOMETRIES = np.random.default_rng(20261202)
 # (in_w, in_h, out_w, out_h): shrink, enlarge and mixed on each axis, sizes from 2 px up
 GEOMETRIES = [(640, 640, 336, 336), (640, 480, 448, 336), (37, 5, 3, 11), (2, 2, 7, 3), (1000, 333, 336, 112)] + [
-    tuple(int(v) for v in (*RNG_GEOMETRIES.integers(2, 900, 2), *RNG_GEOMETRIES.integers(2, 500, 2))) for _ in range(40)
+    tuple(int(v) for v in (*RNG_GEOMETRIES.integers(2, 900, 2), *RNG_GEOMETRIES.integers(2, 500, 2))) for _ in range(20)
 ]
 
 

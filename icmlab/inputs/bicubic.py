@@ -148,7 +148,7 @@ def _pad_row(width: int, out_w: int, bg: tuple[int, int, int]) -> np.ndarray:
     col[:] = bg
     out = np.empty((out_w, 3), np.uint8)
     bounds, kk = coefficients(width, out_w)
-    _kernels().row_pass(col, bounds, kk, out)
+    _kernels().row_pass(col, bounds, kk, PRECISION_BITS, out)
     out = out.reshape(-1)
     out.flags.writeable = False
     return out
@@ -160,12 +160,12 @@ def _resize_vertical_first(arr: np.ndarray, out_w: int, out_h: int) -> np.ndarra
     h, w = arr.shape[:2]
     bounds, kk = coefficients(h, out_h)
     mid = np.empty((out_h, w * 3), np.uint8)
-    k.row_pass(np.ascontiguousarray(arr).reshape(h, w * 3), bounds, kk, mid)
+    k.row_pass(np.ascontiguousarray(arr).reshape(h, w * 3), bounds, kk, PRECISION_BITS, mid)
     band_t = np.empty((w, out_h * 3), np.uint8)
     k.transpose_band(mid.reshape(out_h, w, 3), 0, np.zeros(3, np.uint8), band_t)
     bounds, kk = coefficients(w, out_w)
     out_t = np.empty((out_w, out_h * 3), np.uint8)
-    k.row_pass(band_t, bounds, kk, out_t)
+    k.row_pass(band_t, bounds, kk, PRECISION_BITS, out_t)
     out = np.empty((out_h, out_w, 3), np.uint8)
     k.untranspose(out_t, out)
     return out
@@ -196,7 +196,7 @@ def _resize_crop(arr, canvas: Canvas, size: tuple[int, int], crop: tuple[int, in
     k.transpose_band(arr, canvas.left, bg, band_t)
     bounds, kk = coefficients(canvas.width, out_w)
     resized_t = _buffer(1, (out_w, 3 * h))
-    k.row_pass(band_t, bounds, kk, resized_t)
+    k.row_pass(band_t, bounds, kk, PRECISION_BITS, resized_t)
     rows = _buffer(2, (canvas.height, 3 * out_w))  # the canvas after the horizontal pass
     top = canvas.top
     if top or canvas.height > top + h:
@@ -206,7 +206,7 @@ def _resize_crop(arr, canvas: Canvas, size: tuple[int, int], crop: tuple[int, in
     row0, col0, height, width = crop
     bounds, kk = coefficients(canvas.height, out_h)
     out = _buffer(3, (height, 3 * out_w))
-    k.row_pass(rows, bounds[row0 : row0 + height], kk[row0 : row0 + height], out)
+    k.row_pass(rows, bounds[row0 : row0 + height], kk[row0 : row0 + height], PRECISION_BITS, out)
     return out.reshape(height, out_w, 3)[:, col0 : col0 + width]
 
 

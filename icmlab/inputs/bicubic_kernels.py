@@ -9,9 +9,6 @@ import functools
 import numba
 import numpy as np
 
-from icmlab.inputs.bicubic import PRECISION_BITS
-
-HALF = 1 << (PRECISION_BITS - 1)
 _njit = functools.partial(numba.njit, cache=True, nogil=True)
 
 
@@ -38,13 +35,14 @@ def transpose_band(src, left, bg, dst):
 
 
 @_njit
-def row_pass(src, bounds, kk, dst):
-    """``dst[i] = clip8(sum_t kk[i, t] * src[bounds[i, 0] + t])`` over whole rows (one pass of Pillow's)."""
+def row_pass(src, bounds, kk, shift, dst):
+    """``dst[i] = clip(floor((2**(shift-1) + sum_t kk[i, t] * src[bounds[i, 0] + t]) / 2**shift), 0, 255)``
+    over whole rows: one pass of Pillow's, ``shift`` its fixed-point precision."""
     m = src.shape[1]
     acc = np.empty(m, np.int32)
     for i in range(dst.shape[0]):
         first, taps = bounds[i, 0], bounds[i, 1]
-        acc[:] = HALF
+        acc[:] = 1 << (shift - 1)
         for t in range(taps):
             k = kk[i, t]
             row = src[first + t]
@@ -52,7 +50,7 @@ def row_pass(src, bounds, kk, dst):
                 acc[j] += np.int32(row[j]) * k
         out = dst[i]
         for j in range(m):
-            v = acc[j] >> PRECISION_BITS
+            v = acc[j] >> shift
             out[j] = 0 if v < 0 else (255 if v > 255 else v)
 
 
