@@ -377,6 +377,52 @@ def test_sentencepiece_rule_rejected_for_byte_level(demo_tok):
     assert PieceEncoder(demo_tok).rule == "plain"
 
 
+def _chunk_ids(enc: PieceEncoder, texts: list[str]) -> list[list[int]]:
+    return [enc.encode(t, ctx) for t in texts for ctx in (0, 1, 2)]
+
+
+def test_memo_gives_the_unmemoised_ids_and_stays_bounded(llama_tok, monkeypatch):
+    import icmlab.inputs.encode as E
+
+    texts = [t["value"] for fam in FAMILIES for c in CASES[fam] for t in c["record"]["conversations"]]
+    texts += [" USER:", "ASSISTANT:", " Yes", "\n", "x" * E.MEMO_MAX_CHARS]
+    for rule in ("sp_nonlegacy", "sp_nonlegacy_431", "sp_legacy"):
+        enc = PieceEncoder(llama_tok, rule)
+        first = _chunk_ids(enc, texts)
+        for ids in first:
+            ids.append(-1)  # callers may extend the lists they get: the memo keeps its own
+        again = _chunk_ids(enc, texts)
+        assert again == [ids[:-1] for ids in first]
+        monkeypatch.setattr(E, "MEMO_MAX_CHARS", 0)  # every chunk through the tokenizer
+        assert _chunk_ids(PieceEncoder(llama_tok, rule), texts) == again
+        monkeypatch.undo()
+    monkeypatch.setattr(E, "MEMO_ENTRIES", 8)
+    enc = PieceEncoder(llama_tok)
+    for i in range(50):
+        enc.encode(f"word{i}", 2)
+        assert len(enc._memo) <= 8
+
+
+def test_encoder_in_a_forked_worker_gives_the_same_ids(llama_tok):
+    """A data-loader worker (fork) gets the parent's encoder with its memo; its first call drops the
+    tokenizers model cache of its copy and starts its own memo: the ids must not change."""
+    import multiprocessing as mp
+
+    texts = [t["value"] for fam in FAMILIES for c in CASES[fam] for t in c["record"]["conversations"]]
+    enc = PieceEncoder(llama_tok)
+    want = _chunk_ids(enc, texts)  # the parent's memo is filled
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=lambda: child.send(_chunk_ids(enc, texts)))  # forked: nothing is pickled
+    proc.start()
+    got = parent.recv()
+    proc.join(60)
+    assert got == want
+    with ctx.Pool(1) as pool:  # pickled into the worker (the spawn way)
+        assert pool.apply(_chunk_ids, (enc, texts)) == want
+    assert _chunk_ids(enc, texts) == want  # the parent's copy is untouched
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 
