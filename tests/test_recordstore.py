@@ -165,3 +165,85 @@ def test_offsets_are_kept_beside_the_file_and_redone_when_it_changes(tmp_path, c
     assert [r for r in RecordStore.open(path)] == changed and "scanning t.json again" in caplog.text
     RecordStore.open(atomic_write_json(tmp_path / "u.json", records), cache=False)
     assert not (tmp_path / "u.json.offsets.npz").exists()
+
+
+# Pieces for the compiled word count's edge cases: runs longer than its 8-byte words, escapes and
+# multi-byte characters that cross them, a 4-byte character.
+LONG_PIECES = PIECES + ["x" * 9, " " * 9, "abcdefgh", "😀", "\n" * 5]
+
+
+def test_compiled_word_count_at_every_alignment():
+    """Strings at every offset and length (empty, only whitespace, a multi-byte character or an escape at
+    the very end, the file's last bytes that fill no whole 8-byte word) count as ``str.split()``."""
+    from icmlab.inputs import recordstore_kernels as K
+
+    rng = random.Random(3)
+    texts = ["", " ", " " * 17, "\n", "\\n\t", "é", "a é", "a" * 16, "中", " 😀", "a\u3000", "x\u2028", "\u00a0" * 5]
+    texts += ["".join(rng.choice(LONG_PIECES) for _ in range(rng.randint(0, 40))) for _ in range(300)]
+    for text in texts:
+        body = orjson.dumps(text)
+        bad = b"\\\\" in body or b"\\u" in body
+        for pad in range(9):
+            for tail in (0, 1, 3, 9):  # tail < 8: the string may end past the last whole word
+                a = np.frombuffer(b"[" * pad + body + b"]" * tail, np.uint8)
+                w = a[: len(a) // 8 * 8].view(np.uint64)
+                lo, hi = pad + 1, pad + len(body) - 1
+                got = K.count_words(a, w, lo, hi)
+                assert got == (-1 if bad else len(text.split())), (text, pad, tail)
+                assert K._count_words_exact(a, lo, hi) == got
+
+
+def test_long_strings_and_block_boundaries(tmp_path):
+    """Long turns of every kind of piece, in tiny scan blocks: every record as ``modality_length``."""
+    rng = random.Random(4)
+    records = []
+    for i in range(300):
+        turns = [{"from": "human", "value": "".join(rng.choice(LONG_PIECES) for _ in range(rng.randint(0, 60)))}]
+        turns += [{"from": "gpt", "value": rng.choice(["", " ", "\n\n", "a" * rng.randint(0, 70)])}]
+        records.append({"id": str(i), "image": "x.jpg", "conversations": turns} if i % 2 else {"conversations": turns})
+    for indent in (False, True):
+        path = atomic_write_json(tmp_path / f"l{indent}.json", records, indent=indent)
+        _same_as_list_reading(path)
+        from icmlab.inputs import recordstore
+
+        lengths = [
+            b.extra
+            for b in recordstore.iter_blocks(path, chunk_bytes=300, workers=2, extra=recordstore.scan_modality_lengths)
+        ]
+        assert np.concatenate(lengths).tolist() == [modality_length(r) for r in records]
+
+
+def test_whitespace_around_keys_and_values(tmp_path):
+    """JSON whitespace of any length between a key, its colon and its value (more than 16 bytes too)."""
+    ws = " \n\t\r" * 5
+    text = (
+        f'[{{"id"{ws}:{ws}"a", "image"{ws}:{ws}"i.png",{ws}"conversations"{ws}:{ws}['
+        f'{{"from"{ws}:{ws}"human",{ws}"value"{ws}:{ws}"one two three"{ws}}}{ws}]{ws}}},'
+        f'{{"conversations":{ws}[{{"value":{ws}"a b"}}, {{"value":"c"}}],"image":{ws}null}}]'
+    ).encode()
+    path = tmp_path / "ws.json"
+    path.write_bytes(text)
+    assert _same_as_list_reading(path).modality_lengths.tolist() == [3, 3]
+
+
+def test_escaped_keys_are_decoded(tmp_path):
+    """A key spelled with escapes is the name it decodes to (``"im\\u0061ge"`` is ``image``)."""
+    text = (
+        b'[{"id":"a","im\\u0061ge":"x.png","conversations":[{"value":"a b"}]},'
+        b'{"id":"b","conversation\\u0073":[{"v\\u0061lue":"a b c"}]},'
+        b'{"id":"c","conversations":[{"value":"a"}],"conversation\\u0073":[{"value":"p q"}]},'
+        b'{"id":"d","conversations":[{"value":"a","v\\u0061lue":"p q"}]},'
+        b'{"id":"e","conversations":[{"\\u0076alue":"p q"}],"\\u0069mage":null}]'
+    )
+    path = tmp_path / "k.json"
+    path.write_bytes(text)
+    assert _same_as_list_reading(path).modality_lengths.tolist() == [2, -3, -2, -2, 2]
+
+
+def test_importing_the_store_does_not_import_numba():
+    """numba (~0.8 s to import) is loaded by the first scan, not by ``import icmlab.inputs.recordstore``."""
+    import subprocess
+    import sys
+
+    code = "import sys, icmlab.inputs.recordstore; sys.exit('numba' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

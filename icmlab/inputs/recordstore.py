@@ -8,19 +8,22 @@ memory map of the file; one record is decoded (orjson) per access. Ranks and wor
 share the file's page cache and nothing else grows.
 
 The grouped sampler's modality lengths (:func:`modality_length`: words of all turns, signed by
-the presence of ``image``) come from the same scan (:func:`scan_modality_lengths`), vectorised
-over the block's bytes; only records the byte rules cannot settle exactly (``\\\\`` or ``\\u``
-escapes, non-string values, a ``conversations`` that is not an array, duplicate keys) are
-decoded, so the values equal those of the Python function on every record.
+the presence of ``image``) come from the same scan (:func:`scan_modality_lengths`): one compiled
+(numba) walk over each block's strings finds the keys and counts the words of the turns' values,
+8 bytes at a time; only records the byte rules cannot settle exactly (``\\\\`` or ``\\u``
+escapes, non-string values, a ``conversations`` that is not an array, duplicate or escaped keys)
+are decoded, so the values equal those of the Python function on every record.
 
-The scan costs seconds per GB (most of it the word count); its result is kept beside the file
+The first scan of a 1.06 GB file takes ~2 s on two cores: ~1.5 CPU-seconds of byte scan, ~0.4 of
+key walk and word count, and ~1 s once per process for numba's import and start-up (the kernels
+are compiled once, ~2.3 s, and cached beside their module). Its result is kept beside the file
 (``<file>.offsets.npz``: offsets and lengths, keyed by the file's size and mtime), so every later
 open (the other runs, resumes, a rank that comes second) loads ~20 MB instead.
 
 Usage::
 
     from icmlab.inputs.recordstore import RecordStore
-    store = RecordStore.open("runs/demo/data/train.json")   # ~1 s per GB, a few MB of arrays
+    store = RecordStore.open("runs/demo/data/train.json")   # ~2 s per GB the first time, a few MB of arrays
     len(store), store[0]["conversations"], store.modality_lengths[:5]
     RecordStore.from_records([{...}, ...])                   # in memory (dry start, tests)
 """
@@ -44,12 +47,6 @@ from icmlab.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 CHECKED_RECORDS = 256  # records whose bytes are checked when offsets are loaded: first, last and a stride
-
-_WS_CODES = np.frombuffer(b" \t\r\n", np.uint8)
-_IS_WS = np.isin(np.arange(256), _WS_CODES)
-_ESC_WS = np.isin(np.arange(256), np.frombuffer(b"ntrf", np.uint8))  # \n \t \r \f: whitespace escapes
-# Third bytes of the UTF-8 whitespace characters E2 80 xx (U+2000..U+200A, U+2028, U+2029, U+202F).
-_E280_WS = np.isin(np.arange(256), np.r_[np.arange(0x80, 0x8B), 0xA8, 0xA9, 0xAF])
 
 
 def modality_length(record: Mapping[str, Any]) -> int:
@@ -244,82 +241,6 @@ def _stat(path: Path) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- modality lengths
-def _next_non_ws(a: np.ndarray, pos: np.ndarray, steps: int = 16) -> np.ndarray:
-    """First offset at or after each ``pos`` that is not JSON whitespace (at most ``steps`` ahead)."""
-    last = len(a) - 1
-    pos = np.minimum(pos, last)
-    for _ in range(steps):
-        w = _IS_WS[a[pos]]
-        if not w.any():
-            break
-        pos = np.minimum(pos + w, last)
-    return pos
-
-
-def _named(a: np.ndarray, op: np.ndarray, cl: np.ndarray, name: bytes) -> np.ndarray:
-    """Which strings ``a[op+1:cl]`` spell exactly ``name`` (ASCII, no escapes)."""
-    idx = np.flatnonzero((cl - op - 1) == len(name))
-    for j, c in enumerate(name):  # each byte narrows the candidates: few are left after the first
-        idx = idx[a[op[idx] + 1 + j] == c]
-    hit = np.zeros(len(op), bool)
-    hit[idx] = True
-    return hit
-
-
-def _count_words(b: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``len(text.split())`` of the JSON string bodies ``b[lo[i]:hi[i]]`` (sorted, disjoint), and which of
-    them hold a ``\\\\`` or ``\\u`` escape (not counted here: the caller decodes those records).
-
-    Dense passes over the bytes find spaces; escapes and non-ASCII bytes are few and handled at their
-    positions: ``\\n \\t \\r \\f`` and the UTF-8 encodings of Unicode whitespace are whitespace,
-    an escape's second byte and UTF-8 continuation bytes belong to the character before them.
-    """
-    size = len(b)
-    ws = b == 32
-    bs = np.flatnonzero(b == 92)
-    nxt = b[np.minimum(bs + 1, size - 1)]
-    bad_at = bs[(nxt == 92) | (nxt == ord("u"))]
-    follows = [np.minimum(bs + 1, size - 1)]  # positions that continue the character before them
-    esc = bs[_ESC_WS[nxt]]
-    ws[esc] = True
-    ws[np.minimum(esc + 1, size - 1)] = True
-    high = np.flatnonzero(b >= 0x80)
-    if len(high):
-        hb = b[high]
-        follows.append(high[(hb & 0xC0) == 0x80])
-        n1 = b[np.minimum(high + 1, size - 1)]
-        n2 = b[np.minimum(high + 2, size - 1)]
-        two = high[(hb == 0xC2) & ((n1 == 0x85) | (n1 == 0xA0))]
-        three = high[
-            ((hb == 0xE1) & (n1 == 0x9A) & (n2 == 0x80))
-            | ((hb == 0xE2) & (n1 == 0x80) & _E280_WS[n2])
-            | ((hb == 0xE2) & (n1 == 0x81) & (n2 == 0x9F))
-            | ((hb == 0xE3) & (n1 == 0x80) & (n2 == 0x80))
-        ]
-        for k, starts in ((2, two), (3, three)):
-            for d in range(k):
-                ws[np.minimum(starts + d, size - 1)] = True
-    begin = np.zeros(size, bool)
-    np.greater(ws[:-1], ws[1:], out=begin[1:])  # whitespace, then not
-    begin[np.concatenate(follows)] = False
-    # A word at a string's first byte follows the opening quote (not whitespace): counted apart. (The
-    # first byte never continues a character: the quote before it is no escape, and UTF-8 is valid.)
-    first = lo < hi
-    first[first] = ~ws[lo[first]]
-    at = np.flatnonzero(begin)
-    inner = np.searchsorted(at, hi) - np.searchsorted(at, lo)
-    inner[first] -= begin[lo[first]]  # the first byte was counted with the global rule (never a start)
-    words = inner + first
-    if len(bad_at):
-        j = np.searchsorted(lo, bad_at, side="right") - 1
-        inside = (j >= 0) & (bad_at < hi[np.maximum(j, 0)])
-        bad = np.zeros(len(lo), bool)
-        bad[j[inside]] = True
-    else:
-        bad = np.zeros(len(lo), bool)
-    return words, bad
-
-
 def scan_modality_lengths(parts: BlockParts) -> np.ndarray:
     """:func:`modality_length` of every record of a scanned block, from its bytes.
 
@@ -328,55 +249,18 @@ def scan_modality_lengths(parts: BlockParts) -> np.ndarray:
     ``conversations`` key of the same record. Words are counted as ``str.split()`` does: a word
     starts at a character that is not whitespace and follows whitespace or the string's start;
     whitespace is the space, the escapes ``\\n \\t \\r \\f`` and the UTF-8 encodings of Unicode's
-    whitespace characters. Records outside these rules are decoded and measured in Python.
+    whitespace characters. One compiled walk over the block's strings does all of it
+    (:func:`icmlab.inputs.recordstore_kernels.modality_words`, imported here on first use: numba's
+    import and start-up take ~1 s per process). Records outside these rules (see there) are decoded
+    and measured in Python.
     """
-    a, q, br, depth, starts = parts.a, parts.q, parts.braces, parts.depth, parts.starts
-    n = len(starts)
-    op_all, cl_all = q[0::2], q[1::2]
-    colon = _next_non_ws(a, cl_all + 1)
-    keys = np.flatnonzero(a[colon] == ord(":"))  # strings followed by a colon: the keys
-    op, cl, colon = op_all[keys], cl_all[keys], colon[keys]
-    bi = np.searchsorted(br, op)
-    sdepth = np.where(bi > 0, depth[np.maximum(bi - 1, 0)], 0)  # brace depth around each key
-    rec = np.searchsorted(starts, op, side="right") - 1
-    slow = np.zeros(n, bool)
+    from icmlab.inputs import recordstore_kernels as K
 
-    top = sdepth == 1
-    has_image = np.zeros(n, bool)
-    has_image[rec[top & _named(a, op, cl, b"image")]] = True
-    conv = np.flatnonzero(top & _named(a, op, cl, b"conversations"))
-    conv_counts = np.bincount(rec[conv], minlength=n)
-    slow |= conv_counts > 1  # duplicate key: the parser keeps the last one
-    slow[rec[conv[a[_next_non_ws(a, colon[conv] + 1)] != ord("[")]]] = True  # not an array
-
-    vk = np.flatnonzero((sdepth == 2) & _named(a, op, cl, b"value"))
-    tops = np.flatnonzero(top)
-    if len(tops):  # a turn's value: the last top-level key before it is the record's "conversations"
-        owner = tops[np.maximum(np.searchsorted(tops, vk) - 1, 0)]
-        vk = vk[(owner < vk) & (rec[owner] == rec[vk]) & np.isin(owner, conv)]
-    else:
-        vk = vk[:0]
-    # The value must be a string: the next string opens right after the colon.
-    val = keys[vk] + 1  # the string after each key
-    simple = val < len(op_all)
-    simple[simple] = _next_non_ws(a, colon[vk[simple]] + 1) == op_all[val[simple]]
-    slow[rec[vk[~simple]]] = True
-    vk, val = vk[simple], val[simple]
-    # Duplicate "value" keys in one turn: the parser keeps the last one.
-    opens = br[(a[br] == ord("{")) & (depth == 2)]
-    turn = np.searchsorted(opens, op[vk]) - 1
-    dup = np.flatnonzero(turn[1:] == turn[:-1])
-    slow[rec[vk[dup]]] = True
-
-    words = np.zeros(n, np.int64)
-    if len(vk):
-        lo0 = int(parts.lead_lo)
-        lo, hi = op_all[val] + 1 - lo0, cl_all[val] - lo0  # each value's text, relative to the block
-        per_value, bad = _count_words(a[lo0 : int(parts.ends[-1])], lo, hi)
-        words = np.bincount(rec[vk], weights=per_value, minlength=n).astype(np.int64)
-        slow[rec[vk[bad]]] = True
-
-    out = np.where(has_image, 1, -1) * np.maximum(words, 1)
-    for i in np.flatnonzero(slow).tolist():
-        out[i] = modality_length(orjson.loads(parts.buf[starts[i] : parts.ends[i]]))
+    n = len(parts.starts)
+    words, flags = np.zeros(n, np.int64), np.zeros(n, np.uint8)
+    w = parts.a[: len(parts.a) // 8 * 8].view(np.uint64)
+    K.modality_words(parts.a, w, parts.q, parts.braces, parts.depth, parts.starts, words, flags)
+    out = np.where(flags & K.HAS_IMAGE, 1, -1) * np.maximum(words, 1)
+    for i in np.flatnonzero(flags & K.SLOW).tolist():
+        out[i] = modality_length(orjson.loads(parts.buf[parts.starts[i] : parts.ends[i]]))
     return out.astype(np.int64)
