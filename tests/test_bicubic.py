@@ -90,7 +90,7 @@ def test_common_geometries_take_the_compiled_path():
     proc = build_image_processor(336)
     for aspect, size in (("pad", (640, 480)), ("pad", (480, 640)), ("crop", (640, 427)), ("resize", (500, 375))):
         img = Image.fromarray(_noise(size[1], size[0], seed=1))
-        assert LeanClip.for_processor(proc, aspect)._compiled(img) is not None, (aspect, size)
+        assert LeanClip.for_processor(proc, aspect)._compiled(np.asarray(img)) is not None, (aspect, size)
 
 
 def test_pass_order_follows_the_installed_pillow():

@@ -34,6 +34,7 @@ import functools
 import importlib.util
 import logging
 import math
+import sys
 import threading
 from typing import NamedTuple
 
@@ -48,6 +49,7 @@ PRECISION_BITS = 22
 #: use Pillow). The kernels (:mod:`icmlab.inputs.bicubic_kernels`) are imported on first use: numba's
 #: import takes ~0.8 s, which stages that never resize an image should not pay.
 AVAILABLE = importlib.util.find_spec("numba") is not None
+_LITTLE = sys.byteorder == "little"
 
 
 def _kernels():
@@ -193,7 +195,10 @@ def _resize_crop(arr, canvas: Canvas, size: tuple[int, int], crop: tuple[int, in
     out_w, out_h = size
     bg = np.asarray(canvas.background, np.uint8)
     band_t = _buffer(0, (canvas.width, 3 * h))
-    k.transpose_band(arr, canvas.left, bg, band_t)
+    if arr.shape[2] == 4 and _LITTLE:  # RGBX (the JPEG decoder's output): one 4-byte load per pixel
+        k.transpose_band32(arr.view(np.uint32)[..., 0], canvas.left, bg, band_t)
+    else:
+        k.transpose_band(arr, canvas.left, bg, band_t)
     bounds, kk = coefficients(canvas.width, out_w)
     resized_t = _buffer(1, (out_w, 3 * h))
     k.row_pass(band_t, bounds, kk, PRECISION_BITS, resized_t)
@@ -235,7 +240,8 @@ def resize_crop(
     """Pillow's bicubic resize of ``arr`` placed on ``canvas`` to ``size``, then the crop window.
 
     Args:
-        arr: the image, ``[h, w, 3]`` uint8 (C-contiguous), inside the canvas.
+        arr: the image, ``[h, w, 3]`` uint8, or ``[h, w, 4]`` (RGBX: the fourth byte is ignored), inside
+            the canvas.
         canvas: the canvas it sits on (:class:`Canvas`; the image itself: ``Canvas(w, h, 0, 0, any)``).
         size: ``(width, height)`` of the resized canvas.
         crop: ``(top, left, height, width)`` of the window to return, inside ``size``.

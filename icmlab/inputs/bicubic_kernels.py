@@ -35,6 +35,30 @@ def transpose_band(src, left, bg, dst):
 
 
 @_njit
+def transpose_band32(src, left, bg, dst):
+    """:func:`transpose_band` of an RGBX image read as ``[h, w]`` uint32 (little-endian: R is the low byte):
+    one 4-byte load per pixel instead of three 1-byte loads."""
+    h, w = src.shape[0], src.shape[1]
+    cw = dst.shape[0]
+    for x in range(cw):
+        if x < left or x >= left + w:
+            for y in range(h):
+                dst[x, 3 * y] = bg[0]
+                dst[x, 3 * y + 1] = bg[1]
+                dst[x, 3 * y + 2] = bg[2]
+    block = 16
+    for y0 in range(0, h, block):
+        for x0 in range(0, w, block):
+            for x in range(x0, min(x0 + block, w)):
+                row = dst[left + x]
+                for y in range(y0, min(y0 + block, h)):
+                    v = src[y, x]
+                    row[3 * y] = v & 0xFF
+                    row[3 * y + 1] = (v >> 8) & 0xFF
+                    row[3 * y + 2] = (v >> 16) & 0xFF
+
+
+@_njit
 def row_pass(src, bounds, kk, shift, dst):
     """``dst[i] = clip(floor((2**(shift-1) + sum_t kk[i, t] * src[bounds[i, 0] + t]) / 2**shift), 0, 255)``
     over whole rows: one pass of Pillow's, ``shift`` its fixed-point precision."""

@@ -15,7 +15,10 @@ value depends on its byte only). The tensors are bit-identical to the processor'
 (tests/test_images.py, tests/test_bicubic.py), at about a sixth of the time.
 
 Every file is opened by :func:`icmlab.inputs.image_guard.open_image`, the one place for checks on
-image files (decompression bombs; validate's header and decode checks call it too).
+image files (decompression bombs; validate's header and decode checks call it too), except the JPEGs
+that :meth:`LeanClip.from_file` (the training loader) and :func:`decode_check` (validate) decode with
+:mod:`icmlab.inputs.jpeg`: libjpeg-turbo into a reused buffer, Pillow's bytes, the same pixel limit;
+any file it declines goes through :func:`load_rgb`.
 
 Usage::
 
@@ -23,6 +26,7 @@ Usage::
     pixels = preprocess_images([load_rgb(p) for p in paths], proc, aspect_ratio="pad")
     lean = LeanClip.for_processor(proc, "pad")             # None when the processor is configured otherwise
     pixels = lean(load_rgb(path))                           # [3, H, W] float32, same values
+    pixels = lean.from_file(path)                           # the same, JPEGs decoded by icmlab.inputs.jpeg
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from icmlab.inputs import bicubic
+from icmlab.inputs import bicubic, jpeg
 from icmlab.inputs.image_guard import ImageRefused, open_image
 from icmlab.models.spec import FAMILY_SPECS
 
@@ -82,6 +86,19 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         raise ImageRefused("image_too_large", f"{path}: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e} (file corrupt or not an image; remove or replace it)") from e
+
+
+def decode_check(path: str | os.PathLike) -> None:
+    """Decode an image file as the training loader does (:meth:`LeanClip.from_file`), keep nothing.
+
+    A JPEG that :func:`icmlab.inputs.jpeg.decode_rgbx` decodes without a warning passes; every other
+    file goes through :func:`load_rgb` (Pillow).
+
+    Raises:
+        as :func:`load_rgb`.
+    """
+    if jpeg.decode_rgbx(path) is None:
+        load_rgb(path).close()
 
 
 def expand2square(img: Image.Image, background: tuple[int, ...]) -> Image.Image:
@@ -249,10 +266,27 @@ class LeanClip:
         lut = np.ascontiguousarray(((byte[None, :] - mean[:, None]) / std[:, None]).astype(np.float32))
         return cls(int(edge), (h, w), int(resample), lut, aspect_ratio, mean_background(p))
 
+    def from_file(self, path: str | os.PathLike) -> torch.Tensor:
+        """``[3, H, W]`` float32 pixels of an image file: ``self(load_rgb(path))``, the same values.
+
+        A JPEG is decoded by :func:`icmlab.inputs.jpeg.decode_rgbx` (libjpeg-turbo into a reused buffer,
+        Pillow's bytes) where that applies; everything else, and every file that decoder declines
+        (missing, truncated, corrupt, not YCbCr), goes through :func:`load_rgb`, which raises its
+        errors as before.
+        """
+        if self.resample == Image.Resampling.BICUBIC:
+            arr = jpeg.decode_rgbx(path)
+            if arr is not None:
+                out = self._compiled(arr)
+                if out is not None:
+                    return torch.from_numpy(bicubic.planar_lut(out, self.lut))
+                return self(Image.fromarray(np.ascontiguousarray(arr[..., :3])))
+        return self(load_rgb(path))
+
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """``[3, H, W]`` float32 pixels of an RGB image."""
         if self.resample == Image.Resampling.BICUBIC and img.mode == "RGB":
-            arr = self._compiled(img)
+            arr = self._compiled(np.asarray(img))
             if arr is not None:
                 return torch.from_numpy(bicubic.planar_lut(arr, self.lut))
         if self.aspect == "resize":
@@ -266,10 +300,10 @@ class LeanClip:
         top, left = (arr.shape[0] - h) // 2, (arr.shape[1] - w) // 2
         return self._normalise(arr[top : top + h, left : left + w])
 
-    def _compiled(self, img: Image.Image) -> np.ndarray | None:
-        """The resized, cropped bytes through :mod:`icmlab.inputs.bicubic` (padding never resized), or None
-        where it does not apply (then Pillow resizes below)."""
-        w, h = img.size
+    def _compiled(self, arr: np.ndarray) -> np.ndarray | None:
+        """The resized, cropped bytes of ``[h, w, 3 or 4]`` uint8 pixels through :mod:`icmlab.inputs.bicubic`
+        (padding never resized), or None where it does not apply (then Pillow resizes)."""
+        h, w = arr.shape[:2]
         ch, cw = self.crop
         if self.aspect == "resize":
             canvas, size = bicubic.Canvas(w, h, 0, 0, self.bg), (cw, ch)
@@ -281,7 +315,7 @@ class LeanClip:
                 canvas = bicubic.Canvas(w, h, 0, 0, self.bg)
             size = self._size(canvas.width, canvas.height)
         window = ((size[1] - ch) // 2, (size[0] - cw) // 2, ch, cw)
-        return bicubic.resize_crop(np.asarray(img), canvas, size, window)
+        return bicubic.resize_crop(arr, canvas, size, window)
 
     def _size(self, w: int, h: int) -> tuple[int, int]:
         """``(width, height)`` of the shortest-edge resize (the processor's ``int(edge * long / short)``)."""

@@ -40,7 +40,7 @@ from icmlab.inputs.collate import collate_for_training
 from icmlab.inputs.conversation import image_token_for
 from icmlab.inputs.encode import PieceEncoder, encode_conversation
 from icmlab.inputs.image_guard import image_path
-from icmlab.inputs.images import LeanClip, load_and_preprocess, load_rgb, processor_size
+from icmlab.inputs.images import LeanClip, load_and_preprocess, processor_size
 from icmlab.inputs.recordstore import RecordStore, modality_length
 from icmlab.models.spec import family_spec
 from icmlab.train.packing import pack_samples
@@ -160,7 +160,7 @@ class SupervisedDataset(Dataset):
         if image is None:
             sample["pixel_values"] = None
         elif self.lean is not None:
-            sample["pixel_values"] = self.lean(load_rgb(image_path(self.data_root, image)))
+            sample["pixel_values"] = self.lean.from_file(image_path(self.data_root, image))
         else:
             sample["pixel_values"] = load_and_preprocess(
                 [image_path(self.data_root, image)], self.image_processor, self.aspect_ratio

@@ -9,10 +9,10 @@ paths at once:
 - with ``header``: PIL can open it, its content format matches the extension, its size is not
   degenerate (tiny side, extreme aspect ratio);
 - with ``decode``: a full decode of every image with the trainer's loader
-  (:func:`icmlab.inputs.images.load_rgb`), which finds truncated and corrupt files, in worker
+  (:func:`icmlab.inputs.images.decode_check`), which finds truncated and corrupt files, in worker
   processes across the cores (decoding holds the GIL for part of its time), with a progress bar.
 
-Files are opened only through :func:`icmlab.inputs.images.open_image` (header) and ``load_rgb``
+Files are opened only through :func:`icmlab.inputs.images.open_image` (header) and ``decode_check``
 (decode), so checks on a file added there apply here too.
 
 Usage (called by :func:`icmlab.validate.stage.validate_file`)::
@@ -32,7 +32,7 @@ from pathlib import Path
 from PIL import UnidentifiedImageError
 
 from icmlab.inputs.image_guard import ImageRefused, escapes_root, open_image
-from icmlab.inputs.images import load_rgb
+from icmlab.inputs.images import decode_check
 
 BATCH = 32  # images per task: small enough for a smooth progress bar, large enough to amortise the hand-off
 
@@ -119,7 +119,7 @@ def _inspect_image(path: Path, decode: bool, min_side: int, max_aspect: float) -
     out = []
     if decode:
         try:
-            load_rgb(path)  # the trainer's loader: decode exactly as training will
+            decode_check(path)  # the trainer's loader: decode exactly as training will
         except ImageRefused as e:
             return [(e.kind, str(e))], info
         except (ValueError, OSError) as e:
