@@ -143,8 +143,10 @@ def child(variant: str, path: Path, epoch: int | None, workers: int) -> dict:
     build = time.perf_counter() - t
     built = total([os.getpid()])
     n = len(ds) if epoch is None else min(epoch, len(ds))
+    # persistent workers: still alive at the end of the epoch, where the last figure is taken (once a
+    # worker exits, the pages it shared with the rank count as the rank's private ones).
     loader = DataLoader(torch.utils.data.Subset(TextOnly(ds), range(n)), batch_size=64, num_workers=workers,
-                        collate_fn=lambda b: sum(b), prefetch_factor=4)  # fmt: skip
+                        collate_fn=lambda b: sum(b), prefetch_factor=4, persistent_workers=workers > 0)  # fmt: skip
     it = iter(loader)
     tokens = next(it)
     pids = [os.getpid(), *(w.pid for w in it._workers)]
@@ -166,8 +168,9 @@ def child(variant: str, path: Path, epoch: int | None, workers: int) -> dict:
         if k == warm_at:  # 5 % of the epoch: the workers' own start-up allocations are done
             warm = total(pids)
     epoch_s = time.perf_counter() - t
-    end = total(pids)  # the rank alone by now (the workers exit with the epoch)
+    end = total(pids)  # the workers are still alive (persistent), the epoch is done
     done.set()
+    del it, loader
     for k in peak:
         peak[k] = max(peak[k], end[k])
     return {"records": len(ds), "epoch": n, "build_s": build, "cold_s": cold, "warm": warm or end, "rss_before": before["Rss"], "rss": built["Rss"],
