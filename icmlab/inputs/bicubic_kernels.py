@@ -62,20 +62,50 @@ def transpose_band32(src, left, bg, dst):
 def row_pass(src, bounds, kk, shift, dst):
     """``dst[i] = clip(floor((2**(shift-1) + sum_t kk[i, t] * src[bounds[i, 0] + t]) / 2**shift), 0, 255)``
     over whole rows: one pass of Pillow's, ``shift`` its fixed-point precision."""
+    row_pass_padded(src, bounds, kk, shift, 0, src.shape[0], src[0], dst)
+
+
+@_njit
+def row_pass_padded(src, bounds, kk, shift, lo, hi, pad, dst):
+    """:func:`row_pass` where every row of ``src`` outside ``[lo, hi)`` equals ``pad`` (a padded canvas):
+    an output row whose taps all fall there is ``pad`` times the sum of its coefficients (the same
+    integers, without the multiply-adds)."""
     m = src.shape[1]
     acc = np.empty(m, np.int32)
     for i in range(dst.shape[0]):
-        first, taps = bounds[i, 0], bounds[i, 1]
-        acc[:] = 1 << (shift - 1)
-        for t in range(taps):
-            k = kk[i, t]
-            row = src[first + t]
-            for j in range(m):
-                acc[j] += np.int32(row[j]) * k
+        _accumulate(src, bounds[i, 0], bounds[i, 1], kk[i], shift, lo, hi, pad, 0, m, acc)
         out = dst[i]
         for j in range(m):
             v = acc[j] >> shift
             out[j] = 0 if v < 0 else (255 if v > 255 else v)
+
+
+@_njit
+def _accumulate(src, first, taps, k, shift, lo, hi, pad, j0, m, acc):
+    """``acc[j] = 2**(shift-1) + sum_t k[t] * src[first + t, j0 + j]`` for ``j < m``, four taps per sweep;
+    the rows outside ``[lo, hi)`` all equal ``pad``."""
+    half = np.int32(1 << (shift - 1))
+    if first + taps <= lo or first >= hi:
+        total = np.int32(0)
+        for t in range(taps):
+            total += k[t]
+        for j in range(m):
+            acc[j] = half + np.int32(pad[j0 + j]) * total
+        return
+    acc[:m] = half
+    t = 0
+    while t + 4 <= taps:
+        k0, k1, k2, k3 = k[t], k[t + 1], k[t + 2], k[t + 3]
+        r0, r1, r2, r3 = src[first + t, j0:], src[first + t + 1, j0:], src[first + t + 2, j0:], src[first + t + 3, j0:]
+        for j in range(m):
+            acc[j] += np.int32(r0[j]) * k0 + np.int32(r1[j]) * k1 + np.int32(r2[j]) * k2 + np.int32(r3[j]) * k3
+        t += 4
+    while t < taps:
+        kt = k[t]
+        row = src[first + t, j0:]
+        for j in range(m):
+            acc[j] += np.int32(row[j]) * kt
+        t += 1
 
 
 @_njit
