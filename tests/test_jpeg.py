@@ -143,3 +143,17 @@ def test_decode_check_passes_what_training_reads_and_names_the_rest(tmp_path):
     cut.write_bytes(good.read_bytes()[:-40])
     with pytest.raises(ValueError, match="cut.jpg"):  # Pillow's verdict: the fast decoder declined it
         decode_check(cut)
+
+
+def test_big_images_get_their_own_arrays(tmp_path, monkeypatch):
+    """Above the kept sizes (a phone photo), nothing stays in the per-thread buffers; same pixels."""
+    from icmlab.inputs import bicubic
+
+    monkeypatch.setattr(jpeg, "KEEP_BUFFER_BYTES", 1000)
+    monkeypatch.setattr(bicubic, "KEEP_SCRATCH_BYTES", 1000)
+    p, q = _write(tmp_path, "a.jpg", _scene(60, 80, seed=8)), _write(tmp_path, "b.jpg", _scene(60, 80, seed=9))
+    a, b = jpeg.decode_rgbx(p), jpeg.decode_rgbx(q)
+    assert not np.shares_memory(a, b)
+    np.testing.assert_array_equal(a[..., :3], _pillow(p))
+    lean = LeanClip.for_processor(build_image_processor(64), "pad")
+    assert torch.equal(lean.from_file(p), lean(load_rgb(p)))

@@ -176,13 +176,20 @@ def _resize_vertical_first(arr: np.ndarray, out_w: int, out_h: int) -> np.ndarra
 _scratch = threading.local()
 
 
+#: Scratch arrays up to this size are kept per thread; larger ones (a 12-Mpixel phone photo's band is
+#: ~36 MB) are allocated per call, so that one big image does not stay in every worker's memory.
+KEEP_SCRATCH_BYTES = 8 << 20
+
+
 def _buffer(slot: int, shape: tuple[int, int]) -> np.ndarray:
     """A per-thread uint8 scratch array of ``shape``, reused between calls (instead of ~2.4 MB of fresh
-    arrays per 640x480 image)."""
+    arrays per 640x480 image); above :data:`KEEP_SCRATCH_BYTES`, a fresh array."""
+    n = shape[0] * shape[1]
+    if n > KEEP_SCRATCH_BYTES:
+        return np.empty(shape, np.uint8)
     bufs = getattr(_scratch, "bufs", None)
     if bufs is None:
         bufs = _scratch.bufs = {}
-    n = shape[0] * shape[1]
     buf = bufs.get(slot)
     if buf is None or buf.size < n:
         buf = bufs[slot] = np.empty(max(n, 1 << 20), np.uint8)

@@ -87,7 +87,14 @@ def _probe() -> bool:
     return True
 
 
-def _buffer(n: int) -> np.ndarray:
+#: Decoded images up to this size go into the per-thread buffer; larger ones (12-Mpixel phone photos:
+#: 48 MB) into a fresh array, so that one big image does not stay in every worker's memory.
+KEEP_BUFFER_BYTES = 16 << 20
+
+
+def _buffer(n: int) -> np.ndarray | None:
+    if n > KEEP_BUFFER_BYTES:
+        return None  # simplejpeg allocates
     buf = getattr(_local, "buf", None)
     if buf is None or buf.size < n:
         buf = _local.buf = np.empty(max(n, 1 << 21), np.uint8)
@@ -101,7 +108,8 @@ def decode_rgbx(path: str | os.PathLike) -> np.ndarray | None:
     file, or the fast path is off (see the module docstring). The caller then uses Pillow, which
     raises the proper error for a missing or broken file.
 
-    The array lives in a per-thread buffer that the next call overwrites: use it (or copy it) first.
+    The array lives in a per-thread buffer that the next call overwrites (images up to
+    :data:`KEEP_BUFFER_BYTES`): use it (or copy it) first.
     """
     if simplejpeg is None or not agrees_with_pillow():
         return None
