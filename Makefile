@@ -100,7 +100,7 @@ demo: $(INSTALLED)  ## run the whole pipeline headlessly on parameters/demo.yaml
 	$(VENV)/bin/icmlab run parameters/demo.yaml
 
 test: $(INSTALLED)  ## the full test suite (CPU, loopback only)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 test-fast: $(INSTALLED)  ## the suite without slow end-to-end and multi-process tests
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not multiprocess"
