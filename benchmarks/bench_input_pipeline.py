@@ -10,7 +10,8 @@ demo's Q-Instruct/ICM-Instruct records tokenized with the real LLaMA-2 vocabular
   same records (one process = one data-loader worker's work); the ratio is per pair, and the pixels
   of both are compared (max abs difference);
 - baseline: bare PIL decode (``Image.open(...).convert("RGB")``), samples/s;
-- image path: decode + ``pad`` (expand2square) + CLIP preprocessing to 336 px, samples/s;
+- image path: decode + ``pad`` + CLIP preprocessing to 336 px as the training loader does it
+  (``LeanClip.from_file``), samples/s;
 - one sample of :class:`icmlab.train.dataset.SupervisedDataset` (tokenize + mask + image), samples/s in
   this process (= one data-loader worker), then through a ``DataLoader`` with N workers and the
   training collator (samples/s per worker);
@@ -46,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from icmlab.demo.bundle import generate_bundle  # noqa: E402
 from icmlab.demo.images import render_bytes  # noqa: E402
 from icmlab.inputs.conversation import conversation_segments, get_template, turns_from_record  # noqa: E402
-from icmlab.inputs.images import build_image_processor, load_and_preprocess  # noqa: E402
+from icmlab.inputs.images import build_image_processor  # noqa: E402
 from icmlab.train.dataset import SupervisedDataset, TrainingCollator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -161,7 +162,7 @@ def main() -> None:
         )
 
         base = rate(lambda q: Image.open(q).convert("RGB"), paths, repeat=2)
-        image = rate(lambda q: load_and_preprocess([q], proc, "pad"), paths)
+        image = rate(ds.lean.from_file, paths)  # the training loader's image path (what __getitem__ calls)
         sample = rate(lambda i: ds[i], range(len(ds)))
         print(f"\n{'stage':<52} {'samples/s':>10} {'× baseline time':>16}")
         print(f"{'baseline: PIL decode + convert(RGB)':<52} {base:>10.1f} {1.0:>16.2f}")

@@ -157,3 +157,19 @@ def test_big_images_get_their_own_arrays(tmp_path, monkeypatch):
     np.testing.assert_array_equal(a[..., :3], _pillow(p))
     lean = LeanClip.for_processor(build_image_processor(64), "pad")
     assert torch.equal(lean.from_file(p), lean(load_rgb(p)))
+
+
+def test_a_jpeg_claiming_too_many_pixels_is_refused_unread(tmp_path):
+    """A header rewritten to 60000x60000 (a decompression bomb): the fast path declines it by its
+    header, and the training loader raises the guard's refusal as for any other format."""
+    from icmlab.inputs.image_guard import ImageRefused
+
+    data = bytearray(_write(tmp_path, "small.jpg", _scene(16, 16, seed=4)).read_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = (60000).to_bytes(2, "big") * 2  # height, width
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(bytes(data))
+    assert jpeg.decode_rgbx(bomb) is None
+    lean = LeanClip.for_processor(build_image_processor(64), "pad")
+    with pytest.raises(ImageRefused, match="bomb.jpg"):
+        lean.from_file(bomb)
