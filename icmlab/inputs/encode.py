@@ -63,8 +63,9 @@ _SPIECE = "\u2581"
 #: :class:`PieceEncoder` keeps the ids of chunks shorter than this many characters (template pieces,
 #: repeated questions and answers) ...
 MEMO_MAX_CHARS = 256
-#: ... up to this many of them per process; the memo is emptied when full (a few MB at most).
-MEMO_ENTRIES = 4096
+#: ... up to this many of them per process; the memo is emptied when full (~1 MB: 4096 entries made
+#: the private-memory growth of 4 workers over an epoch +8.0 % instead of +3.8 %, bench_dataset_memory).
+MEMO_ENTRIES = 1024
 
 
 def _is_sentencepiece_bpe(tokenizer: Any) -> bool:
