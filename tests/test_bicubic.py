@@ -6,6 +6,8 @@ real canvas) or the generic CLIP processor call; nothing is copied out of a run.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -27,6 +29,12 @@ def _noise(h: int, w: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
+def _rgbx(arr: np.ndarray) -> np.ndarray:
+    """The RGBX layout of the JPEG decoder's output (a 4th byte, noise here: it must be ignored)."""
+    pad = np.random.default_rng(arr.size).integers(0, 256, arr.shape[:2] + (1,), dtype=np.uint8)
+    return np.ascontiguousarray(np.concatenate([arr, pad], axis=2))
+
+
 def _pillow(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(arr).resize(size, Image.Resampling.BICUBIC))
 
@@ -39,8 +47,8 @@ def test_resize_and_crop_are_pillows_bytes(geometry):
     rng = np.random.default_rng(out_w * 1000 + out_h)
     top, left = int(rng.integers(0, out_h)), int(rng.integers(0, out_w))
     window = (top, left, int(rng.integers(1, out_h - top + 1)), int(rng.integers(1, out_w - left + 1)))
-    for crop in ((0, 0, out_h, out_w), window):
-        got = bicubic.resize_crop(arr, bicubic.Canvas(in_w, in_h, 0, 0, (0, 0, 0)), (out_w, out_h), crop)
+    for crop, src in itertools.product(((0, 0, out_h, out_w), window), (arr, _rgbx(arr))):
+        got = bicubic.resize_crop(src, bicubic.Canvas(in_w, in_h, 0, 0, (0, 0, 0)), (out_w, out_h), crop)
         same_axis = in_w == out_w or in_h == out_h
         if got is None:  # the documented cases where Pillow is used instead
             assert same_axis or not bicubic.horizontal_first(in_w, in_h, out_w, out_h), geometry
@@ -59,9 +67,10 @@ def test_padded_canvas_is_expand2square_then_resize(size, out):
     ref = _pillow(np.asarray(expand2square(Image.fromarray(arr), bg)), (out, out))
     side = max(w, h)
     canvas = bicubic.Canvas(side, side, (side - w) // 2, (side - h) // 2, bg)
-    got = bicubic.resize_crop(arr, canvas, (out, out), (0, 0, out, out))
-    assert got is not None
-    np.testing.assert_array_equal(got, ref)
+    for src in (arr, _rgbx(arr)):  # RGB (3 byte loads per pixel) and RGBX (packed words)
+        got = bicubic.resize_crop(src, canvas, (out, out), (0, 0, out, out))
+        assert got is not None
+        np.testing.assert_array_equal(got, ref)
 
 
 @pytest.mark.parametrize("aspect", ASPECT_RATIOS)

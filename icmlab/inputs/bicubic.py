@@ -16,8 +16,10 @@ checks it against the installed Pillow before it is used for a geometry. Pillow'
 What is faster here is the order of the work, not the arithmetic: the horizontal pass runs on the
 image transposed, so that every tap is one multiply-add over a whole contiguous column of pixels
 (vectorised), and the padding of LLaVA's ``pad`` never goes through the passes: a padded canvas
-is the image plus copies of one resized background row or column. Only the crop window's rows
-are computed in the vertical pass.
+is the image plus copies of one resized background row or column (and output rows whose taps all
+lie in the padding are that row times their coefficient sum). Only the crop window's rows are
+computed in the vertical pass. An RGBX image (the JPEG decoder's output) is transposed in and out
+of the band four pixels at a time, as three 32-bit words.
 
 :func:`resize_crop` returns None where it does not apply (vertical pass first, a pass not needed,
 numba missing, or a geometry whose check against Pillow failed); callers then use Pillow.
@@ -201,13 +203,17 @@ def _horizontal(arr: np.ndarray, canvas: Canvas, out_w: int) -> np.ndarray:
     k = _kernels()
     h, w = arr.shape[:2]
     bg = np.asarray(canvas.background, np.uint8)
-    band_t = _buffer(0, (canvas.width, 3 * h))
-    if arr.shape[2] == 4 and _LITTLE:  # RGBX (the JPEG decoder's output): one 4-byte load per pixel
-        k.transpose_band32(arr.view(np.uint32)[..., 0], canvas.left, bg, band_t)
+    packed = arr.shape[2] == 4 and _LITTLE  # RGBX (the JPEG decoder's output): whole words in, whole words out
+    if packed:
+        span = -(-h // 4) * 4  # band columns hold h rounded up to 4 pixels (filler past h, never read)
+        band_t = _buffer(0, (canvas.width, 3 * span))
+        k.transpose_band32_packed(arr.view(np.uint32)[..., 0], canvas.left, bg, band_t.view(np.uint32))
     else:
+        span = h
+        band_t = _buffer(0, (canvas.width, 3 * h))
         k.transpose_band(arr, canvas.left, bg, band_t)
     bounds, kk = coefficients(canvas.width, out_w)
-    resized_t = _buffer(1, (out_w, 3 * h))
+    resized_t = _buffer(1, (out_w, 3 * span))
     left = canvas.left  # band rows outside [left, left + w) are background
     pad_col = band_t[0] if left > 0 else band_t[-1]
     k.row_pass_padded(band_t, bounds, kk, PRECISION_BITS, left, left + w, pad_col, resized_t)
@@ -216,7 +222,11 @@ def _horizontal(arr: np.ndarray, canvas: Canvas, out_w: int) -> np.ndarray:
     if top or canvas.height > top + h:
         pad = _pad_row(canvas.width, out_w, tuple(canvas.background))
         rows[:top], rows[top + h :] = pad, pad
-    k.untranspose(resized_t, rows[top : top + h].reshape(h, out_w, 3))
+    image_rows = rows[top : top + h]
+    if packed and out_w % 4 == 0:
+        k.untranspose_packed(resized_t, resized_t.view(np.uint32), image_rows, image_rows.view(np.uint32))
+    else:
+        k.untranspose(resized_t, image_rows.reshape(h, out_w, 3))
     return rows
 
 
@@ -251,7 +261,8 @@ _checked: dict[tuple[int, int, int, int], bool] = {}
 
 
 def _agrees_with_pillow(in_w: int, in_h: int, out_w: int, out_h: int) -> bool:
-    """Resize a noise image of this geometry both ways once per process; False (and a warning) if the bytes differ."""
+    """Resize a noise image of this geometry both ways (RGB and RGBX in) once per process; False (and a
+    warning) if the bytes differ."""
     key = (in_w, in_h, out_w, out_h)
     ok = _checked.get(key)
     if ok is None:
@@ -259,8 +270,10 @@ def _agrees_with_pillow(in_w: int, in_h: int, out_w: int, out_h: int) -> bool:
 
         noise = np.random.default_rng(in_w * 7919 + in_h).integers(0, 256, (in_h, in_w, 3), dtype=np.uint8)
         ref = np.asarray(Image.fromarray(noise).resize((out_w, out_h), Image.Resampling.BICUBIC))
-        got = _resize_crop(noise, Canvas(in_w, in_h, 0, 0, (0, 0, 0)), (out_w, out_h), (0, 0, out_h, out_w))
-        ok = _checked[key] = bool(np.array_equal(ref, got))
+        canvas, window = Canvas(in_w, in_h, 0, 0, (0, 0, 0)), (0, 0, out_h, out_w)
+        ok = bool(np.array_equal(ref, _resize_crop(noise, canvas, (out_w, out_h), window)))
+        rgbx = np.concatenate([noise, noise[..., :1]], axis=2)  # the JPEG decoder's layout (packed kernels)
+        ok = _checked[key] = ok and bool(np.array_equal(ref, _resize_crop(rgbx, canvas, (out_w, out_h), window)))
         if not ok:
             log.warning("compiled bicubic resize differs from Pillow's for %dx%d -> %dx%d; using Pillow", *key)
     return ok

@@ -35,27 +35,81 @@ def transpose_band(src, left, bg, dst):
 
 
 @_njit
-def transpose_band32(src, left, bg, dst):
-    """:func:`transpose_band` of an RGBX image read as ``[h, w]`` uint32 (little-endian: R is the low byte):
-    one 4-byte load per pixel instead of three 1-byte loads."""
+def transpose_band32_packed(src, left, bg, dst):
+    """:func:`transpose_band` of an RGBX image read as ``[h, w]`` uint32 (little-endian: R is the low byte),
+    writing four pixels as three uint32 words (``dst``: the band viewed as
+    uint32, ``3 * h4 // 4`` words per canvas column, ``h4`` = ``h`` rounded up to a multiple of 4; the
+    pixels past ``h`` repeat the last row: filler that no later pass reads)."""
     h, w = src.shape[0], src.shape[1]
-    cw = dst.shape[0]
+    cw, groups = dst.shape[0], dst.shape[1] // 3
+    fill = np.uint32(bg[0]) | (np.uint32(bg[1]) << np.uint32(8)) | (np.uint32(bg[2]) << np.uint32(16))
+    f0, f1, f2 = _pack(fill, fill, fill, fill)
     for x in range(cw):
         if x < left or x >= left + w:
-            for y in range(h):
-                dst[x, 3 * y] = bg[0]
-                dst[x, 3 * y + 1] = bg[1]
-                dst[x, 3 * y + 2] = bg[2]
+            row = dst[x]
+            for g in range(groups):
+                row[3 * g], row[3 * g + 1], row[3 * g + 2] = f0, f1, f2
     block = 16
-    for y0 in range(0, h, block):
+    last = h - 1
+    for g0 in range(0, groups, block // 4):
         for x0 in range(0, w, block):
             for x in range(x0, min(x0 + block, w)):
                 row = dst[left + x]
-                for y in range(y0, min(y0 + block, h)):
-                    v = src[y, x]
-                    row[3 * y] = v & 0xFF
-                    row[3 * y + 1] = (v >> 8) & 0xFF
-                    row[3 * y + 2] = (v >> 16) & 0xFF
+                for g in range(g0, min(g0 + block // 4, groups)):
+                    y = 4 * g
+                    p0 = src[min(y, last), x]
+                    p1 = src[min(y + 1, last), x]
+                    p2 = src[min(y + 2, last), x]
+                    p3 = src[min(y + 3, last), x]
+                    row[3 * g], row[3 * g + 1], row[3 * g + 2] = _pack(p0, p1, p2, p3)
+
+
+@_njit
+def untranspose_packed(src, src32, dst, dst32):
+    """:func:`untranspose` four pixels at a time as three uint32 words, both ways (``src32``/``dst32``: the
+    uint32 views of ``src``/``dst``; ``dst`` is ``[h, 3 * w]`` with ``w % 4 == 0``); the last ``h % 4``
+    rows byte by byte."""
+    w, h = src.shape[0], dst.shape[0]
+    full = h // 4
+    for g in range(full):
+        r0, r1, r2, r3 = dst32[4 * g], dst32[4 * g + 1], dst32[4 * g + 2], dst32[4 * g + 3]
+        for k in range(w // 4):
+            a0, a1, a2, a3 = _unpack(src32[4 * k], g)
+            b0, b1, b2, b3 = _unpack(src32[4 * k + 1], g)
+            c0, c1, c2, c3 = _unpack(src32[4 * k + 2], g)
+            d0, d1, d2, d3 = _unpack(src32[4 * k + 3], g)
+            r0[3 * k], r0[3 * k + 1], r0[3 * k + 2] = _pack(a0, b0, c0, d0)
+            r1[3 * k], r1[3 * k + 1], r1[3 * k + 2] = _pack(a1, b1, c1, d1)
+            r2[3 * k], r2[3 * k + 1], r2[3 * k + 2] = _pack(a2, b2, c2, d2)
+            r3[3 * k], r3[3 * k + 1], r3[3 * k + 2] = _pack(a3, b3, c3, d3)
+    for y in range(4 * full, h):
+        out = dst[y]
+        for x in range(w):
+            out[3 * x] = src[x, 3 * y]
+            out[3 * x + 1] = src[x, 3 * y + 1]
+            out[3 * x + 2] = src[x, 3 * y + 2]
+
+
+@_njit(inline="always")
+def _pack(p0, p1, p2, p3):
+    """Four little-endian RGBX pixels (uint32) as the three words of their 12 RGB bytes."""
+    return (
+        (p0 & np.uint32(0xFFFFFF)) | (p1 << np.uint32(24)),
+        ((p1 >> np.uint32(8)) & np.uint32(0xFFFF)) | (p2 << np.uint32(16)),
+        ((p2 >> np.uint32(16)) & np.uint32(0xFF)) | (p3 << np.uint32(8)),
+    )
+
+
+@_njit(inline="always")
+def _unpack(words, g):
+    """Pixels ``4g .. 4g + 3`` (RGB in the low 24 bits) of a row of packed RGB bytes viewed as uint32."""
+    u0, u1, u2 = words[3 * g], words[3 * g + 1], words[3 * g + 2]
+    return (
+        u0 & np.uint32(0xFFFFFF),
+        (u0 >> np.uint32(24)) | ((u1 & np.uint32(0xFFFF)) << np.uint32(8)),
+        (u1 >> np.uint32(16)) | ((u2 & np.uint32(0xFF)) << np.uint32(16)),
+        u2 >> np.uint32(8),
+    )
 
 
 @_njit
