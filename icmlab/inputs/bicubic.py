@@ -198,10 +198,10 @@ def _buffer(slot: int, shape: tuple[int, int]) -> np.ndarray:
     return buf[:n].reshape(shape)
 
 
-def _horizontal(arr: np.ndarray, canvas: Canvas, out_w: int) -> np.ndarray:
-    """The canvas after the horizontal pass, ``[canvas.height, 3 * out_w]`` uint8 (a scratch buffer)."""
+def _resize_crop(arr, canvas: Canvas, size: tuple[int, int], crop: tuple[int, int, int, int]) -> np.ndarray:
     k = _kernels()
     h, w = arr.shape[:2]
+    out_w, out_h = size
     bg = np.asarray(canvas.background, np.uint8)
     packed = arr.shape[2] == 4 and _LITTLE  # RGBX (the JPEG decoder's output): whole words in, whole words out
     if packed:
@@ -217,7 +217,7 @@ def _horizontal(arr: np.ndarray, canvas: Canvas, out_w: int) -> np.ndarray:
     left = canvas.left  # band rows outside [left, left + w) are background
     pad_col = band_t[0] if left > 0 else band_t[-1]
     k.row_pass_padded(band_t, bounds, kk, PRECISION_BITS, left, left + w, pad_col, resized_t)
-    rows = _buffer(2, (canvas.height, 3 * out_w))
+    rows = _buffer(2, (canvas.height, 3 * out_w))  # the canvas after the horizontal pass
     top = canvas.top
     if top or canvas.height > top + h:
         pad = _pad_row(canvas.width, out_w, tuple(canvas.background))
@@ -227,34 +227,14 @@ def _horizontal(arr: np.ndarray, canvas: Canvas, out_w: int) -> np.ndarray:
         k.untranspose_packed(resized_t, resized_t.view(np.uint32), image_rows, image_rows.view(np.uint32))
     else:
         k.untranspose(resized_t, image_rows.reshape(h, out_w, 3))
-    return rows
-
-
-def _vertical_args(arr: np.ndarray, canvas: Canvas, rows: np.ndarray, out_h: int, crop: tuple[int, int, int, int]):
-    """Arguments of the vertical pass over the crop window's rows: bounds, coefficients, the image's rows, the pad row."""
-    row0, _, height, _ = crop
+    row0, col0, height, width = crop
     bounds, kk = coefficients(canvas.height, out_h)
-    top, h = canvas.top, arr.shape[0]
-    pad_row = rows[0] if top > 0 else rows[-1]  # rows outside [top, top + h) are the resized background
-    return bounds[row0 : row0 + height], kk[row0 : row0 + height], PRECISION_BITS, top, top + h, pad_row
-
-
-def _resize_crop(arr, canvas: Canvas, size: tuple[int, int], crop: tuple[int, int, int, int]) -> np.ndarray:
-    out_w, out_h = size
-    rows = _horizontal(arr, canvas, out_w)
-    _, col0, height, width = crop
     out = _buffer(3, (height, 3 * out_w))
-    _kernels().row_pass_padded(rows, *_vertical_args(arr, canvas, rows, out_h, crop), out)
+    pad_row = rows[0] if top > 0 else rows[-1]  # rows outside [top, top + h) are the resized background
+    k.row_pass_padded(
+        rows, bounds[row0 : row0 + height], kk[row0 : row0 + height], PRECISION_BITS, top, top + h, pad_row, out
+    )
     return out.reshape(height, out_w, 3)[:, col0 : col0 + width]
-
-
-def _applies(canvas: Canvas, size: tuple[int, int]) -> bool:
-    out_w, out_h = size
-    if not AVAILABLE or canvas.width == out_w or canvas.height == out_h:
-        return False
-    if not horizontal_first(canvas.width, canvas.height, out_w, out_h):
-        return False
-    return _agrees_with_pillow(canvas.width, canvas.height, out_w, out_h)
 
 
 _checked: dict[tuple[int, int, int, int], bool] = {}
@@ -297,6 +277,11 @@ def resize_crop(
         this path does not apply (see the module docstring): the caller uses Pillow. The array is a
         per-thread scratch buffer, overwritten by the next call: copy it (or normalise it) first.
     """
-    if not _applies(canvas, size):
+    out_w, out_h = size
+    if not AVAILABLE or canvas.width == out_w or canvas.height == out_h:
+        return None
+    if not horizontal_first(canvas.width, canvas.height, out_w, out_h):
+        return None
+    if not _agrees_with_pillow(canvas.width, canvas.height, out_w, out_h):
         return None
     return _resize_crop(np.ascontiguousarray(arr), canvas, size, crop)

@@ -127,7 +127,7 @@ def row_pass_padded(src, bounds, kk, shift, lo, hi, pad, dst):
     m = src.shape[1]
     acc = np.empty(m, np.int32)
     for i in range(dst.shape[0]):
-        _accumulate(src, bounds[i, 0], bounds[i, 1], kk[i], shift, lo, hi, pad, 0, m, acc)
+        _accumulate(src, bounds[i, 0], bounds[i, 1], kk[i], shift, lo, hi, pad, acc)
         out = dst[i]
         for j in range(m):
             v = acc[j] >> shift
@@ -135,28 +135,29 @@ def row_pass_padded(src, bounds, kk, shift, lo, hi, pad, dst):
 
 
 @_njit
-def _accumulate(src, first, taps, k, shift, lo, hi, pad, j0, m, acc):
-    """``acc[j] = 2**(shift-1) + sum_t k[t] * src[first + t, j0 + j]`` for ``j < m``, four taps per sweep;
+def _accumulate(src, first, taps, k, shift, lo, hi, pad, acc):
+    """``acc[j] = 2**(shift-1) + sum_t k[t] * src[first + t, j]``, four taps per sweep;
     the rows outside ``[lo, hi)`` all equal ``pad``."""
+    m = acc.shape[0]
     half = np.int32(1 << (shift - 1))
     if first + taps <= lo or first >= hi:
         total = np.int32(0)
         for t in range(taps):
             total += k[t]
         for j in range(m):
-            acc[j] = half + np.int32(pad[j0 + j]) * total
+            acc[j] = half + np.int32(pad[j]) * total
         return
-    acc[:m] = half
+    acc[:] = half
     t = 0
     while t + 4 <= taps:
         k0, k1, k2, k3 = k[t], k[t + 1], k[t + 2], k[t + 3]
-        r0, r1, r2, r3 = src[first + t, j0:], src[first + t + 1, j0:], src[first + t + 2, j0:], src[first + t + 3, j0:]
+        r0, r1, r2, r3 = src[first + t], src[first + t + 1], src[first + t + 2], src[first + t + 3]
         for j in range(m):
             acc[j] += np.int32(r0[j]) * k0 + np.int32(r1[j]) * k1 + np.int32(r2[j]) * k2 + np.int32(r3[j]) * k3
         t += 4
     while t < taps:
         kt = k[t]
-        row = src[first + t, j0:]
+        row = src[first + t]
         for j in range(m):
             acc[j] += np.int32(row[j]) * kt
         t += 1
