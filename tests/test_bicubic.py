@@ -73,6 +73,31 @@ def test_padded_canvas_is_expand2square_then_resize(size, out):
         np.testing.assert_array_equal(got, ref)
 
 
+def _poison_scratch(seed: int) -> None:
+    """Fill this thread's reused scratch buffers with noise: the passes write only the padding they read."""
+    for buf in getattr(bicubic._scratch, "bufs", {}).values():
+        buf[:] = np.random.default_rng(seed).integers(0, 256, buf.shape, dtype=np.uint8)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (427, 640), (640, 427), (333, 100), (100, 333), (7, 2)])
+def test_padding_never_read_from_a_stale_buffer(size):
+    """Only the background rows/columns within the taps of the image (and one stand-in) are written; every
+    other padding pixel comes from the coefficient sums, so noise left in the buffers changes nothing."""
+    w, h = size
+    bg = (200, 17, 90)
+    arr = _noise(h, w, seed=3 * w + h)
+    side = max(w, h)
+    canvas = bicubic.Canvas(side, side, (side - w) // 2, (side - h) // 2, bg)
+    for out in (336, 64):
+        ref = _pillow(np.asarray(expand2square(Image.fromarray(arr), bg)), (out, out))
+        for i, src in enumerate((arr, _rgbx(arr))):
+            bicubic.resize_crop(src, canvas, (out, out), (0, 0, out, out))  # allocates the buffers
+            _poison_scratch(seed=out + i)
+            got = bicubic.resize_crop(src, canvas, (out, out), (0, 0, out, out))
+            assert got is not None
+            np.testing.assert_array_equal(got, ref)
+
+
 @pytest.mark.parametrize("aspect", ASPECT_RATIOS)
 @pytest.mark.parametrize("size", [(640, 480), (480, 640), (500, 500), (336, 250), (1024, 77), (90, 1500), (20, 30)])
 def test_lean_clip_equals_the_processor_call(aspect, size):

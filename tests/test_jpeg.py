@@ -87,6 +87,18 @@ def test_buffer_is_reused_and_overwritten(tmp_path):
     assert np.shares_memory(a, b) and not np.array_equal(a, first)  # documented: copy before the next call
 
 
+def test_pixels_never_start_on_a_32_byte_boundary(tmp_path, monkeypatch):
+    """libjpeg-turbo writes 32-byte-aligned rows with non-temporal (uncached) stores; the buffer, kept or
+    fresh, starts at BUFFER_OFFSET past a 64-byte boundary so that the rows stay in the cache."""
+    p = _write(tmp_path, "a.jpg", _scene(48, 64, seed=3))
+    kept = jpeg.decode_rgbx(p)
+    monkeypatch.setattr(jpeg, "KEEP_BUFFER_BYTES", 1000)
+    fresh = jpeg.decode_rgbx(p)
+    for a in (kept, fresh):
+        assert a.ctypes.data % 64 == jpeg.BUFFER_OFFSET and a.ctypes.data % 32
+        np.testing.assert_array_equal(a[..., :3], _pillow(p))
+
+
 @pytest.mark.parametrize("aspect", ASPECT_RATIOS)
 @pytest.mark.parametrize("size", [(640, 480), (480, 640), (500, 375), (336, 336), (20, 90)], ids=lambda s: "%dx%d" % s)
 def test_leanclip_from_file_equals_the_pillow_path(tmp_path, aspect, size):

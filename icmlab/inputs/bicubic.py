@@ -204,15 +204,16 @@ def _resize_crop(arr, canvas: Canvas, size: tuple[int, int], crop: tuple[int, in
     out_w, out_h = size
     bg = np.asarray(canvas.background, np.uint8)
     packed = arr.shape[2] == 4 and _LITTLE  # RGBX (the JPEG decoder's output): whole words in, whole words out
+    bounds, kk = coefficients(canvas.width, out_w)
     if packed:
         span = -(-h // 4) * 4  # band columns hold h rounded up to 4 pixels (filler past h, never read)
         band_t = _buffer(0, (canvas.width, 3 * span))
-        k.transpose_band32_packed(arr.view(np.uint32)[..., 0], canvas.left, bg, band_t.view(np.uint32))
+        margin = kk.shape[1]  # background columns a straddling output's taps can reach
+        k.transpose_band32_packed(arr.view(np.uint32)[..., 0], canvas.left, bg, margin, band_t.view(np.uint32))
     else:
         span = h
         band_t = _buffer(0, (canvas.width, 3 * h))
         k.transpose_band(arr, canvas.left, bg, band_t)
-    bounds, kk = coefficients(canvas.width, out_w)
     resized_t = _buffer(1, (out_w, 3 * span))
     left = canvas.left  # band rows outside [left, left + w) are background
     pad_col = band_t[0] if left > 0 else band_t[-1]
@@ -220,8 +221,14 @@ def _resize_crop(arr, canvas: Canvas, size: tuple[int, int], crop: tuple[int, in
     rows = _buffer(2, (canvas.height, 3 * out_w))  # the canvas after the horizontal pass
     top = canvas.top
     if top or canvas.height > top + h:
+        # Only the padding rows the vertical pass reads: those within its taps of the image, and the
+        # first row (the last with no padding above), row_pass_padded's stand-in for the rest; the
+        # others keep whatever the scratch buffer held and are never read.
         pad = _pad_row(canvas.width, out_w, tuple(canvas.background))
-        rows[:top], rows[top + h :] = pad, pad
+        reach = coefficients(canvas.height, out_h)[1].shape[1]
+        rows[max(top - reach, 0) : top] = pad
+        rows[top + h : top + h + reach] = pad
+        rows[0 if top else -1] = pad
     image_rows = rows[top : top + h]
     if packed and out_w % 4 == 0:
         k.untranspose_packed(resized_t, resized_t.view(np.uint32), image_rows, image_rows.view(np.uint32))

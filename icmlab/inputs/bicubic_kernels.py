@@ -35,33 +35,38 @@ def transpose_band(src, left, bg, dst):
 
 
 @_njit
-def transpose_band32_packed(src, left, bg, dst):
+def transpose_band32_packed(src, left, bg, margin, dst):
     """:func:`transpose_band` of an RGBX image read as ``[h, w]`` uint32 (little-endian: R is the low byte),
     writing four pixels as three uint32 words (``dst``: the band viewed as
     uint32, ``3 * h4 // 4`` words per canvas column, ``h4`` = ``h`` rounded up to a multiple of 4; the
-    pixels past ``h`` repeat the last row: filler that no later pass reads)."""
+    pixels past ``h`` repeat the last row: filler that no later pass reads).
+
+    Of the background columns only those a pass can read are written: the ``margin`` columns on each side
+    of the image (the taps of an output that straddles its edge) and the canvas's first and last column
+    (the padding row of :func:`row_pass_padded`); the others keep whatever the buffer held.
+
+    The image is read four rows at a time along the row (contiguous loads, vectorised), in blocks of
+    128 columns, and stored three words per canvas column."""
     h, w = src.shape[0], src.shape[1]
     cw, groups = dst.shape[0], dst.shape[1] // 3
     fill = np.uint32(bg[0]) | (np.uint32(bg[1]) << np.uint32(8)) | (np.uint32(bg[2]) << np.uint32(16))
     f0, f1, f2 = _pack(fill, fill, fill, fill)
     for x in range(cw):
-        if x < left or x >= left + w:
+        outside = x < left or x >= left + w
+        if outside and (x == 0 or x == cw - 1 or left - margin <= x < left + w + margin):
             row = dst[x]
             for g in range(groups):
                 row[3 * g], row[3 * g + 1], row[3 * g + 2] = f0, f1, f2
-    block = 16
+    block = 128
     last = h - 1
-    for g0 in range(0, groups, block // 4):
-        for x0 in range(0, w, block):
-            for x in range(x0, min(x0 + block, w)):
+    for x0 in range(0, w, block):
+        x1 = min(x0 + block, w)
+        for g in range(groups):
+            y = 4 * g
+            s0, s1, s2, s3 = src[min(y, last)], src[min(y + 1, last)], src[min(y + 2, last)], src[min(y + 3, last)]
+            for x in range(x0, x1):
                 row = dst[left + x]
-                for g in range(g0, min(g0 + block // 4, groups)):
-                    y = 4 * g
-                    p0 = src[min(y, last), x]
-                    p1 = src[min(y + 1, last), x]
-                    p2 = src[min(y + 2, last), x]
-                    p3 = src[min(y + 3, last), x]
-                    row[3 * g], row[3 * g + 1], row[3 * g + 2] = _pack(p0, p1, p2, p3)
+                row[3 * g], row[3 * g + 1], row[3 * g + 2] = _pack(s0[x], s1[x], s2[x], s3[x])
 
 
 @_njit

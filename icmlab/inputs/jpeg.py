@@ -92,12 +92,27 @@ def _probe() -> bool:
 KEEP_BUFFER_BYTES = 16 << 20
 
 
-def _buffer(n: int) -> np.ndarray | None:
+#: Where the decoded pixels start relative to a 64-byte boundary. libjpeg-turbo's SIMD colour
+#: conversion writes a row whose start is 32-byte aligned with non-temporal stores, which bypass the
+#: cache: the decode is ~6 % slower and the resize that reads the pixels next finds none of them cached
+#: (measured: 2.37 vs 2.68 ms per 640x480 sample, the same process with the buffer at either offset).
+#: An odd multiple of 16 keeps every row of a width with ``4 * w % 32 == 0`` on the cached path.
+BUFFER_OFFSET = 16
+
+
+def _offset_array(n: int) -> np.ndarray:
+    """``n`` bytes starting :data:`BUFFER_OFFSET` past a 64-byte boundary."""
+    raw = np.empty(n + 64, np.uint8)
+    start = (BUFFER_OFFSET - raw.ctypes.data) % 64
+    return raw[start : start + n]
+
+
+def _buffer(n: int) -> np.ndarray:
     if n > KEEP_BUFFER_BYTES:
-        return None  # simplejpeg allocates
+        return _offset_array(n)  # a big image: its own array, not kept
     buf = getattr(_local, "buf", None)
     if buf is None or buf.size < n:
-        buf = _local.buf = np.empty(max(n, 1 << 21), np.uint8)
+        buf = _local.buf = _offset_array(max(n, 1 << 21))
     return buf
 
 
