@@ -14,7 +14,8 @@ demo's Q-Instruct/ICM-Instruct records tokenized with the real LLaMA-2 vocabular
   (``LeanClip.from_file``), samples/s;
 - one sample of :class:`icmlab.train.dataset.SupervisedDataset` (tokenize + mask + image), samples/s in
   this process (= one data-loader worker), then through a ``DataLoader`` with N workers and the
-  training collator (samples/s per worker);
+  training collator (samples/s per worker), beside upstream's dataset and collator through the same
+  ``DataLoader`` (the worker's sample plus batching and the hand-over of the batch to the rank);
 - tokenization + masking alone (``SupervisedDataset.encode``): seconds per 1,000 samples, against
   a plain fast-tokenizer call on the same rendered prompt strings.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import sys
 import tempfile
@@ -51,7 +53,7 @@ from icmlab.inputs.images import build_image_processor  # noqa: E402
 from icmlab.train.dataset import SupervisedDataset, TrainingCollator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from upstream_sample import max_pixel_difference, upstream_sample  # noqa: E402
+from upstream_sample import UpstreamDataset, max_pixel_difference, upstream_collate, upstream_sample  # noqa: E402
 
 TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "llama2-tokenizer"
 
@@ -169,12 +171,15 @@ def main() -> None:
         print(f"{'image: decode + pad + CLIP 336':<52} {image:>10.1f} {base / image:>16.2f}")
         print(f"{'dataset sample: tokenize + mask + image (1 process)':<52} {sample:>10.1f} {base / sample:>16.2f}")
         collate = TrainingCollator(tok.pad_token_id)
+        up_ds = UpstreamDataset(records, root, tok, proc)
+        up_collate = functools.partial(upstream_collate, pad_token_id=tok.pad_token_id, max_length=2048)
         n_batches = max(2, len(ds) // args.batch - 2)
         for w in args.workers:
             r = loader_rate(ds, w, args.batch, n_batches, collate)
+            up = loader_rate(up_ds, w, args.batch, n_batches, up_collate)
             print(
                 f"{f'DataLoader {w} worker(s) + collate, batch {args.batch}':<52} {r:>10.1f} {base / r:>16.2f}"
-                f"   ({r / w:.1f} per worker)"
+                f"   ({r / w:.1f} per worker; upstream's dataset and collator: {up / w:.1f}, {r / up:.2f}×)"
             )
 
         # tokenization + masking alone, per 1,000 samples, vs a plain tokenizer call on the same prompts

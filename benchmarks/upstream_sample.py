@@ -118,6 +118,33 @@ def upstream_sample(record: dict, root: Path, tokenizer: Any, proc: Any) -> dict
     return out
 
 
+class UpstreamDataset(torch.utils.data.Dataset):
+    """:func:`upstream_sample` over records, as a ``Dataset`` (for the DataLoader comparison)."""
+
+    def __init__(self, records: list[dict], root: Path, tokenizer: Any, proc: Any) -> None:
+        self.records, self.root, self.tokenizer, self.proc = records, root, tokenizer, proc
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return upstream_sample(self.records[i], self.root, self.tokenizer, self.proc)
+
+
+def upstream_collate(samples: list[dict], pad_token_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """Upstream's ``DataCollatorForSupervisedDataset``: ``pad_sequence`` of ids (pad id) and labels
+    (-100), cut at ``model_max_length``, ``attention_mask = ids != pad``, images stacked."""
+    pad = torch.nn.utils.rnn.pad_sequence
+    ids = pad([s["input_ids"] for s in samples], batch_first=True, padding_value=pad_token_id)[:, :max_length]
+    labels = pad([s["labels"] for s in samples], batch_first=True, padding_value=IGNORE)[:, :max_length]
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": ids.ne(pad_token_id),
+        "images": torch.stack([s["image"] for s in samples]),
+    }
+
+
 def max_pixel_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest absolute difference of two pixel tensors (the benchmark prints it as a parity check)."""
     return float(np.abs(a.numpy() - b.numpy()).max())
