@@ -60,6 +60,7 @@ $(STAMP): pyproject.toml $(LOCK_CPU)
 	$(UV) pip install --quiet --python $(PY) --no-deps $(TORCH_CPU_SOURCE) "torch==$(TORCH_VERSION)+cpu"
 	DS_BUILD_OPS=0 $(UV) pip install --quiet --python $(PY) --exact --no-deps --build-constraints $(LOCK_CPU) -r $(LOCK_CPU) -e .
 	$(UV) pip check --quiet --python $(PY)
+	$(PY) -m icmlab.inputs.kernels
 	@touch $(STAMP)
 
 install: $(STAMP)  ## CPU: exactly requirements/lock-cpu.txt + this project (editable)
@@ -71,6 +72,7 @@ $(GPU_STAMP): pyproject.toml $(LOCK_GPU)
 	  --extra-index-url $(TORCH_INDEX_GPU) --index-strategy unsafe-best-match "$(TORCH_GPU_SPEC)"
 	DS_BUILD_OPS=0 $(UV) pip install --quiet --python $(PY) --no-deps --build-constraints $(LOCK_GPU) -r $(LOCK_GPU) -e .
 	$(UV) pip check --quiet --python $(PY)
+	$(PY) -m icmlab.inputs.kernels
 	@touch $(GPU_STAMP)
 	@$(MAKE) --no-print-directory flash-attn VENV=$(VENV)
 
