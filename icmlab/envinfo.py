@@ -384,7 +384,11 @@ def kernels_row() -> CheckRow:
     merged file and the first training sample do not pay for it (:mod:`icmlab.inputs.kernels`)."""
     from icmlab.inputs.kernels import compile_kernels
 
-    seconds = compile_kernels()
+    try:
+        seconds = compile_kernels()
+    except Exception as e:  # a numba/LLVM failure on this machine: the stages would hit it at first use
+        note = f"compiling failed ({type(e).__name__}: {str(e)[:200]}); reinstall numba/llvmlite from the lock"
+        return CheckRow("input kernels", "failed", False, note)
     if seconds is None:
         return CheckRow("input kernels", "numba not installed", True, "Pillow / Python paths (slower loader)")
     return CheckRow("input kernels", f"ready in {seconds:.1f} s", True, "numba, cached after the first compile")

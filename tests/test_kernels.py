@@ -56,3 +56,25 @@ def test_what_install_compiles_is_all_the_stages_need(tmp_path):
     assert second.returncode == 0, second.stderr
     compiled = [line for line in (second.stdout + second.stderr).splitlines() if "data saved" in line]
     assert not compiled, compiled
+
+
+FAIL = """
+from numba.core import dispatcher
+from icmlab.envinfo import kernels_row
+
+def compile(self, sig):  # what numba does when LLVM cannot build a kernel on this machine
+    raise RuntimeError("LLVM ERROR: no target")
+
+dispatcher.Dispatcher.compile = compile
+row = kernels_row()
+print(row.ok, row.value, "|", row.note)
+"""
+
+
+def test_setup_reports_a_compile_failure_as_a_problem_row():
+    """The setup stage never raises for a problem: numba failing to build (or load) a kernel in a fresh
+    process is a failed row that names the error and the fix."""
+    out = subprocess.run([sys.executable, "-c", FAIL], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    ok, _, rest = out.stdout.partition(" ")
+    assert ok == "False" and rest.startswith("failed") and "LLVM ERROR" in rest and "reinstall" in rest
