@@ -220,12 +220,13 @@ def _resize_crop(arr, canvas: Canvas, size: tuple[int, int], crop: tuple[int, in
     k.row_pass_padded(band_t, bounds, kk, PRECISION_BITS, left, left + w, pad_col, resized_t)
     rows = _buffer(2, (canvas.height, 3 * out_w))  # the canvas after the horizontal pass
     top = canvas.top
+    vbounds, vkk = coefficients(canvas.height, out_h)
     if top or canvas.height > top + h:
         # Only the padding rows the vertical pass reads: those within its taps of the image, and the
         # first row (the last with no padding above), row_pass_padded's stand-in for the rest; the
         # others keep whatever the scratch buffer held and are never read.
         pad = _pad_row(canvas.width, out_w, tuple(canvas.background))
-        reach = coefficients(canvas.height, out_h)[1].shape[1]
+        reach = vkk.shape[1]
         rows[max(top - reach, 0) : top] = pad
         rows[top + h : top + h + reach] = pad
         rows[0 if top else -1] = pad
@@ -235,11 +236,10 @@ def _resize_crop(arr, canvas: Canvas, size: tuple[int, int], crop: tuple[int, in
     else:
         k.untranspose(resized_t, image_rows.reshape(h, out_w, 3))
     row0, col0, height, width = crop
-    bounds, kk = coefficients(canvas.height, out_h)
     out = _buffer(3, (height, 3 * out_w))
     pad_row = rows[0] if top > 0 else rows[-1]  # rows outside [top, top + h) are the resized background
     k.row_pass_padded(
-        rows, bounds[row0 : row0 + height], kk[row0 : row0 + height], PRECISION_BITS, top, top + h, pad_row, out
+        rows, vbounds[row0 : row0 + height], vkk[row0 : row0 + height], PRECISION_BITS, top, top + h, pad_row, out
     )
     return out.reshape(height, out_w, 3)[:, col0 : col0 + width]
 

@@ -17,7 +17,6 @@ Usage::
 
 from __future__ import annotations
 
-import io
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ def compile_kernels() -> float | None:
         return None
     from PIL import Image
 
-    from icmlab.inputs.images import LeanClip
+    from icmlab.inputs.images import ASPECT_RATIOS, LeanClip
     from icmlab.inputs.recordstore import RecordStore
 
     t = time.perf_counter()
@@ -47,16 +46,17 @@ def compile_kernels() -> float | None:
         )
         RecordStore.open(records, cache=False)
         noise = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
-        for aspect in ("pad", "square", "resize"):
-            # CLIP's settings at 16 px (built directly: the processor class would import transformers)
-            lut = np.zeros((3, 256), np.float32)
+        images = []  # wide and tall (pad: both canvases), as files and as PIL images
+        for name, img in (("wide.jpg", noise), ("tall.jpg", np.ascontiguousarray(noise.transpose(1, 0, 2)))):
+            Image.fromarray(img).save(root / name, "JPEG")
+            images.append((root / name, Image.fromarray(img)))
+        # CLIP's settings at 16 px (built directly: the processor class would import transformers)
+        lut = np.zeros((3, 256), np.float32)
+        for aspect in ASPECT_RATIOS:
             lean = LeanClip(16, (16, 16), int(Image.Resampling.BICUBIC), lut, aspect, (122, 116, 104))
-            for img in (noise, noise.transpose(1, 0, 2)):  # wide and tall (pad: both canvases)
-                buf = io.BytesIO()
-                Image.fromarray(np.ascontiguousarray(img)).save(buf, "JPEG")
-                (root / "a.jpg").write_bytes(buf.getvalue())
-                lean.from_file(root / "a.jpg")  # libjpeg-turbo's RGBX layout
-                lean(Image.fromarray(np.ascontiguousarray(img)))  # Pillow's RGB layout
+            for path, pil in images:
+                lean.from_file(path)  # libjpeg-turbo's RGBX layout
+                lean(pil)  # Pillow's RGB layout
     return time.perf_counter() - t
 
 
